@@ -1,0 +1,245 @@
+"""Typed experiment configuration: YAML files, overrides, validation and grid expansion.
+
+Precedence is defaults -> YAML -> ``--set key=value`` overrides. Every problem found in a
+file is collected and reported together, each with the file and the key it concerns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+ACTIVATIONS = ("relu", "sigmoid")
+DATASETS = ("mnist", "fashion-mnist")
+ENGINES = ("population", "reference")
+DEVICES = ("auto", "cpu", "cuda")
+GRID_AXES = ("lr", "activation", "init_scale", "batch_norm", "seed", "steps")
+# A grid larger than this is almost always a typo (e.g. a range pasted as a list).
+MAX_GRID_RUNS = 10_000
+
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+PositiveInt = Annotated[int, Field(gt=0)]
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
+Activation = Literal["relu", "sigmoid"]
+
+
+class ConfigError(Exception):
+    """One or more problems in a configuration; each line names the file and key."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class Settings(_Strict):
+    """The settings of one comparison; the defaults are the BN lesson's."""
+
+    dataset: Literal["mnist", "fashion-mnist"] = "mnist"
+    layers: tuple[PositiveInt, ...] = (784, 100, 100, 100, 10)
+    activation: Activation = "relu"
+    lr: PositiveFloat = 0.01
+    init_scale: PositiveFloat = 0.05  # std of the N(0, init_scale^2) initial weights
+    steps: PositiveInt = 50_000
+    batch_size: PositiveInt = 60
+    eval_every: PositiveInt = 500
+    seed: Seed = 0
+    # The variants trained side by side from identical weights and batches.
+    batch_norm: tuple[bool, ...] = Field((False, True), validate_default=True)
+    engine: Literal["population", "reference"] = "population"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_shape(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if len(v) < 2:
+            raise ValueError("needs at least an input and an output size, e.g. [784, 100, 10]")
+        return v
+
+    @field_validator("batch_norm", mode="before")
+    @classmethod
+    def _bn_list(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            return (v,)
+        if isinstance(v, (list, tuple)):
+            if not v:
+                raise ValueError("needs at least one of false, true")
+            if len(set(v)) != len(v):
+                raise ValueError("lists a variant twice")
+        return v
+
+    @field_validator("batch_norm")
+    @classmethod
+    def _bn_batch(cls, v: tuple[bool, ...], info: ValidationInfo) -> tuple[bool, ...]:
+        if True in v and info.data.get("batch_size", 2) < 2:
+            raise ValueError("batch norm needs batch_size of at least 2")
+        return v
+
+
+class RunConfig(Settings):
+    """One fully resolved comparison: the unit that gets a results folder."""
+
+    experiment: str
+
+    def run_id(self, device: str) -> str:
+        """Deterministic folder name: readable prefix plus a hash of the resolved config."""
+        payload = self.model_dump(mode="json")
+        payload["device"] = device
+        digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.activation}-lr{self.lr:g}-init{self.init_scale:g}-seed{self.seed}-{digest}"
+
+
+class GridAxes(_Strict):
+    lr: list[PositiveFloat] | None = None
+    activation: list[Activation] | None = None
+    init_scale: list[PositiveFloat] | None = None
+    batch_norm: list[bool] | None = None
+    seed: list[Seed] | None = None
+    steps: list[PositiveInt] | None = None
+
+    @field_validator("*")
+    @classmethod
+    def _non_empty(cls, v: list | None) -> list | None:
+        if v is not None and not v:
+            raise ValueError("an axis needs at least one value")
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("lists a value twice")
+        return v
+
+
+class ExperimentSpec(Settings):
+    """A YAML file: a name, base settings and an optional grid over some of them."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: str = ""
+    grid: GridAxes = GridAxes()
+
+
+def _format_loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc) if loc else "(top level)"
+
+
+def _format_error(source: str, err: dict) -> str:
+    loc = _format_loc(err["loc"])
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "literal_error":
+        msg = f"{msg}, got {err['input']!r}"
+    return f"{source}: {loc}: {msg}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"--set {text}: expected KEY=VALUE, e.g. --set lr=0.5"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError([f"--set {text}: value is not valid YAML"]) from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of raw with each `a.b=value` override applied."""
+    out = json.loads(json.dumps(raw))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+        # A base value given on the command line wins over a grid axis of the same name.
+        if len(path) == 1 and isinstance(out.get("grid"), dict):
+            out["grid"].pop(path[0], None)
+    return out
+
+
+def read_yaml(path: Path) -> dict:
+    """safe_load a YAML mapping, turning every failure into a one-line ConfigError."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read file ({exc.__class__.__name__})"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        raise ConfigError([f"{path}: invalid YAML at {where}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: (top level): expected a mapping of keys to values"])
+    return data
+
+
+def validate_spec(raw: dict, source: str) -> ExperimentSpec:
+    """Validate a raw mapping, raising ConfigError with every problem at once."""
+    try:
+        spec = ExperimentSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError([_format_error(source, e) for e in exc.errors()]) from None
+    n = grid_size(spec)
+    if n > MAX_GRID_RUNS:
+        raise ConfigError([f"{source}: grid: {n} runs is more than the limit of {MAX_GRID_RUNS}"])
+    try:  # combinations of valid values can still be invalid together
+        expand_grid(spec)
+    except ValidationError as exc:
+        raise ConfigError(sorted({_format_error(source, e) for e in exc.errors()})) from None
+    return spec
+
+
+def load_spec(path: Path, overrides: list[str] = ()) -> ExperimentSpec:
+    """Read, override and validate one experiment file."""
+    return validate_spec(apply_overrides(read_yaml(path), list(overrides)), str(path))
+
+
+def grid_size(spec: ExperimentSpec) -> int:
+    size = 1
+    for axis in GRID_AXES:
+        values = getattr(spec.grid, axis)
+        if values is not None and axis != "batch_norm":
+            size *= len(values)
+    return size
+
+
+def expand_grid(spec: ExperimentSpec) -> list[RunConfig]:
+    """The runs of an experiment: the product of its grid axes over its base settings.
+
+    The batch_norm axis does not multiply runs: its values are the paired variants trained
+    inside every run from the same initial weights and mini-batches.
+    """
+    base = spec.model_dump(exclude={"name", "description", "grid"})
+    if spec.grid.batch_norm is not None:
+        base["batch_norm"] = tuple(spec.grid.batch_norm)
+    axes = [a for a in GRID_AXES if a != "batch_norm" and getattr(spec.grid, a) is not None]
+    runs = []
+    for values in itertools.product(*(getattr(spec.grid, a) for a in axes)):
+        runs.append(RunConfig(**{**base, **dict(zip(axes, values))}, experiment=spec.name))
+    return runs
+
+
+def with_seeds(spec: ExperimentSpec, n: int) -> ExperimentSpec:
+    """Repeat every comparison with n seeds, counting up from the spec's base seed."""
+    grid = spec.grid.model_copy(update={"seed": list(range(spec.seed, spec.seed + n))})
+    return spec.model_copy(update={"grid": grid})

@@ -1,0 +1,155 @@
+"""MNIST-style data: loading through torchvision, the lesson's split, and the batch stream."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchvision.datasets import MNIST, FashionMNIST
+
+DATASET_CLASSES = {"mnist": MNIST, "fashion-mnist": FashionMNIST}
+RAW_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+VALIDATION_SIZE = 5_000  # the lesson: validation = the first 5,000 training images
+ENV_DATA_DIR = "BNEXP_DATA_DIR"
+# Where Debian's dataset packages put their files (apt-get install dataset-fashion-mnist).
+SYSTEM_DIRS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
+
+
+class DataError(Exception):
+    """Data missing, corrupt or unreadable; the message says where and what to do."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Flattened images in [0, 1] and integer labels, all on one device."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Split:
+        return Split(*(t.to(device) for t in self.__dict__.values()))
+
+
+def resolve_data_dir(option: Path | None) -> Path:
+    """--data-dir, else $BNEXP_DATA_DIR, else ./data."""
+    if option is not None:
+        return Path(option)
+    return Path(os.environ.get(ENV_DATA_DIR) or "data")
+
+
+def _flat_layout(folder: Path) -> bool:
+    """True where the four .gz files lie directly in folder (e.g. Debian's dataset packages)."""
+    return all((folder / name).is_file() for name in RAW_FILES)
+
+
+def _stage_flat_files(folder: Path, cls: type[MNIST]) -> Path:
+    """Unpack a flat folder's .gz files into a writable torchvision layout; return its root.
+
+    Flat folders are read-only system copies (e.g. /usr/share/datasets/fashion-mnist) whose
+    archives Debian recompressed, so their .gz md5s differ from torchvision's list; the
+    unpacked idx files are checked by torchvision's parser (magic number and sizes) instead.
+    """
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bnexp"
+    root = cache / folder.resolve().as_posix().strip("/").replace("/", "_")
+    raw = root / cls.__name__ / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in RAW_FILES:
+        target = raw / name.removesuffix(".gz")
+        if target.exists():
+            continue
+        tmp = target.with_suffix(".tmp")
+        try:
+            with gzip.open(folder / name, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+        except (OSError, EOFError) as exc:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"{folder / name}: cannot unpack ({exc})") from None
+        os.replace(tmp, target)
+    return root
+
+
+def _dataset_root(data_dir: Path, cls: type[MNIST], system_dir: Path | None) -> Path:
+    if _flat_layout(data_dir):
+        return _stage_flat_files(data_dir, cls)
+    if _flat_layout(data_dir / "raw") and not (data_dir / cls.__name__).exists():
+        return _stage_flat_files(data_dir / "raw", cls)
+    if system_dir and not (data_dir / cls.__name__).exists() and _flat_layout(system_dir):
+        return _stage_flat_files(system_dir, cls)
+    return data_dir
+
+
+def _load(dataset: str, data_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    cls = DATASET_CLASSES[dataset]
+    root = _dataset_root(data_dir, cls, SYSTEM_DIRS.get(dataset))
+    try:
+        ds = cls(str(root), train=train, download=True)
+    except Exception as exc:  # torchvision raises RuntimeError, URLError, OSError, ...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"{dataset}: no usable data in {root / cls.__name__ / 'raw'} ({reason}). "
+            f"Put the four {dataset} .gz files there, or point --data-dir / ${ENV_DATA_DIR} "
+            f"at a folder holding them (flat or as <dir>/{cls.__name__}/raw/)."
+        ) from None
+    return ds.data, ds.targets
+
+
+def _flatten(images: torch.Tensor) -> torch.Tensor:
+    return images.reshape(images.shape[0], -1).to(torch.float32) / 255.0
+
+
+def load_split(
+    dataset: str, data_dir: Path, device: torch.device | str = "cpu",
+    validation_size: int = VALIDATION_SIZE,
+) -> Split:
+    """The lesson's split: validation = first 5,000 training images, train = the rest."""
+    train_images, train_labels = _load(dataset, data_dir, train=True)
+    test_images, test_labels = _load(dataset, data_dir, train=False)
+    if train_images.shape[0] <= validation_size:
+        raise DataError(f"{dataset}: only {train_images.shape[0]} training images in {data_dir}")
+    x, y = _flatten(train_images), train_labels.long()
+    split = Split(
+        train_x=x[validation_size:], train_y=y[validation_size:],
+        val_x=x[:validation_size], val_y=y[:validation_size],
+        test_x=_flatten(test_images), test_y=test_labels.long(),
+    )
+    return split.to(device)
+
+
+class BatchStream:
+    """Seeded mini-batch indices: a fresh shuffled pass per epoch, last partial batch dropped.
+
+    Permutations come from a CPU generator so that CPU and CUDA runs see the same batches;
+    the gather itself happens on the device. Every model of a population reads one stream.
+    """
+
+    def __init__(self, n_examples: int, batch_size: int, seed: int, device: torch.device | str):
+        if batch_size > n_examples:
+            raise ValueError(f"batch size {batch_size} exceeds the {n_examples} training examples")
+        self.n_examples = n_examples
+        self.batch_size = batch_size
+        self.per_epoch = n_examples // batch_size
+        self.device = torch.device(device)
+        self._generator = torch.Generator().manual_seed(seed)
+        self._pending = torch.empty(0, batch_size, dtype=torch.long)
+
+    def next_indices(self, n_steps: int) -> torch.Tensor:
+        """The batch indices of the next n_steps steps, shape (n_steps, batch_size)."""
+        while self._pending.shape[0] < n_steps:
+            perm = torch.randperm(self.n_examples, generator=self._generator)
+            epoch = perm[: self.per_epoch * self.batch_size].view(self.per_epoch, self.batch_size)
+            self._pending = torch.cat([self._pending, epoch])
+        out, self._pending = self._pending[:n_steps], self._pending[n_steps:]
+        return out.to(self.device, non_blocking=True)

@@ -1,0 +1,78 @@
+"""What both engines share: result records, the evaluation schedule and run grouping."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from bnexp.config import ConfigError, RunConfig
+
+Progress = Callable[[int], None]  # called with a number of network-steps just done
+
+
+def variant_name(batch_norm: bool) -> str:
+    return "bn" if batch_norm else "plain"
+
+
+@dataclass
+class ModelResult:
+    """One network's record: a row per evaluation plus final accuracies."""
+
+    name: str
+    steps: list[int] = field(default_factory=list)
+    val_acc: list[float] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)  # mean over the steps since the last row
+    final_val_acc: float = math.nan
+    final_test_acc: float = math.nan
+    diverged_step: int | None = None
+    state: dict[str, torch.Tensor] | None = None  # final weights, only when asked for
+
+    def record(self, step: int, val_acc: float, train_loss: float) -> None:
+        self.steps.append(step)
+        self.val_acc.append(val_acc)
+        self.train_loss.append(train_loss)
+
+
+@dataclass
+class RunResult:
+    """All models of one comparison, as trained by one engine."""
+
+    config: RunConfig
+    device: str
+    engine: str
+    models: list[ModelResult]
+    wall_time_s: float
+    population_size: int  # networks trained together (they share the wall time)
+    execution: str = "eager"  # or "cuda-graph"
+
+
+def eval_blocks(steps: int, eval_every: int) -> list[int]:
+    """Lengths of the training blocks between evaluations (the last may be shorter)."""
+    full, rest = divmod(steps, eval_every)
+    return [eval_every] * full + ([rest] if rest else [])
+
+
+def population_key(run: RunConfig) -> tuple:
+    """Runs with equal keys can train together on one mini-batch stream."""
+    return (run.dataset, run.layers, run.batch_size, run.steps, run.eval_every, run.seed)
+
+
+def group_runs(runs: list[RunConfig]) -> list[list[RunConfig]]:
+    """Partition runs into populations, keeping the order of first appearance."""
+    groups: dict[tuple, list[RunConfig]] = {}
+    for run in runs:
+        groups.setdefault(population_key(run), []).append(run)
+    return list(groups.values())
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(["device: 'cuda' asked for, but torch sees no CUDA GPU "
+                           "(use auto or cpu)"])
+    return torch.device(name)

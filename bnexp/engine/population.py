@@ -1,0 +1,272 @@
+"""The population engine: many MLPs trained at once as stacked tensors on one batch stream.
+
+Models that share activation and BN flag form a ``Stack``: their parameters are stacked along
+a leading model dimension, so one batched matrix product runs a layer of every model. The
+first layer reads the same mini-batch for every model, so it is a single ordinary matrix
+product against all models' first-layer weights side by side.
+
+Shapes: M models, B examples, layer l maps n_in -> n_out.
+  first-layer weight  (n_in, M, n_out)   one GEMM: (B, n_in) @ (n_in, M * n_out)
+  other weights       (M, n_in, n_out)   torch.bmm over the model dimension
+  biases, gamma, beta, running mean/var  (M, 1, n_out)
+  learning rates      (M, 1, 1)
+
+Nothing in the training loop reads a value back to the host: losses, the divergence step
+and the running loss sum stay on the device and are read at evaluation time only.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.nn import functional as F
+
+from bnexp.config import RunConfig
+from bnexp.data import BatchStream, Split
+from bnexp.engine.common import ModelResult, Progress, RunResult, eval_blocks, variant_name
+from bnexp.models import ACTIVATION_FNS, BN_EPS, BN_MOMENTUM, initial_weights
+
+EVAL_ELEMENTS = 1 << 25  # activations per evaluation chunk (128 MiB of fp32)
+
+
+class Stack:
+    """Models sharing activation and BN flag; parameter tensors carry a model dimension."""
+
+    def __init__(self, weights: list[list[torch.Tensor]], lrs: list[float], activation: str,
+                 batch_norm: bool, device: torch.device):
+        self.m = len(weights)
+        self.activation = ACTIVATION_FNS[activation]
+        self.batch_norm = batch_norm
+        self.n_hidden = len(weights[0]) - 1
+        # nn.Linear stores (out, in); the stack stores (in, out) so that x @ w needs no transpose.
+        per_layer = [torch.stack([w[l].t() for w in weights]) for l in range(self.n_hidden + 1)]
+        self.w = [per_layer[0].permute(1, 0, 2).contiguous()] + per_layer[1:]
+        self.w = [w.to(device).requires_grad_() for w in self.w]
+        widths = [w.shape[-1] for w in self.w]
+
+        def zeros(width: int) -> torch.Tensor:
+            return torch.zeros(self.m, 1, width, device=device)
+
+        hidden = widths[:-1]
+        # BN models have no hidden-layer bias: beta takes its place.
+        self.b = ([] if batch_norm else [zeros(n) for n in hidden]) + [zeros(widths[-1])]
+        self.gamma = [torch.ones(self.m, 1, n, device=device) for n in hidden] if batch_norm else []
+        self.beta = [zeros(n) for n in hidden] if batch_norm else []
+        for p in self.b + self.gamma + self.beta:
+            p.requires_grad_()
+        self.running_mean = [zeros(n) for n in hidden] if batch_norm else []
+        self.running_var = [torch.ones_like(m) for m in self.running_mean]
+        self.params = self.w + self.b + self.gamma + self.beta
+        lr = torch.tensor(lrs, dtype=torch.float32, device=device).view(self.m, 1, 1)
+        # Per-parameter step sizes, shaped to broadcast against each parameter.
+        self.neg_lr = [-lr.view(1, self.m, 1)] + [-lr] * (len(self.params) - 1)
+        self.loss_sum = torch.zeros(self.m, device=device)
+        self.diverged_at = torch.full((self.m,), -1, dtype=torch.long, device=device)
+
+    def _norm(self, z: torch.Tensor, l: int, train: bool) -> torch.Tensor:
+        """Batch norm over the example dimension, per model and unit."""
+        if train:
+            mean = z.mean(dim=1, keepdim=True)
+            var = z.var(dim=1, unbiased=False, keepdim=True)
+            n = z.shape[1]
+            with torch.no_grad():  # running averages use the unbiased variance, like PyTorch
+                self.running_mean[l].lerp_(mean, BN_MOMENTUM)
+                self.running_var[l].lerp_(var * (n / (n - 1)), BN_MOMENTUM)
+        else:
+            mean, var = self.running_mean[l], self.running_var[l]
+        z_hat = (z - mean) * torch.rsqrt(var + BN_EPS)
+        return z_hat * self.gamma[l] + self.beta[l]
+
+    def _linear(self, h: torch.Tensor, l: int) -> torch.Tensor:
+        if l > 0:
+            return torch.bmm(h, self.w[l])
+        # The first layer reads the same batch for every model: one GEMM for all of them.
+        w0 = self.w[0]
+        return (h @ w0.view(w0.shape[0], -1)).view(h.shape[0], self.m, -1).transpose(0, 1)
+
+    def forward(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        """x (B, n_in) shared by all models -> logits (M, B, n_classes)."""
+        h = x
+        for l in range(self.n_hidden):
+            z = self._linear(h, l)
+            z = self._norm(z, l, train) if self.batch_norm else z + self.b[l]
+            h = self.activation(z)
+        return torch.baddbmm(self.b[-1], h, self.w[-1])
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean softmax cross-entropy per model, shape (M,)."""
+        logits = self.forward(x, train=True)
+        flat = F.cross_entropy(logits.flatten(0, 1), y.repeat(self.m), reduction="none")
+        return flat.view(self.m, -1).mean(dim=1)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: torch.Tensor) -> None:
+        """One SGD step for every model; step is a 0-d device tensor (graph-capturable)."""
+        loss = self.losses(x, y)
+        # Models are independent, so the gradient of the sum is each model's own gradient.
+        grads = torch.autograd.grad(loss.sum(), self.params)
+        with torch.no_grad():
+            torch._foreach_addcmul_(self.params, grads, self.neg_lr)
+            loss = loss.detach()
+            self.loss_sum += loss
+            newly = ~torch.isfinite(loss) & (self.diverged_at < 0)
+            self.diverged_at.copy_(torch.where(newly, step, self.diverged_at))
+
+    @torch.no_grad()
+    def correct(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Inference-mode count of correct predictions per model, batched over the population."""
+        widest = max(w.shape[-1] for w in self.w)
+        rows = max(1, EVAL_ELEMENTS // (self.m * widest))
+        correct = torch.zeros(self.m, dtype=torch.long, device=x.device)
+        for start in range(0, x.shape[0], rows):
+            logits = self.forward(x[start:start + rows], train=False)
+            correct += (logits.argmax(dim=2) == y[start:start + rows]).sum(dim=1)
+        return correct
+
+    def model_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Model i's parameters and BN statistics, named as in models.MLP's state_dict."""
+        return {k: v.detach().cpu().clone() for k, v in self._named_views(i).items()}
+
+    @torch.no_grad()
+    def load_model_state(self, i: int, state: dict[str, torch.Tensor]) -> None:
+        """Set model i from a state named as in models.MLP's state_dict (inverse of model_state)."""
+        for key, target in self._named_views(i).items():
+            target.copy_(state[key])
+
+    def _named_views(self, i: int) -> dict[str, torch.Tensor]:
+        views = {f"linears.{l}.weight": w.t() for l, w in
+                 enumerate([self.w[0][:, i]] + [w[i] for w in self.w[1:]])}
+        biases = self.b if not self.batch_norm else [None] * self.n_hidden + self.b
+        views.update({f"linears.{l}.bias": b[i, 0] for l, b in enumerate(biases) if b is not None})
+        for l in range(len(self.gamma)):
+            views[f"norms.{l}.weight"] = self.gamma[l][i, 0]
+            views[f"norms.{l}.bias"] = self.beta[l][i, 0]
+            views[f"norms.{l}.running_mean"] = self.running_mean[l][i, 0]
+            views[f"norms.{l}.running_var"] = self.running_var[l][i, 0]
+        return views
+
+
+def _build_stacks(runs: list[RunConfig], device: torch.device):
+    """Stacks keyed by (activation, batch_norm), and each model's (stack, index) by run."""
+    members: dict[tuple[str, bool], list[tuple[int, RunConfig]]] = {}
+    for r, run in enumerate(runs):
+        for bn in run.batch_norm:
+            members.setdefault((run.activation, bn), []).append((r, run))
+    stacks, where = [], {}
+    for (activation, bn), group in members.items():
+        weights = [initial_weights(run.layers, run.init_scale, run.seed) for _, run in group]
+        stack = Stack(weights, [run.lr for _, run in group], activation, bn, device)
+        for i, (r, _) in enumerate(group):
+            where[(r, bn)] = (stack, i)
+        stacks.append(stack)
+    return stacks, where
+
+
+def _step_function(stacks: list[Stack], split: Split, batch_idx: torch.Tensor,
+                   step: torch.Tensor):
+    def step_all() -> None:
+        x = split.train_x.index_select(0, batch_idx)
+        y = split.train_y.index_select(0, batch_idx)
+        step.add_(1)
+        for stack in stacks:
+            stack.train_step(x, y, step)
+    return step_all
+
+
+def _capture(step_all, device: torch.device):
+    """Record one training step as a CUDA graph; None where capture is not possible."""
+    if device.type != "cuda":
+        return None
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+            for _ in range(3):
+                step_all()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step_all()
+        return graph
+    except Exception:  # fall back to eager steps; the result records which path ran
+        return None
+
+
+def train_population(runs: list[RunConfig], split: Split, device: torch.device,
+                     progress: Progress | None = None, keep_states: bool = False,
+                     cuda_graph: bool = True) -> list[RunResult]:
+    """Train every model of runs (which share a population key) together."""
+    first = runs[0]
+    start = time.perf_counter()
+    stacks, where = _build_stacks(runs, device)
+    n_models = sum(s.m for s in stacks)
+    stream = BatchStream(split.train_x.shape[0], first.batch_size, first.seed, device)
+    step = torch.zeros((), dtype=torch.long, device=device)
+    batch_idx = torch.zeros(first.batch_size, dtype=torch.long, device=device)
+    step_all = _step_function(stacks, split, batch_idx, step)
+    graph = None
+    if cuda_graph and device.type == "cuda":
+        # Warm-up steps would train the models: capture on copies of the state, then restore.
+        saved = [[t.detach().clone() for t in _state_tensors(s)] for s in stacks]
+        graph = _capture(step_all, device)
+        for s, tensors in zip(stacks, saved):
+            for t, v in zip(_state_tensors(s), tensors):
+                t.data.copy_(v)
+        step.zero_()
+    results = [[ModelResult(variant_name(bn)) for bn in run.batch_norm] for run in runs]
+
+    def evaluate(done: int, n_block: int) -> None:
+        accs = [_accuracies(s, split.val_x, split.val_y) for s in stacks]
+        losses = [(s.loss_sum / max(n_block, 1)).tolist() for s in stacks]
+        for s in stacks:
+            s.loss_sum.zero_()
+        for (r, bn), (stack, i) in where.items():
+            k = stacks.index(stack)
+            loss = losses[k][i] if n_block else float("nan")
+            results[r][run_variant(runs[r], bn)].record(done, accs[k][i], loss)
+
+    evaluate(0, 0)
+    done = 0
+    for n_block in eval_blocks(first.steps, first.eval_every):
+        indices = stream.next_indices(n_block)
+        for k in range(n_block):
+            batch_idx.copy_(indices[k])
+            if graph is not None:
+                graph.replay()
+            else:
+                step_all()
+        done += n_block
+        evaluate(done, n_block)
+        if progress:
+            progress(n_block * n_models)
+    _finish(runs, stacks, where, results, split, keep_states)
+    wall = time.perf_counter() - start
+    execution = "cuda-graph" if graph is not None else "eager"
+    return [RunResult(run, str(device), "population", results[r], wall, n_models, execution)
+            for r, run in enumerate(runs)]
+
+
+def _accuracies(stack: Stack, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    return [c / x.shape[0] for c in stack.correct(x, y).tolist()]
+
+
+def run_variant(run: RunConfig, bn: bool) -> int:
+    return run.batch_norm.index(bn)
+
+
+def _state_tensors(stack: Stack) -> list[torch.Tensor]:
+    return (stack.params + stack.running_mean + stack.running_var
+            + [stack.loss_sum, stack.diverged_at])
+
+
+def _finish(runs, stacks, where, results, split: Split, keep_states: bool) -> None:
+    tests = [_accuracies(s, split.test_x, split.test_y) for s in stacks]
+    diverged = [s.diverged_at.tolist() for s in stacks]
+    for (r, bn), (stack, i) in where.items():
+        k = stacks.index(stack)
+        model = results[r][run_variant(runs[r], bn)]
+        model.final_val_acc = model.val_acc[-1]
+        model.final_test_acc = tests[k][i]
+        model.diverged_step = diverged[k][i] if diverged[k][i] >= 0 else None
+        if keep_states:
+            model.state = stack.model_state(i)

@@ -1,0 +1,60 @@
+"""Shared fixtures: a small learnable synthetic split and tiny MNIST-format files on disk."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from bnexp.data import Split
+
+
+def synthetic_split(n_train: int = 3000, n_val: int = 500, n_test: int = 500,
+                    seed: int = 0) -> Split:
+    """Ten noisy prototypes in [0, 1]^784: learnable in a few hundred steps."""
+    g = torch.Generator().manual_seed(seed)
+    prototypes = torch.rand(10, 784, generator=g)
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, 10, (n,), generator=g)
+        x = (prototypes[y] + 0.8 * torch.rand(n, 784, generator=g)).clamp(0, 1)
+        return x, y
+
+    return Split(*draw(n_train), *draw(n_val), *draw(n_test))
+
+
+@pytest.fixture(scope="session")
+def split() -> Split:
+    return synthetic_split()
+
+
+def _idx_images(images: torch.Tensor) -> bytes:
+    n, rows, cols = images.shape
+    return struct.pack(">IIII", 0x803, n, rows, cols) + images.to(torch.uint8).numpy().tobytes()
+
+
+def _idx_labels(labels: torch.Tensor) -> bytes:
+    return struct.pack(">II", 0x801, labels.shape[0]) + labels.to(torch.uint8).numpy().tobytes()
+
+
+def write_tiny_mnist(root: Path, n_train: int = 5200, n_test: int = 200,
+                     folder: str = "MNIST") -> Path:
+    """Uncompressed idx files in torchvision's layout (<root>/MNIST/raw/); returns root."""
+    g = torch.Generator().manual_seed(1)
+    prototypes = torch.randint(0, 256, (10, 28, 28), generator=g)
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.randint(0, 10, (n,), generator=g)
+        noise = torch.randint(0, 64, (n, 28, 28), generator=g)
+        images = (prototypes[labels] * 3 // 4 + noise).clamp(0, 255)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(_idx_images(images))
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx_labels(labels))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_mnist(tmp_path_factory.mktemp("data"))

@@ -1,0 +1,188 @@
+"""End-to-end through the CLI on tiny MNIST-format files: layout, skipping, errors."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from bnexp.cli import app
+
+runner = CliRunner()
+
+FAST = ["--set", "steps=40", "--set", "eval_every=20", "--device", "cpu"]
+
+
+@pytest.fixture
+def env(tiny_mnist, monkeypatch, tmp_path):
+    monkeypatch.setenv("BNEXP_DATA_DIR", str(tiny_mnist))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def experiment(folder: Path, text: str, name: str = "exp.yaml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_run_writes_the_documented_layout(env):
+    path = experiment(env, "name: demo\nactivation: relu\nlr: 0.5\n")
+    result = invoke("run", path, *FAST)
+    assert result.exit_code == 0, result.output
+    exp = env / "results" / "demo"
+    (run_dir,) = [p for p in exp.iterdir() if p.is_dir()]
+    assert {p.name for p in run_dir.iterdir()} == {"config.yaml", "metrics.csv", "summary.json",
+                                                 "curves.png"}
+    assert {p.name for p in exp.iterdir() if p.is_file()} == {"summary.csv", "summary.md",
+                                                            "environment.json"}
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["steps"] == 40 and config["lr"] == 0.5 and config["device"] == "cpu"
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert [(r["step"], r["model"]) for r in rows] == [
+        (s, m) for m in ("plain", "bn") for s in ("0", "20", "40")]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["models"]) == {"plain", "bn"}
+    for model in summary["models"].values():
+        assert 0 <= model["final_test_acc"] <= 1 and model["diverged"] is False
+    assert summary["environment"]["torch"] and summary["device"] == "cpu"
+    assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Final accuracy" in result.stdout
+    assert not list(exp.rglob("*.tmp")), "no temporary files left behind"
+
+
+def test_rerun_skips_finished_work_and_force_retrains(env):
+    path = experiment(env, "name: demo\n")
+    assert invoke("run", path, *FAST).exit_code == 0
+    summary = next((env / "results" / "demo").glob("*/summary.json"))
+    before = summary.read_text()
+    again = invoke("run", path, *FAST)
+    assert again.exit_code == 0 and "skipped" in again.output
+    assert summary.read_text() == before
+    forced = invoke("run", path, *FAST, "--force")
+    assert forced.exit_code == 0 and summary.read_text() != before  # new wall time
+
+
+def test_engines_agree_from_the_cli(env):
+    path = experiment(env, "name: demo\nlr: 0.01\n")
+    assert invoke("run", path, *FAST).exit_code == 0
+    assert invoke("run", path, *FAST, "--engine", "reference").exit_code == 0
+    folder = env / "results" / "demo"
+    summaries = [json.loads(p.read_text()) for p in folder.glob("*/summary.json")]
+    assert sorted(s["engine"] for s in summaries) == ["population", "reference"]
+    accs = [{k: v["final_val_acc"] for k, v in s["models"].items()} for s in summaries]
+    assert accs[0] == accs[1]
+
+
+BAD_FILES = [
+    ("name: x\nlr: 0\n", "lr:"),
+    ("name: x\nactivation: swish\n", "activation:"),
+    ("name: x\nfoo: 1\n", "foo: unknown key"),
+    ("name: x\nsteps: -5\n", "steps:"),
+    ("name: x\nbatch_size: many\n", "batch_size:"),
+    ("name: x\ndataset: cifar\n", "dataset:"),
+    ("name: x\n  bad: [\n", "invalid YAML"),
+    ("", "expected a mapping"),
+]
+
+
+@pytest.mark.parametrize("text, fragment", BAD_FILES)
+@pytest.mark.parametrize("command", ["run", "validate", "sweep"])
+def test_bad_input_exits_2_with_one_line_and_no_traceback(env, text, fragment, command):
+    path = experiment(env, text)
+    result = invoke(command, path)
+    assert result.exit_code == 2, result.output
+    assert fragment in result.stderr
+    assert str(path) in result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    assert all(line.startswith("error: ") for line in result.stderr.strip().splitlines())
+    assert not (env / "results").exists()
+
+
+def test_validate_reports_every_problem_of_every_file(env):
+    a = experiment(env, "name: a\nlr: -1\nfoo: 2\n", "a.yaml")
+    b = experiment(env, "name: b\nactivation: swish\n", "b.yaml")
+    result = invoke("validate", a, b)
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 3
+
+
+def test_bad_override_and_missing_file(env):
+    path = experiment(env, "name: x\n")
+    result = invoke("run", path, "--set", "lr=-2")
+    assert result.exit_code == 2 and "lr:" in result.stderr
+    result = invoke("run", env / "missing.yaml")
+    assert result.exit_code == 2 and "file not found" in result.stderr
+
+
+def test_missing_data_exits_2(env, monkeypatch, tmp_path):
+    monkeypatch.setenv("BNEXP_DATA_DIR", str(tmp_path / "nowhere"))
+    result = invoke("run", experiment(env, "name: x\n"), *FAST)
+    assert result.exit_code == 2
+    assert "no usable data" in result.stderr and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1 or "error:" in result.stderr
+
+
+def test_cuda_without_gpu_is_a_clear_error(env):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = invoke("run", experiment(env, "name: x\n"), "--device", "cuda")
+    assert result.exit_code == 2 and "no CUDA GPU" in result.stderr
+
+
+def test_sweep_dry_run_then_sweep_then_skip(env):
+    path = experiment(env, "name: g\ngrid:\n  lr: [0.01, 0.5]\n")
+    dry = invoke("sweep", path, "--dry-run", *FAST)
+    assert dry.exit_code == 0 and dry.stdout.count("would train") == 2
+    assert not (env / "results").exists()
+    first = invoke("sweep", path, *FAST)
+    assert first.exit_code == 0 and "2 done, 0 skipped, 0 failed" in first.stdout
+    second = invoke("sweep", path, *FAST, "--seeds", "2")
+    assert second.exit_code == 0 and "2 done, 2 skipped, 0 failed" in second.stdout
+    table = (env / "results" / "g" / "summary.csv").read_text().splitlines()
+    assert len(table) == 1 + 4 * 2
+
+
+def test_sweep_reports_a_failing_run_and_goes_on(env, monkeypatch):
+    from bnexp import sweep
+
+    real = sweep.train_population
+
+    def flaky(runs, *args, **kwargs):
+        if runs[0].seed == 0:
+            raise RuntimeError("out of memory (simulated)")
+        return real(runs, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "train_population", flaky)
+    path = experiment(env, "name: g\ngrid:\n  seed: [0, 1]\n")
+    result = invoke("sweep", path, *FAST)
+    assert result.exit_code == 1
+    assert "1 done, 0 skipped, 1 failed" in result.stdout
+    assert "out of memory (simulated)" in result.stderr
+    stopped = invoke("sweep", path, *FAST, "--fail-fast", "--set", "lr=0.2")
+    assert "0 done, 0 skipped, 1 failed" in stopped.stdout
+
+
+def test_plot_redraws_from_disk_only(env):
+    path = experiment(env, "name: demo\n")
+    assert invoke("run", path, *FAST).exit_code == 0
+    png = next((env / "results").rglob("curves.png"))
+    png.unlink()
+    result = invoke("plot", env / "results")
+    assert result.exit_code == 0 and "drew 1 figure" in result.stdout
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert invoke("plot", env / "nothing-here").exit_code == 2
+
+
+def test_help_explains_commands():
+    result = invoke("--help")
+    for command in ("run", "sweep", "validate", "plot"):
+        assert command in result.stdout
+    assert "--set" in invoke("run", "--help").stdout

@@ -1,0 +1,124 @@
+from pathlib import Path
+
+import pytest
+
+from bnexp.config import (
+    ConfigError,
+    ExperimentSpec,
+    RunConfig,
+    apply_overrides,
+    expand_grid,
+    load_spec,
+    validate_spec,
+    with_seeds,
+)
+
+EXPERIMENTS = sorted((Path(__file__).parent.parent / "experiments").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_lessons():
+    spec = ExperimentSpec(name="x")
+    assert spec.layers == (784, 100, 100, 100, 10)
+    assert spec.batch_size == 60 and spec.eval_every == 500 and spec.steps == 50_000
+    assert spec.batch_norm == (False, True)
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_every_shipped_experiment_validates(path: Path):
+    spec = load_spec(path)
+    assert expand_grid(spec)
+    assert path.read_text().startswith("# bnexp "), "each file opens with the command that runs it"
+    assert spec.name == path.stem
+
+
+def test_all_problems_reported_at_once_with_file_and_key(tmp_path):
+    path = write(tmp_path, "name: x\nlr: -1\nactivation: swish\nstepz: 5\nbatch_size: 0\n")
+    with pytest.raises(ConfigError) as info:
+        load_spec(path)
+    problems = info.value.problems
+    assert len(problems) == 4
+    text = "\n".join(problems)
+    for key in ("lr", "activation", "stepz", "batch_size"):
+        assert f"{path}: {key}:" in text
+    assert "unknown key" in text and "swish" in text
+
+
+def test_grid_errors_name_the_axis(tmp_path):
+    path = write(tmp_path, "name: x\ngrid:\n  lr: [0.1, 0]\n  colour: [red]\n  seed: []\n")
+    with pytest.raises(ConfigError) as info:
+        load_spec(path)
+    text = "\n".join(info.value.problems)
+    assert "grid.lr.1:" in text and "grid.colour: unknown key" in text and "grid.seed:" in text
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("name: x\nlr: [1\n", "invalid YAML at line"),
+    ("- 1\n- 2\n", "expected a mapping"),
+    ("lr: 1\n", "name: Field required"),
+    ("name: x\nsteps: 1.5\n", "steps:"),
+    ("name: x\nlayers: [784]\n", "layers:"),
+    ("name: x\nbatch_norm: []\n", "batch_norm:"),
+    ("name: 'a b'\n", "name:"),
+    ("name: x\nlr: .nan\n", "lr:"),
+])
+def test_bad_files_give_clear_errors(tmp_path, text, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_spec(write(tmp_path, text))
+    assert fragment in str(info.value)
+    assert all(line.startswith(str(tmp_path)) for line in info.value.problems)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_grid_is_the_product_and_bn_is_the_pairing():
+    spec = validate_spec({"name": "g", "grid": {"lr": [0.01, 1], "activation": ["relu", "sigmoid"],
+                                                "batch_norm": [False, True]}}, "mem")
+    runs = expand_grid(spec)
+    assert len(runs) == 4
+    assert {(r.lr, r.activation) for r in runs} == {(0.01, "relu"), (0.01, "sigmoid"),
+                                                   (1.0, "relu"), (1.0, "sigmoid")}
+    assert all(r.batch_norm == (False, True) for r in runs)
+
+
+def test_grid_limit():
+    raw = {"name": "g", "grid": {"lr": [i + 1 for i in range(200)], "seed": list(range(100))}}
+    with pytest.raises(ConfigError, match="more than the limit"):
+        validate_spec(raw, "mem")
+
+
+def test_overrides_take_precedence_and_replace_grid_axes():
+    raw = {"name": "g", "lr": 1, "grid": {"steps": [10, 20], "seed": [1, 2]}}
+    out = apply_overrides(raw, ["lr=0.5", "steps=7", "grid.seed=[3]"])
+    assert out["lr"] == 0.5 and out["grid"] == {"seed": [3]} and out["steps"] == 7
+    assert raw["lr"] == 1, "the input mapping is not modified"
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_overrides(raw, ["lr"])
+
+
+def test_run_id_is_deterministic_and_config_sensitive():
+    a = RunConfig(experiment="e", lr=1.0)
+    assert a.run_id("cpu") == RunConfig(experiment="e", lr=1.0).run_id("cpu")
+    assert a.run_id("cpu") != RunConfig(experiment="e", lr=2.0).run_id("cpu")
+    assert a.run_id("cpu") != a.run_id("cuda")
+    assert a.run_id("cpu").startswith("relu-lr1-init0.05-seed0-")
+
+
+def test_with_seeds_repeats_every_comparison():
+    spec = validate_spec({"name": "g", "seed": 3, "grid": {"lr": [1, 2]}}, "mem")
+    runs = expand_grid(with_seeds(spec, 3))
+    assert sorted((r.lr, r.seed) for r in runs) == [(1, 3), (1, 4), (1, 5), (2, 3), (2, 4), (2, 5)]
+
+
+def test_bn_needs_two_examples_per_batch():
+    with pytest.raises(ConfigError, match="batch_size"):
+        validate_spec({"name": "x", "batch_size": 1}, "mem")
+    validate_spec({"name": "x", "batch_size": 1, "batch_norm": [False]}, "mem")
