@@ -20,7 +20,6 @@ from __future__ import annotations
 import time
 
 import torch
-from torch.nn import functional as F
 
 from bnexp.config import RunConfig
 from bnexp.data import BatchStream, Split
@@ -37,12 +36,13 @@ class Stack:
                  batch_norm: bool, device: torch.device):
         self.m = len(weights)
         self.activation = ACTIVATION_FNS[activation]
+        self.activation_name = activation
         self.batch_norm = batch_norm
         self.n_hidden = len(weights[0]) - 1
         # nn.Linear stores (out, in); the stack stores (in, out) so that x @ w needs no transpose.
         per_layer = [torch.stack([w[l].t() for w in weights]) for l in range(self.n_hidden + 1)]
         self.w = [per_layer[0].permute(1, 0, 2).contiguous()] + per_layer[1:]
-        self.w = [w.to(device).requires_grad_() for w in self.w]
+        self.w = [w.to(device) for w in self.w]
         widths = [w.shape[-1] for w in self.w]
 
         def zeros(width: int) -> torch.Tensor:
@@ -53,30 +53,27 @@ class Stack:
         self.b = ([] if batch_norm else [zeros(n) for n in hidden]) + [zeros(widths[-1])]
         self.gamma = [torch.ones(self.m, 1, n, device=device) for n in hidden] if batch_norm else []
         self.beta = [zeros(n) for n in hidden] if batch_norm else []
-        for p in self.b + self.gamma + self.beta:
-            p.requires_grad_()
         self.running_mean = [zeros(n) for n in hidden] if batch_norm else []
         self.running_var = [torch.ones_like(m) for m in self.running_mean]
         self.params = self.w + self.b + self.gamma + self.beta
-        lr = torch.tensor(lrs, dtype=torch.float32, device=device).view(self.m, 1, 1)
-        # Per-parameter step sizes, shaped to broadcast against each parameter.
-        self.neg_lr = [-lr.view(1, self.m, 1)] + [-lr] * (len(self.params) - 1)
+        self.lr = torch.tensor(lrs, dtype=torch.float32, device=device).view(self.m, 1, 1)
         self.loss_sum = torch.zeros(self.m, device=device)
         self.diverged_at = torch.full((self.m,), -1, dtype=torch.long, device=device)
 
-    def _norm(self, z: torch.Tensor, l: int, train: bool) -> torch.Tensor:
-        """Batch norm over the example dimension, per model and unit."""
+    def _norm(self, z: torch.Tensor, l: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch norm over the example dimension, per model and unit: (z_hat, 1/std)."""
         if train:
             mean = z.mean(dim=1, keepdim=True)
-            var = z.var(dim=1, unbiased=False, keepdim=True)
+            centred = z - mean
+            var = (centred * centred).mean(dim=1, keepdim=True)  # biased, for normalising
             n = z.shape[1]
-            with torch.no_grad():  # running averages use the unbiased variance, like PyTorch
-                self.running_mean[l].lerp_(mean, BN_MOMENTUM)
-                self.running_var[l].lerp_(var * (n / (n - 1)), BN_MOMENTUM)
+            # Running averages use the unbiased variance, as nn.BatchNorm1d does.
+            self.running_mean[l].lerp_(mean, BN_MOMENTUM)
+            self.running_var[l].lerp_(var * (n / (n - 1)), BN_MOMENTUM)
         else:
-            mean, var = self.running_mean[l], self.running_var[l]
-        z_hat = (z - mean) * torch.rsqrt(var + BN_EPS)
-        return z_hat * self.gamma[l] + self.beta[l]
+            centred, var = z - self.running_mean[l], self.running_var[l]
+        inv_std = torch.rsqrt(var + BN_EPS)
+        return centred * inv_std, inv_std
 
     def _linear(self, h: torch.Tensor, l: int) -> torch.Tensor:
         if l > 0:
@@ -85,32 +82,84 @@ class Stack:
         w0 = self.w[0]
         return (h @ w0.view(w0.shape[0], -1)).view(h.shape[0], self.m, -1).transpose(0, 1)
 
-    def forward(self, x: torch.Tensor, train: bool) -> torch.Tensor:
-        """x (B, n_in) shared by all models -> logits (M, B, n_classes)."""
+    def forward(self, x: torch.Tensor, train: bool, saved: list | None = None) -> torch.Tensor:
+        """x (B, n_in) shared by all models -> logits (M, B, n_classes).
+
+        With saved, each hidden layer appends what the backward pass needs:
+        (layer input, z_hat, 1/std, activation output).
+        """
         h = x
         for l in range(self.n_hidden):
             z = self._linear(h, l)
-            z = self._norm(z, l, train) if self.batch_norm else z + self.b[l]
-            h = self.activation(z)
+            z_hat = inv_std = None
+            if self.batch_norm:
+                z_hat, inv_std = self._norm(z, l, train)
+                z = z_hat * self.gamma[l] + self.beta[l]
+            else:
+                z = z + self.b[l]
+            a = self.activation(z)
+            if saved is not None:
+                saved.append((h, z_hat, inv_std, a))
+            h = a
+        if saved is not None:
+            saved.append((h, None, None, None))
         return torch.baddbmm(self.b[-1], h, self.w[-1])
 
-    def losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean softmax cross-entropy per model, shape (M,)."""
-        logits = self.forward(x, train=True)
-        flat = F.cross_entropy(logits.flatten(0, 1), y.repeat(self.m), reduction="none")
-        return flat.view(self.m, -1).mean(dim=1)
+    def _activation_grad(self, grad: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        if self.activation_name == "sigmoid":
+            return grad * (1 - a) * a
+        # PyTorch's own ReLU backward (one fused kernel; a NaN passes the gradient, as in nn.ReLU).
+        return torch.ops.aten.threshold_backward(grad, a, 0.0)
 
+    def gradients(self, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, list]:
+        """Per-model mean cross-entropy (M,) and its gradients, in the order of self.params.
+
+        The backward pass is written out: softmax cross-entropy, linear layers, activations
+        and batch norm (with batch statistics, so the mean and variance are differentiated).
+        Every gradient is linear in d loss / d logits, so a per-model scale (M, 1, 1), such as
+        the learning rate, applied there scales all of that model's gradients.
+        """
+        saved: list = []
+        logits = self.forward(x, train=True, saved=saved)
+        log_p = torch.log_softmax(logits, dim=2)
+        target = y.view(1, -1, 1).expand(self.m, -1, 1)
+        loss = -log_p.gather(2, target).squeeze(2).mean(dim=1)
+        g = torch.exp(log_p).scatter_add_(2, target, torch.full_like(log_p[..., :1], -1.0))
+        g = g / x.shape[0] if scale is None else g * (scale / x.shape[0])  # d loss / d logits
+        h_last = saved[-1][0]
+        dw = [None] * (self.n_hidden + 1)
+        dw[-1] = torch.bmm(h_last.transpose(1, 2), g)
+        db_out = g.sum(dim=1, keepdim=True)
+        db, dgamma, dbeta = [], [], []
+        dh = torch.bmm(g, self.w[-1].transpose(1, 2))
+        for l in reversed(range(self.n_hidden)):
+            h_in, z_hat, inv_std, a = saved[l]
+            dz = self._activation_grad(dh, a)
+            if self.batch_norm:
+                dgamma.insert(0, (dz * z_hat).sum(dim=1, keepdim=True))
+                dbeta.insert(0, dz.sum(dim=1, keepdim=True))
+                dz_hat = dz * self.gamma[l]
+                dz = inv_std * (dz_hat - dz_hat.mean(dim=1, keepdim=True)
+                                - z_hat * (dz_hat * z_hat).mean(dim=1, keepdim=True))
+            else:
+                db.insert(0, dz.sum(dim=1, keepdim=True))
+            if l > 0:
+                dw[l] = torch.bmm(h_in.transpose(1, 2), dz)
+                dh = torch.bmm(dz, self.w[l].transpose(1, 2))
+            else:
+                flat = dz.transpose(0, 1).reshape(x.shape[0], -1)
+                dw[0] = (x.t() @ flat).view(self.w[0].shape)
+        return loss, dw + db + [db_out] + dgamma + dbeta
+
+    @torch.no_grad()
     def train_step(self, x: torch.Tensor, y: torch.Tensor, step: torch.Tensor) -> None:
         """One SGD step for every model; step is a 0-d device tensor (graph-capturable)."""
-        loss = self.losses(x, y)
-        # Models are independent, so the gradient of the sum is each model's own gradient.
-        grads = torch.autograd.grad(loss.sum(), self.params)
-        with torch.no_grad():
-            torch._foreach_addcmul_(self.params, grads, self.neg_lr)
-            loss = loss.detach()
-            self.loss_sum += loss
-            newly = ~torch.isfinite(loss) & (self.diverged_at < 0)
-            self.diverged_at.copy_(torch.where(newly, step, self.diverged_at))
+        loss, steps = self.gradients(x, y, scale=self.lr)  # learning-rate-scaled gradients
+        torch._foreach_sub_(self.params, steps)
+        self.loss_sum += loss
+        newly = ~torch.isfinite(loss) & (self.diverged_at < 0)
+        self.diverged_at.copy_(torch.where(newly, step, self.diverged_at))
 
     @torch.no_grad()
     def correct(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
