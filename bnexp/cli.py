@@ -18,7 +18,7 @@ from rich.progress import (
 from rich.table import Table
 
 from bnexp import config as cfg
-from bnexp import plots, sweep
+from bnexp import plots, report, sweep
 from bnexp.data import DataError, resolve_data_dir
 
 app = typer.Typer(
@@ -37,6 +37,8 @@ DataDirOption = Annotated[Path | None, typer.Option(
     "--data-dir", help="Dataset folder (else $BNEXP_DATA_DIR, else ./data).")]
 DeviceOption = Annotated[str | None, typer.Option(
     "--device", help="auto | cpu | cuda (overrides the file).")]
+YesOption = Annotated[bool, typer.Option(
+    "--yes", help=f"Allow grids of more than {cfg.LARGE_GRID_RUNS:,} runs.")]
 SetOption = Annotated[list[str] | None, typer.Option(
     "--set", help="Override a setting, KEY=VALUE (YAML value); repeatable, e.g. --set lr=0.5.")]
 
@@ -54,12 +56,12 @@ def _overrides(sets: list[str] | None, **named: object) -> list[str]:
 
 
 def _load_runs(files: list[Path], overrides: list[str], seeds: int | None = None,
-               ) -> list[cfg.RunConfig]:
+               allow_large: bool = False) -> list[cfg.RunConfig]:
     """Load, validate and expand every file, reporting all problems of all files at once."""
     runs, problems = [], []
     for path in files:
         try:
-            spec = cfg.load_spec(path, overrides)
+            spec = cfg.load_spec(path, overrides, allow_large)
             if seeds is not None:
                 spec = cfg.with_seeds(spec, seeds)
             runs.extend(cfg.expand_grid(spec))
@@ -79,11 +81,29 @@ def _progress() -> Progress:
     )
 
 
+def _check_writable(out: Path) -> None:
+    """Fail early, before any training, where results cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".bnexp-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        fail([f"{out}: results folder is not writable ({exc.strerror or exc})"])
+
+
 def _execute(planned: list[sweep.Planned], out: Path, data_dir: Path | None, label: str,
-             force: bool = False, fail_fast: bool = False) -> list[sweep.Outcome]:
-    total = sweep.network_steps([p for p in planned if force or not p.complete])
+             force: bool = False, fail_fast: bool = False, retry_failed: bool = False,
+             ) -> list[sweep.Outcome]:
+    _check_writable(out)
+    todo = sweep.to_train(planned, force, retry_failed)
+    folder = resolve_data_dir(data_dir)
+    try:  # loaded here once to fail cleanly before any progress output; cached below
+        splits = sweep.load_data(todo, folder)
+    except DataError as exc:
+        fail([str(exc)])
     with _progress() as progress:
-        task = progress.add_task(label, total=max(total, 1), rate="")
+        task = progress.add_task(label, total=max(sweep.network_steps(todo), 1), rate="")
 
         def advance(n: int) -> None:
             progress.advance(task, n)
@@ -91,13 +111,8 @@ def _execute(planned: list[sweep.Planned], out: Path, data_dir: Path | None, lab
             if speed:
                 progress.update(task, rate=f"{speed:,.0f} net-steps/s")
 
-        try:
-            return sweep.execute(planned, out, resolve_data_dir(data_dir), force=force,
-                                 fail_fast=fail_fast, progress=advance)
-        except DataError as exc:
-            progress.stop()
-            fail([str(exc)])
-    raise AssertionError("unreachable")
+        return sweep.execute(planned, out, folder, force=force, retry_failed=retry_failed,
+                             fail_fast=fail_fast, progress=advance, splits=splits)
 
 
 def _accuracy_table(outcomes: list[sweep.Outcome]) -> Table:
@@ -127,16 +142,19 @@ def run(
     data_dir: DataDirOption = None,
     set_: SetOption = None,
     force: Annotated[bool, typer.Option("--force", help="Retrain runs already on disk.")] = False,
+    yes: YesOption = False,
 ) -> None:
     """Train the comparisons of one experiment file and write their results."""
     runs = _load_runs([file], _overrides(set_, device=device, engine=engine, steps=steps,
-                                         seed=seed))
+                                         seed=seed), allow_large=yes)
     planned = _plan(runs, out)
     outcomes = _execute(planned, out, data_dir, f"{runs[0].experiment}", force=force)
     for outcome in outcomes:
         if outcome.status == "skipped":
             err_console.print(f"skipped {outcome.planned.run_id}: already complete "
                               "(use --force to retrain)")
+        elif outcome.status in ("locked", "mismatch"):
+            err_console.print(f"{outcome.status} {outcome.planned.run_id}: {outcome.error}")
     if any(o.result for o in outcomes):
         out_console.print(_accuracy_table(outcomes))
     out_console.print(f"results in {out / runs[0].experiment}")
@@ -171,24 +189,30 @@ def sweep_command(
         "--dry-run", help="List the runs, train nothing.")] = False,
     fail_fast: Annotated[bool, typer.Option(
         "--fail-fast", help="Stop at the first failure.")] = False,
+    retry_failed: Annotated[bool, typer.Option(
+        "--retry-failed", help="Train only the runs whose last attempt failed.")] = False,
     device: DeviceOption = None,
     out: OutOption = Path("results"),
     data_dir: DataDirOption = None,
     set_: SetOption = None,
+    yes: YesOption = False,
 ) -> None:
-    """Run whole grids, skipping runs already complete on disk."""
-    runs = _load_runs(files or [DEFAULT_GRID], _overrides(set_, device=device), seeds)
+    """Run whole grids: skip finished runs, resume interrupted ones from their checkpoints."""
+    runs = _load_runs(files or [DEFAULT_GRID], _overrides(set_, device=device), seeds,
+                      allow_large=yes)
     planned = _plan(runs, out)
     if dry_run:
         table = Table(title=f"{len(planned)} runs (dry run)")
         for column in ("experiment", "run", "device", "engine", "status"):
             table.add_column(column, overflow="fold")
+        chosen = {id(p) for p in sweep.to_train(planned, retry_failed=retry_failed)}
         for p in planned:
-            status = "complete, would skip" if p.complete else "would train"
+            status = "would train" if id(p) in chosen else f"{p.status}, would skip"
             table.add_row(p.run.experiment, p.run_id, str(p.device), p.run.engine, status)
         out_console.print(table)
         return
-    outcomes = _execute(planned, out, data_dir, "sweep", fail_fast=fail_fast)
+    outcomes = _execute(planned, out, data_dir, "sweep", fail_fast=fail_fast,
+                        retry_failed=retry_failed)
     table = Table(title="Sweep")
     for column in ("experiment", "run", "status", "detail"):
         table.add_column(column, overflow="fold")
@@ -197,19 +221,22 @@ def sweep_command(
         table.add_row(o.planned.run.experiment, o.planned.run_id, o.status, detail)
     out_console.print(table)
     _report_failures(outcomes)
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed")}
-    out_console.print(", ".join(f"{n} {s}" for s, n in counts.items()))
+    counts = {s: sum(o.status == s for o in outcomes)
+              for s in ("done", "skipped", "failed", "locked", "mismatch")}
+    out_console.print(", ".join(f"{n} {s}" for s, n in counts.items() if n or s in
+                                ("done", "skipped", "failed")))
     if counts["failed"]:
         raise typer.Exit(1)
 
 
 @app.command()
-def validate(files: Annotated[list[Path], typer.Argument(help="Experiment YAML files.")]) -> None:
+def validate(files: Annotated[list[Path], typer.Argument(help="Experiment YAML files.")],
+             yes: YesOption = False) -> None:
     """Check experiment files without training; every problem is reported at once."""
     problems = []
     for path in files:
         try:
-            n = len(cfg.expand_grid(cfg.load_spec(path)))
+            n = len(cfg.expand_grid(cfg.load_spec(path, allow_large=yes)))
             out_console.print(f"ok {path}: {n} run(s)", highlight=False)
         except cfg.ConfigError as exc:
             problems.extend(exc.problems)
@@ -224,7 +251,124 @@ def plot(root: Annotated[Path, typer.Argument(help="Results folder to redraw.")]
     if not root.is_dir():
         fail([f"{root}: no such results folder"])
     paths = plots.plot_tree(root)
+    experiments = {p.parent.parent for p in root.rglob("summary.json")
+                   if (p.parent / "config.yaml").is_file()}
+    for experiment in sorted(experiments):
+        paths += report.draw_figures(experiment)
     out_console.print(f"drew {len(paths)} figure(s) under {root}")
+
+
+@app.command("report")
+def report_command(
+    experiment: Annotated[Path, typer.Argument(
+        help="An experiment folder, e.g. results/lesson_grid.")],
+) -> None:
+    """Write report.md and a self-contained report.html: statistics over seeds and figures."""
+    if not experiment.is_dir():
+        fail([f"{experiment}: no such experiment folder"])
+    try:
+        md, page = report.write_report(experiment)
+    except FileNotFoundError as exc:
+        fail([str(exc)])
+    cells = report.collect_cells(experiment)
+    table = Table(title=f"{experiment.name}: comparison over seeds")
+    for column in report.TABLE_HEADER:
+        table.add_column(column, overflow="fold")
+    for row in report.table_rows(cells):
+        table.add_row(*row)
+    out_console.print(table)
+    out_console.print(f"written {md} and {page}")
+
+
+def _model_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        fail([f"--models {text}: expected positive integers separated by commas, e.g. 2,32,256"])
+    return counts
+
+
+@app.command()
+def bench(
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
+    models: Annotated[str | None, typer.Option(
+        "--models", help="Population sizes, comma-separated (default 2,32,256 on CPU, "
+        "2,32,256,1024 on CUDA).")] = None,
+    steps: Annotated[int | None, typer.Option(
+        "--steps", min=1, help="Population steps per size (default 300 CPU, 3000 CUDA).")] = None,
+    reference_steps: Annotated[int, typer.Option(
+        "--reference-steps", min=1, help="Steps per network of the reference loop.")] = 300,
+    grid: Annotated[Path | None, typer.Option(
+        "--grid", help="Also time this whole grid file through the population engine "
+        "(real data where found, else random data).")] = None,
+    cuda_graph: Annotated[bool, typer.Option(
+        "--cuda-graph/--no-cuda-graph", help="Capture the CUDA step as a graph.")] = True,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="JSON file (default results/bench/bench-<time>.json).")] = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Measure network-steps/s of the population engine against the one-at-a-time loop."""
+    import json
+
+    from bnexp import bench as bench_mod
+    from bnexp.data import load_split
+    from bnexp.engine import resolve_device
+    from bnexp.results import atomic_write
+
+    if device not in cfg.DEVICES:
+        fail([f"--device {device}: expected one of {', '.join(cfg.DEVICES)}"])
+    try:
+        dev = resolve_device(device)
+    except cfg.ConfigError as exc:
+        fail(exc.problems)
+    cuda = dev.type == "cuda"
+    counts = _model_counts(models or ("2,32,256,1024" if cuda else "2,32,256"))
+    n_steps = steps or (3000 if cuda else 300)
+    grid_runs = _load_runs([grid], [f"device={dev.type}"]) if grid else []
+    split = bench_mod.random_split(dev)
+    rows = []
+    with err_console.status("reference loop (one network at a time)..."):
+        reference = bench_mod.bench_reference(split, dev, reference_steps)
+    rows.append(reference)
+    for m in counts:
+        with err_console.status(f"population engine, {m} networks..."):
+            rows.append(bench_mod.bench_population(split, dev, m, n_steps, reference, cuda_graph))
+    grid_record = None
+    if grid_runs:
+        try:
+            grid_split, source = load_split(grid_runs[0].dataset, resolve_data_dir(data_dir),
+                                            dev), "real data"
+        except DataError:
+            grid_split, source = split, "random data"
+        with err_console.status(f"grid {grid} ({len(grid_runs)} runs, {source})..."):
+            grid_record = bench_mod.bench_grid(grid_runs, grid_split, dev)
+        grid_record.update(file=str(grid), data=source)
+    out_console.print(_bench_table(rows))
+    if grid_record:
+        out_console.print(
+            f"grid {grid}: {grid_record['networks']} networks x {grid_record['steps']:,} steps "
+            f"({grid_record['data']}): {grid_record['train_time_s']:.1f} s training, "
+            f"{grid_record['wall_time_s']:.1f} s wall with evaluation every "
+            f"{grid_record['eval_every']} steps", highlight=False)
+    path = out or bench_mod.default_out(Path("results"))
+    atomic_write(path, json.dumps(bench_mod.as_record(rows, dev, grid_record), indent=2))
+    out_console.print(f"written {path}")
+
+
+def _bench_table(rows: list) -> Table:
+    table = Table(title="bnexp bench")
+    for column in ("engine", "device", "M", "steps/s", "network-steps/s", "ratio",
+                   "peak memory", "note"):
+        table.add_column(column, justify="left" if column in ("engine", "device", "note")
+                         else "right", overflow="fold")
+    for r in rows:
+        memory = f"{r.peak_memory_mib:,.0f} MiB" + (" RSS" if r.device == "cpu" else "")
+        table.add_row(r.engine, r.device, str(r.models), f"{r.steps_per_s:,.0f}",
+                      f"{r.network_steps_per_s:,.0f}", f"{r.ratio:.1f}x" if r.ratio else "-",
+                      memory, r.note)
+    return table
 
 
 def main() -> None:

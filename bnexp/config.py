@@ -27,8 +27,9 @@ DATASETS = ("mnist", "fashion-mnist")
 ENGINES = ("population", "reference")
 DEVICES = ("auto", "cpu", "cuda")
 GRID_AXES = ("lr", "activation", "init_scale", "batch_norm", "seed", "steps")
-# A grid larger than this is almost always a typo (e.g. a range pasted as a list).
-MAX_GRID_RUNS = 10_000
+# A grid larger than this is almost always a typo (e.g. a range pasted as a list): it needs --yes.
+LARGE_GRID_RUNS = 1_000
+NON_RESULT_FIELDS = ("checkpoint_every",)
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -64,6 +65,8 @@ class Settings(_Strict):
     batch_norm: tuple[bool, ...] = Field((False, True), validate_default=True)
     engine: Literal["population", "reference"] = "population"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Save a resumable checkpoint at the first evaluation after every this many steps.
+    checkpoint_every: PositiveInt = 5_000
 
     @field_validator("layers")
     @classmethod
@@ -97,9 +100,13 @@ class RunConfig(Settings):
 
     experiment: str
 
+    def result_fields(self) -> dict:
+        """The resolved settings that can change results (what run_id and reuse depend on)."""
+        return self.model_dump(mode="json", exclude=set(NON_RESULT_FIELDS))
+
     def run_id(self, device: str) -> str:
         """Deterministic folder name: readable prefix plus a hash of the resolved config."""
-        payload = self.model_dump(mode="json")
+        payload = self.result_fields()
         payload["device"] = device
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
         return f"{self.activation}-lr{self.lr:g}-init{self.init_scale:g}-seed{self.seed}-{digest}"
@@ -193,15 +200,16 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-def validate_spec(raw: dict, source: str) -> ExperimentSpec:
+def validate_spec(raw: dict, source: str, allow_large: bool = False) -> ExperimentSpec:
     """Validate a raw mapping, raising ConfigError with every problem at once."""
     try:
         spec = ExperimentSpec.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError([_format_error(source, e) for e in exc.errors()]) from None
     n = grid_size(spec)
-    if n > MAX_GRID_RUNS:
-        raise ConfigError([f"{source}: grid: {n} runs is more than the limit of {MAX_GRID_RUNS}"])
+    if n > LARGE_GRID_RUNS and not allow_large:
+        raise ConfigError([f"{source}: grid: {n:,} runs is more than {LARGE_GRID_RUNS:,}; "
+                           "pass --yes to run it anyway"])
     try:  # combinations of valid values can still be invalid together
         expand_grid(spec)
     except ValidationError as exc:
@@ -209,9 +217,11 @@ def validate_spec(raw: dict, source: str) -> ExperimentSpec:
     return spec
 
 
-def load_spec(path: Path, overrides: list[str] = ()) -> ExperimentSpec:
+def load_spec(path: Path, overrides: list[str] = (), allow_large: bool = False,
+              ) -> ExperimentSpec:
     """Read, override and validate one experiment file."""
-    return validate_spec(apply_overrides(read_yaml(path), list(overrides)), str(path))
+    return validate_spec(apply_overrides(read_yaml(path), list(overrides)), str(path),
+                         allow_large)
 
 
 def grid_size(spec: ExperimentSpec) -> int:

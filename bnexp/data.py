@@ -97,7 +97,11 @@ def _load(dataset: str, data_dir: Path, train: bool) -> tuple[torch.Tensor, torc
     try:
         ds = cls(str(root), train=train, download=True)
     except Exception as exc:  # torchvision raises RuntimeError, URLError, OSError, ...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        if text.startswith("Error downloading") or "Dataset not found" in text:
+            reason = "files not found, and downloading them failed"
+        else:
+            reason = text.splitlines()[0] if text else type(exc).__name__
         raise DataError(
             f"{dataset}: no usable data in {root / cls.__name__ / 'raw'} ({reason}). "
             f"Put the four {dataset} .gz files there, or point --data-dir / ${ENV_DATA_DIR} "
@@ -153,3 +157,11 @@ class BatchStream:
             self._pending = torch.cat([self._pending, epoch])
         out, self._pending = self._pending[:n_steps], self._pending[n_steps:]
         return out.to(self.device, non_blocking=True)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Everything needed to continue the stream exactly (for checkpoints)."""
+        return {"generator": self._generator.get_state(), "pending": self._pending.clone()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self._generator.set_state(state["generator"])
+        self._pending = state["pending"].clone()

@@ -31,15 +31,64 @@ def plot_run(folder: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    path = folder / "curves.png"
-    atomic_write(path, buffer.getvalue())
-    return path
+    return _save(fig, folder / "curves.png")
 
 
 def plot_tree(root: Path) -> list[Path]:
     """Redraw the figure of every finished run found under root."""
     return [plot_run(summary.parent) for summary in sorted(root.rglob("summary.json"))
             if (summary.parent / "metrics.csv").is_file()]
+
+
+def _save(fig, path: Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(path, buffer.getvalue())
+    return path
+
+
+def plot_seed_bands(curves: dict[str, list[tuple[list[int], list[float]]]], title: str,
+                    path: Path) -> Path:
+    """Median validation accuracy over seeds per variant, with the inter-quartile band.
+
+    curves maps a variant to one (steps, accuracies) pair per seed; seeds share steps.
+    """
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, per_seed in curves.items():
+        steps = per_seed[0][0]
+        accs = np.array([acc for _, acc in per_seed])
+        line, = ax.plot(steps, np.median(accs, axis=0),
+                        label=f"{LABELS.get(name, name)} (median of {len(per_seed)})")
+        if len(per_seed) > 1:
+            lo, hi = np.percentile(accs, [25, 75], axis=0)
+            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.25, linewidth=0)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("Training steps")
+    ax.set_ylabel("Validation accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_overview(labels: list[str], variants: list[str], values: list[list[float]],
+                  path: Path) -> Path:
+    """Heatmap of median final test accuracy: one row per grid cell, one column per variant."""
+    import numpy as np
+
+    data = np.array(values, dtype=float)
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(variants), 1.2 + 0.42 * len(labels)))
+    image = ax.imshow(data, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(variants)), [LABELS.get(v, v) for v in variants])
+    ax.set_yticks(range(len(labels)), labels)
+    for (i, j), value in np.ndenumerate(data):
+        ax.text(j, i, "nan" if np.isnan(value) else f"{value:.3f}", ha="center", va="center",
+                color="white" if np.isnan(value) or value < 0.6 else "black", fontsize=9)
+    fig.colorbar(image, ax=ax, label="median final test accuracy")
+    ax.set_title("Grid overview")
+    fig.tight_layout()
+    return _save(fig, path)

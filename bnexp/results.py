@@ -12,6 +12,7 @@ results/<experiment>/
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import math
@@ -19,13 +20,14 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 import yaml
 
 import bnexp
-from bnexp.config import RunConfig
+from bnexp.config import NON_RESULT_FIELDS, RunConfig
 from bnexp.engine import RunResult
 
 SUMMARY_FIELDS = ("run_id", "model", "activation", "lr", "init_scale", "seed", "steps",
@@ -95,6 +97,7 @@ def summary_record(result: RunResult, run_id: str) -> dict:
         "device": result.device,
         "execution": result.execution,
         "wall_time_s": result.wall_time_s,
+        "train_time_s": result.train_time_s,
         "population_size": result.population_size,
         "models": {
             m.name: {
@@ -110,26 +113,90 @@ def summary_record(result: RunResult, run_id: str) -> dict:
     }
 
 
+def run_folder(root: Path, run: RunConfig, device: str) -> Path:
+    return root / run.experiment / run.run_id(device)
+
+
+def write_config(folder: Path, run: RunConfig) -> None:
+    atomic_write(folder / "config.yaml", yaml.safe_dump(run.model_dump(mode="json"),
+                                                        sort_keys=False))
+
+
 def write_run(root: Path, result: RunResult) -> Path:
     """Write one run's folder; summary.json goes last, so its presence means complete."""
-    run_id = result.config.run_id(result.device)
-    folder = root / result.config.experiment / run_id
-    config = result.config.model_dump(mode="json")
-    atomic_write(folder / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    folder = run_folder(root, result.config, result.device)
+    write_config(folder, result.config)
     atomic_write(folder / "metrics.csv", metrics_csv(result))
-    atomic_write(folder / "summary.json", json.dumps(summary_record(result, run_id), indent=2))
+    atomic_write(folder / "summary.json",
+                 json.dumps(summary_record(result, folder.name), indent=2))
+    (folder / "failed.json").unlink(missing_ok=True)
     return folder
 
 
-def is_complete(root: Path, run: RunConfig, device: str) -> bool:
-    """True where a finished run with exactly this resolved config is on disk."""
-    folder = root / run.experiment / run.run_id(device)
+def write_failure(folder: Path, run: RunConfig, error: str) -> None:
+    write_config(folder, run)
+    atomic_write(folder / "failed.json", json.dumps({"error": error, "time": time.time()}))
+
+
+def write_checkpoint(folder: Path, checkpoint: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    atomic_write(folder / "checkpoint.pt", buffer.getvalue())
+
+
+def read_checkpoint(folder: Path) -> dict | None:
+    """The run's last checkpoint (tensors and plain data only), or None where there is none."""
+    path = folder / "checkpoint.pt"
+    if not path.is_file():
+        return None
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def run_status(root: Path, run: RunConfig, device: str) -> str:
+    """'new', 'complete', 'failed', or 'mismatch' (the folder holds another configuration)."""
+    folder = run_folder(root, run, device)
     try:
         on_disk = yaml.safe_load((folder / "config.yaml").read_text())
-        json.loads((folder / "summary.json").read_text())
-    except (OSError, ValueError, yaml.YAMLError):
-        return False
-    return on_disk == run.model_dump(mode="json")
+    except FileNotFoundError:
+        return "new"
+    except (OSError, yaml.YAMLError):
+        return "mismatch"
+    if not isinstance(on_disk, dict) or _result_fields(on_disk) != run.result_fields():
+        return "mismatch"
+    if (folder / "summary.json").is_file():
+        return "complete"
+    if (folder / "failed.json").is_file():
+        return "failed"
+    return "new"
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on one run folder; the OS drops it if the process dies."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / ".lock"
+        self._file = None
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            self._file = None
+            return False
+        return True
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
+def _result_fields(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in NON_RESULT_FIELDS}
 
 
 def read_metrics(folder: Path) -> dict[str, dict[str, list[float]]]:

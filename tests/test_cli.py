@@ -39,7 +39,7 @@ def test_run_writes_the_documented_layout(env):
     exp = env / "results" / "demo"
     (run_dir,) = [p for p in exp.iterdir() if p.is_dir()]
     assert {p.name for p in run_dir.iterdir()} == {"config.yaml", "metrics.csv", "summary.json",
-                                                 "curves.png"}
+                                                 "curves.png", "checkpoint.pt", ".lock"}
     assert {p.name for p in exp.iterdir() if p.is_file()} == {"summary.csv", "summary.md",
                                                             "environment.json"}
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -176,7 +176,8 @@ def test_plot_redraws_from_disk_only(env):
     png = next((env / "results").rglob("curves.png"))
     png.unlink()
     result = invoke("plot", env / "results")
-    assert result.exit_code == 0 and "drew 1 figure" in result.stdout
+    # the run's curves, the experiment's seed-band curves and its overview
+    assert result.exit_code == 0 and "drew 3 figure" in result.stdout
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert invoke("plot", env / "nothing-here").exit_code == 2
 

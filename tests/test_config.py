@@ -91,8 +91,9 @@ def test_grid_is_the_product_and_bn_is_the_pairing():
 
 def test_grid_limit():
     raw = {"name": "g", "grid": {"lr": [i + 1 for i in range(200)], "seed": list(range(100))}}
-    with pytest.raises(ConfigError, match="more than the limit"):
+    with pytest.raises(ConfigError, match="pass --yes"):
         validate_spec(raw, "mem")
+    assert len(expand_grid(validate_spec(raw, "mem", allow_large=True))) == 20_000
 
 
 def test_overrides_take_precedence_and_replace_grid_axes():
@@ -110,6 +111,7 @@ def test_run_id_is_deterministic_and_config_sensitive():
     assert a.run_id("cpu") != RunConfig(experiment="e", lr=2.0).run_id("cpu")
     assert a.run_id("cpu") != a.run_id("cuda")
     assert a.run_id("cpu").startswith("relu-lr1-init0.05-seed0-")
+    assert a.run_id("cpu") == RunConfig(experiment="e", lr=1.0, checkpoint_every=7).run_id("cpu")
 
 
 def test_with_seeds_repeats_every_comparison():

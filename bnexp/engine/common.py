@@ -29,6 +29,7 @@ class ModelResult:
     final_test_acc: float = math.nan
     diverged_step: int | None = None
     state: dict[str, torch.Tensor] | None = None  # final weights, only when asked for
+    train_time_s: float | None = None  # reference engine: this model's training steps alone
 
     def record(self, step: int, val_acc: float, train_loss: float) -> None:
         self.steps.append(step)
@@ -47,6 +48,7 @@ class RunResult:
     wall_time_s: float
     population_size: int  # networks trained together (they share the wall time)
     execution: str = "eager"  # or "cuda-graph"
+    train_time_s: float | None = None  # training steps alone, without evaluation and set-up
 
 
 def eval_blocks(steps: int, eval_every: int) -> list[int]:

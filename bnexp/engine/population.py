@@ -18,11 +18,13 @@ and the running loss sum stay on the device and are read at evaluation time only
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
 from bnexp.config import RunConfig
 from bnexp.data import BatchStream, Split
+from bnexp.engine.capture import capture_step, sync
 from bnexp.engine.common import ModelResult, Progress, RunResult, eval_blocks, variant_name
 from bnexp.models import ACTIVATION_FNS, BN_EPS, BN_MOMENTUM, initial_weights
 
@@ -161,6 +163,11 @@ class Stack:
         newly = ~torch.isfinite(loss) & (self.diverged_at < 0)
         self.diverged_at.copy_(torch.where(newly, step, self.diverged_at))
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a training step changes."""
+        return (self.params + self.running_mean + self.running_var
+                + [self.loss_sum, self.diverged_at])
+
     @torch.no_grad()
     def correct(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Inference-mode count of correct predictions per model, batched over the population."""
@@ -211,57 +218,46 @@ def _build_stacks(runs: list[RunConfig], device: torch.device):
     return stacks, where
 
 
-def _step_function(stacks: list[Stack], split: Split, batch_idx: torch.Tensor,
+def _step_function(stacks: list[Stack], split: Split, block: torch.Tensor, k: torch.Tensor,
                    step: torch.Tensor):
+    """One training step of every stack, reading batch k of the block of batch indices.
+
+    The counters k and step live on the device, so a captured step replays unchanged.
+    """
     def step_all() -> None:
+        batch_idx = block.index_select(0, k).view(-1)
         x = split.train_x.index_select(0, batch_idx)
         y = split.train_y.index_select(0, batch_idx)
+        k.add_(1)
         step.add_(1)
         for stack in stacks:
             stack.train_step(x, y, step)
     return step_all
 
 
-def _capture(step_all, device: torch.device):
-    """Record one training step as a CUDA graph; None where capture is not possible."""
-    if device.type != "cuda":
-        return None
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
-            for _ in range(3):
-                step_all()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step_all()
-        return graph
-    except Exception:  # fall back to eager steps; the result records which path ran
-        return None
-
-
 def train_population(runs: list[RunConfig], split: Split, device: torch.device,
                      progress: Progress | None = None, keep_states: bool = False,
-                     cuda_graph: bool = True) -> list[RunResult]:
-    """Train every model of runs (which share a population key) together."""
+                     cuda_graph: bool = True, resume: list[dict] | None = None,
+                     on_checkpoint: Callable[[int, dict], None] | None = None,
+                     ) -> list[RunResult]:
+    """Train every model of runs (which share a population key) together.
+
+    resume holds one checkpoint per run, all taken at the same step; on_checkpoint(r, data)
+    receives run r's checkpoint at the first evaluation after every checkpoint_every steps
+    and at the end. A resumed population continues bit for bit as if never interrupted.
+    """
     first = runs[0]
     start = time.perf_counter()
     stacks, where = _build_stacks(runs, device)
     n_models = sum(s.m for s in stacks)
     stream = BatchStream(split.train_x.shape[0], first.batch_size, first.seed, device)
     step = torch.zeros((), dtype=torch.long, device=device)
-    batch_idx = torch.zeros(first.batch_size, dtype=torch.long, device=device)
-    step_all = _step_function(stacks, split, batch_idx, step)
-    graph = None
-    if cuda_graph and device.type == "cuda":
-        # Warm-up steps would train the models: capture on copies of the state, then restore.
-        saved = [[t.detach().clone() for t in _state_tensors(s)] for s in stacks]
-        graph = _capture(step_all, device)
-        for s, tensors in zip(stacks, saved):
-            for t, v in zip(_state_tensors(s), tensors):
-                t.data.copy_(v)
-        step.zero_()
+    k = torch.zeros(1, dtype=torch.long, device=device)
+    block = torch.zeros(min(first.eval_every, first.steps), first.batch_size, dtype=torch.long,
+                        device=device)
+    step_all = _step_function(stacks, split, block, k, step)
+    state = [t for stack in stacks for t in stack.state_tensors()]
+    graph = capture_step(step_all, state + [k, step], device) if cuda_graph else None
     results = [[ModelResult(variant_name(bn)) for bn in run.batch_norm] for run in runs]
 
     def evaluate(done: int, n_block: int) -> None:
@@ -270,29 +266,90 @@ def train_population(runs: list[RunConfig], split: Split, device: torch.device,
         for s in stacks:
             s.loss_sum.zero_()
         for (r, bn), (stack, i) in where.items():
-            k = stacks.index(stack)
-            loss = losses[k][i] if n_block else float("nan")
-            results[r][run_variant(runs[r], bn)].record(done, accs[k][i], loss)
+            j = stacks.index(stack)
+            loss = losses[j][i] if n_block else float("nan")
+            results[r][run_variant(runs[r], bn)].record(done, accs[j][i], loss)
 
-    evaluate(0, 0)
-    done = 0
-    for n_block in eval_blocks(first.steps, first.eval_every):
-        indices = stream.next_indices(n_block)
-        for k in range(n_block):
-            batch_idx.copy_(indices[k])
+    done, train_time = 0, 0.0
+    if resume:
+        done, train_time = _restore(resume, runs, stacks, where, results, stream)
+        step.fill_(done)
+    else:
+        evaluate(0, 0)
+    next_checkpoint = done + first.checkpoint_every
+    for n_block in _remaining_blocks(first, done):
+        block[:n_block].copy_(stream.next_indices(n_block))
+        k.zero_()
+        tick = time.perf_counter()
+        for _ in range(n_block):
             if graph is not None:
                 graph.replay()
             else:
                 step_all()
+        sync(device)
+        train_time += time.perf_counter() - tick
         done += n_block
         evaluate(done, n_block)
+        if on_checkpoint and (done >= next_checkpoint or done == first.steps):
+            for r, data in enumerate(_checkpoints(runs, stacks, where, results, stream, done,
+                                                  train_time)):
+                on_checkpoint(r, data)
+            next_checkpoint = done + first.checkpoint_every
         if progress:
             progress(n_block * n_models)
     _finish(runs, stacks, where, results, split, keep_states)
     wall = time.perf_counter() - start
     execution = "cuda-graph" if graph is not None else "eager"
-    return [RunResult(run, str(device), "population", results[r], wall, n_models, execution)
+    return [RunResult(run, str(device), "population", results[r], wall, n_models, execution,
+                      train_time_s=train_time)
             for r, run in enumerate(runs)]
+
+
+def _remaining_blocks(run: RunConfig, done: int) -> list[int]:
+    blocks = eval_blocks(run.steps, run.eval_every)
+    passed = 0
+    while done > 0:
+        done -= blocks[passed]
+        passed += 1
+    if done != 0:
+        raise ValueError("a checkpoint must lie on an evaluation step")
+    return blocks[passed:]
+
+
+CHECKPOINT_FORMAT = 1
+
+
+def _checkpoints(runs, stacks, where, results, stream: BatchStream, done: int,
+                 train_time: float) -> list[dict]:
+    """One checkpoint per run: its models' states and metrics, the stream, the step."""
+    diverged = {id(s): s.diverged_at.tolist() for s in stacks}
+    stream_state = stream.state()
+    out = [{"format": CHECKPOINT_FORMAT, "step": done, "train_time_s": train_time,
+            "stream": stream_state, "models": {}} for _ in runs]
+    for (r, bn), (stack, i) in where.items():
+        model = results[r][run_variant(runs[r], bn)]
+        out[r]["models"][model.name] = {
+            "state": stack.model_state(i), "diverged_at": diverged[id(stack)][i],
+            "steps": list(model.steps), "val_acc": list(model.val_acc),
+            "train_loss": list(model.train_loss),
+        }
+    return out
+
+
+def _restore(resume: list[dict], runs, stacks, where, results, stream: BatchStream,
+             ) -> tuple[int, float]:
+    steps = {c["step"] for c in resume}
+    if len(steps) != 1 or any(c.get("format") != CHECKPOINT_FORMAT for c in resume):
+        raise ValueError("runs of one population must resume from one step and format")
+    stream.load_state(resume[0]["stream"])
+    for (r, bn), (stack, i) in where.items():
+        saved = resume[r]["models"][variant_name(bn)]
+        stack.load_model_state(i, saved["state"])
+        stack.diverged_at[i] = saved["diverged_at"]
+        model = results[r][run_variant(runs[r], bn)]
+        model.steps, model.val_acc = list(saved["steps"]), list(saved["val_acc"])
+        model.train_loss = list(saved["train_loss"])
+    return steps.pop(), resume[0]["train_time_s"]
 
 
 def _accuracies(stack: Stack, x: torch.Tensor, y: torch.Tensor) -> list[float]:
@@ -301,11 +358,6 @@ def _accuracies(stack: Stack, x: torch.Tensor, y: torch.Tensor) -> list[float]:
 
 def run_variant(run: RunConfig, bn: bool) -> int:
     return run.batch_norm.index(bn)
-
-
-def _state_tensors(stack: Stack) -> list[torch.Tensor]:
-    return (stack.params + stack.running_mean + stack.running_var
-            + [stack.loss_sum, stack.diverged_at])
 
 
 def _finish(runs, stacks, where, results, split: Split, keep_states: bool) -> None:

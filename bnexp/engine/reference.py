@@ -35,7 +35,9 @@ def train_model(run: RunConfig, batch_norm: bool, split: Split, device: torch.de
     result = ModelResult(variant_name(batch_norm))
     result.record(0, accuracy(model, split.val_x, split.val_y), math.nan)
     done = 0
+    train_time = 0.0
     for n_block in eval_blocks(run.steps, run.eval_every):
+        tick = time.perf_counter()
         loss_sum = 0.0
         for idx in stream.next_indices(n_block):
             loss = F.cross_entropy(model(split.train_x[idx]), split.train_y[idx])
@@ -47,11 +49,13 @@ def train_model(run: RunConfig, batch_norm: bool, split: Split, device: torch.de
             loss_sum += value
             if not math.isfinite(value) and result.diverged_step is None:
                 result.diverged_step = done
+        train_time += time.perf_counter() - tick
         result.record(done, accuracy(model, split.val_x, split.val_y), loss_sum / n_block)
         if progress:
             progress(n_block)
     result.final_val_acc = result.val_acc[-1]
     result.final_test_acc = accuracy(model, split.test_x, split.test_y)
+    result.train_time_s = train_time
     if keep_state:
         state = model.state_dict()
         result.state = {k: v.detach().cpu().clone() for k, v in state.items()
@@ -64,4 +68,5 @@ def train_reference(run: RunConfig, split: Split, device: torch.device,
     """Train the variants of one comparison one after another."""
     start = time.perf_counter()
     models = [train_model(run, bn, split, device, progress, keep_states) for bn in run.batch_norm]
-    return RunResult(run, str(device), "reference", models, time.perf_counter() - start, 1)
+    return RunResult(run, str(device), "reference", models, time.perf_counter() - start, 1,
+                     train_time_s=sum(m.train_time_s for m in models))

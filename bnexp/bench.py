@@ -1,0 +1,128 @@
+"""`bnexp bench`: network-steps per second of the population engine against the reference loop.
+
+The workload is the lesson's network (784-100-100-100-10, batch 60, plain SGD) on random data of
+MNIST's shape held on the device, so the benchmark needs no dataset. A population of M networks
+mixes the lesson's grid: relu and sigmoid, learning rates 0.01, 1 and 2, init 0.05 and 5.0, half
+with batch norm. Divergence on random data does not matter for the timing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from bnexp.config import RunConfig
+from bnexp.data import Split
+from bnexp.engine import train_population, train_reference
+
+LESSON_AXES = (("relu", "sigmoid"), (0.01, 1.0, 2.0), (0.05, 5.0))
+
+
+@dataclass
+class BenchRow:
+    engine: str
+    device: str
+    models: int
+    steps: int
+    seconds: float
+    steps_per_s: float
+    network_steps_per_s: float
+    ratio: float | None  # population network-steps/s over the reference loop's
+    peak_memory_mib: float
+    note: str = ""
+
+
+def random_split(device: torch.device, n_train: int = 55_000, seed: int = 0) -> Split:
+    g = torch.Generator().manual_seed(seed)
+
+    def part(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.rand(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+    return Split(*part(n_train), *part(5_000), *part(10_000)).to(device)
+
+
+def population_runs(n_models: int, steps: int, eval_every: int) -> list[RunConfig]:
+    """n_models networks as n_models / 2 plain/BN pairs cycling through the lesson's grid."""
+    cells = itertools.cycle(itertools.product(*LESSON_AXES))
+    runs = []
+    for i in range(max(1, n_models // 2)):
+        activation, lr, init = next(cells)
+        # Cells repeat beyond 12 pairs: nudge lr so every run stays distinct.
+        lr = lr * (1 + i // 12 * 1e-3)
+        runs.append(RunConfig(experiment="bench", activation=activation, lr=lr,
+                              init_scale=init, steps=steps, eval_every=eval_every))
+    return runs
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def bench_reference(split: Split, device: torch.device, steps: int) -> BenchRow:
+    """One network at a time, as usual; a short run, extrapolated per network-step."""
+    run = RunConfig(experiment="bench", activation="relu", lr=0.01, steps=steps, eval_every=steps)
+    result = train_reference(run, split, device)
+    seconds = result.train_time_s
+    n_networks = len(run.batch_norm)
+    return BenchRow("reference", str(device), 1, steps, seconds, n_networks * steps / seconds,
+                    n_networks * steps / seconds, 1.0, _peak_memory_mib(device),
+                    note=f"extrapolated from {steps} steps")
+
+
+def bench_population(split: Split, device: torch.device, n_models: int, steps: int,
+                     reference: BenchRow | None, cuda_graph: bool = True) -> BenchRow:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    runs = population_runs(n_models, steps, eval_every=steps)
+    result = train_population(runs, split, device, cuda_graph=cuda_graph)[0]
+    seconds = result.train_time_s
+    rate = result.population_size * steps / seconds
+    ratio = rate / reference.network_steps_per_s if reference else None
+    return BenchRow("population", str(device), result.population_size, steps, seconds,
+                    steps / seconds, rate, ratio, _peak_memory_mib(device),
+                    note=result.execution)
+
+
+def bench_grid(runs: list[RunConfig], split: Split, device: torch.device) -> dict:
+    """Training wall time of a whole grid through the population engine, as `sweep` runs it."""
+    from bnexp.engine import group_runs
+
+    start = time.perf_counter()
+    trained = [train_population(group, split, device) for group in group_runs(runs)]
+    wall = time.perf_counter() - start
+    return {
+        "runs": len(runs),
+        "networks": sum(len(r.batch_norm) for r in runs),
+        "steps": max(r.steps for r in runs),
+        "eval_every": runs[0].eval_every,
+        "wall_time_s": wall,
+        "train_time_s": sum(group[0].train_time_s for group in trained),
+    }
+
+
+def environment(device: torch.device) -> dict:
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "tf32": torch.backends.cuda.matmul.allow_tf32,
+    }
+
+
+def as_record(rows: list[BenchRow], device: torch.device, grid: dict | None) -> dict:
+    return {"rows": [asdict(r) for r in rows], "grid": grid, "environment": environment(device),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def default_out(root: Path) -> Path:
+    return root / "bench" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"

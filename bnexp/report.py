@@ -1,0 +1,208 @@
+"""Per-cell statistics over seeds and the experiment report (Markdown and self-contained HTML).
+
+Everything here reads the files of finished runs; nothing is retrained.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from bnexp import plots, stats
+from bnexp.results import atomic_write, read_metrics, run_folders
+
+CELL_IGNORES = ("seed",)  # runs differing only in these form one comparison (grid cell)
+
+
+@dataclass
+class Cell:
+    """One comparison of the grid: every seed of one configuration."""
+
+    key: tuple
+    config: dict
+    folders: list[Path] = field(default_factory=list)
+    variants: list[str] = field(default_factory=list)
+    stats: dict[str, stats.VariantStats] = field(default_factory=dict)
+    paired: stats.PairedStats | None = None
+
+    @property
+    def label(self) -> str:
+        c = self.config
+        label = f"{c['activation']} lr={c['lr']:g} init={c['init_scale']:g}"
+        return label + (f" {c['steps']:,} steps" if c.get("_steps_vary") else "")
+
+    @property
+    def slug(self) -> str:
+        c = self.config
+        return f"{c['activation']}-lr{c['lr']:g}-init{c['init_scale']:g}-steps{c['steps']}"
+
+
+def _load_run(folder: Path) -> tuple[dict, dict, dict]:
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    summary = json.loads((folder / "summary.json").read_text())
+    return config, summary, read_metrics(folder)
+
+
+def collect_cells(experiment_dir: Path, failure_threshold: float = stats.FAILURE_THRESHOLD,
+                  ) -> list[Cell]:
+    """Group an experiment's finished runs into cells and compute their statistics."""
+    cells: dict[tuple, Cell] = {}
+    loaded = {}
+    for folder in run_folders(experiment_dir):
+        config, summary, curves = _load_run(folder)
+        key_items = {k: v for k, v in config.items() if k not in CELL_IGNORES}
+        key_items["engine_device"] = (summary["engine"], summary["device"])
+        key = tuple(sorted((k, json.dumps(v)) for k, v in key_items.items()))
+        cell = cells.setdefault(key, Cell(key, config))
+        cell.folders.append(folder)
+        loaded[folder] = (summary, curves)
+    steps_vary = len({c.config["steps"] for c in cells.values()}) > 1
+    for cell in cells.values():
+        cell.config = {**cell.config, "_steps_vary": steps_vary}
+        _fill_stats(cell, loaded, failure_threshold)
+    return sorted(cells.values(), key=lambda c: (c.config["activation"], c.config["lr"],
+                                                 c.config["init_scale"], c.config["steps"]))
+
+
+def _fill_stats(cell: Cell, loaded: dict, failure_threshold: float) -> None:
+    per_variant: dict[str, dict[str, list]] = {}
+    for folder in sorted(cell.folders):
+        summary, curves = loaded[folder]
+        for name, model in summary["models"].items():
+            acc = per_variant.setdefault(name, {"val": [], "test": [], "reach": {}})
+            acc["val"].append(model["final_val_acc"])
+            acc["test"].append(model["final_test_acc"])
+            for t in stats.THRESHOLDS:
+                curve = curves[name]
+                acc["reach"].setdefault(t, []).append(
+                    stats.steps_to_reach(curve["step"], curve["val_acc"], t))
+    cell.variants = list(per_variant)
+    cell.stats = {name: stats.variant_stats(v["val"], v["test"], v["reach"], failure_threshold)
+                  for name, v in per_variant.items()}
+    if "plain" in per_variant and "bn" in per_variant:
+        p, b = per_variant["plain"], per_variant["bn"]
+        cell.paired = stats.paired_stats(p["val"], b["val"], p["test"], b["test"])
+
+
+def draw_figures(experiment_dir: Path, cells: list[Cell] | None = None) -> list[Path]:
+    """Seed-band curves per cell and the grid overview, under <experiment>/plots/."""
+    cells = cells if cells is not None else collect_cells(experiment_dir)
+    if not cells:
+        return []
+    out = experiment_dir / "plots"
+    paths = []
+    for cell in cells:
+        curves: dict[str, list] = {}
+        for folder in sorted(cell.folders):
+            for name, curve in read_metrics(folder).items():
+                curves.setdefault(name, []).append((curve["step"], curve["val_acc"]))
+        title = f"{cell.label} ({len(cell.folders)} seed{'s' * (len(cell.folders) > 1)})"
+        paths.append(plots.plot_seed_bands(curves, title, out / f"curves-{cell.slug}.png"))
+    variants = sorted({v for c in cells for v in c.variants}, key=("plain", "bn").index)
+    values = [[c.stats[v].median_test if v in c.stats else math.nan for v in variants]
+              for c in cells]
+    paths.append(plots.plot_overview([c.label for c in cells], variants, values,
+                                     out / "overview.png"))
+    return paths
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def _steps(v: stats.VariantStats, threshold: float) -> str:
+    med = v.median_steps_to[threshold]
+    never = v.never_reached[threshold]
+    text = "never" if med is None else f"{med:,.0f}"
+    return text + (f" ({never}/{v.n} never)" if never and med is not None else "")
+
+
+TABLE_HEADER = ["cell", "seeds", "plain median test % [IQR]", "BN median test % [IQR]",
+                "BN − plain (pts) [95% CI]", "plain fail", "BN fail", "plain steps→90%",
+                "BN steps→90%"]
+
+
+def _variant_cells(v: stats.VariantStats | None) -> tuple[str, str, str]:
+    """(median test % [IQR], failure rate, steps to 90%) of one variant, '-' where absent."""
+    if v is None:
+        return "-", "-", "-"
+    spread = f"{_pct(v.median_test)} [{_pct(v.iqr_test[0])}, {_pct(v.iqr_test[1])}]"
+    return spread, f"{_pct(v.failure_rate)}%", _steps(v, 0.90)
+
+
+def table_rows(cells: list[Cell]) -> list[list[str]]:
+    rows = []
+    for c in cells:
+        plain = _variant_cells(c.stats.get("plain"))
+        bn = _variant_cells(c.stats.get("bn"))
+        diff = "-"
+        if c.paired:
+            lo, hi = c.paired.ci_test
+            diff = f"{100 * c.paired.mean_diff_test:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+        rows.append([c.label, str(len(c.folders)), plain[0], bn[0], diff, plain[1], bn[1],
+                     plain[2], bn[2]])
+    return rows
+
+
+def _environment(experiment_dir: Path) -> dict:
+    path = experiment_dir / "environment.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _shared_config(cells: list[Cell]) -> dict:
+    """Settings equal in every cell (what the grid does not vary)."""
+    configs = [{k: v for k, v in c.config.items() if not k.startswith("_")} for c in cells]
+    return {k: v for k, v in configs[0].items() if all(c.get(k) == v for c in configs)}
+
+
+def write_report(experiment_dir: Path) -> tuple[Path, Path]:
+    """report.md and a self-contained report.html (images embedded, no external resources)."""
+    cells = collect_cells(experiment_dir)
+    if not cells:
+        raise FileNotFoundError(f"{experiment_dir}: no finished runs to report on")
+    figures = draw_figures(experiment_dir, cells)
+    rows = table_rows(cells)
+    shared = yaml.safe_dump(_shared_config(cells), sort_keys=False).strip()
+    env = _environment(experiment_dir)
+    name = experiment_dir.name
+    md = [f"# {name}", "", "## Configuration", "", "```yaml", shared, "```", "",
+          "## Comparison", "",
+          "Medians over seeds; BN − plain is the mean paired difference of final test accuracy "
+          f"(percentile bootstrap, {stats.BOOTSTRAP_SAMPLES:,} resamples); a failure is a final "
+          f"validation accuracy below {stats.FAILURE_THRESHOLD:.0%}.", "",
+          "| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    md += ["", "## Figures", ""]
+    md += [f"![{p.stem}](plots/{p.name})" for p in [figures[-1], *figures[:-1]]]
+    md += ["", "## Environment", "", "```json", json.dumps(env, indent=2), "```", ""]
+    md_path = experiment_dir / "report.md"
+    atomic_write(md_path, "\n".join(md))
+    html_path = experiment_dir / "report.html"
+    atomic_write(html_path, _html(name, shared, rows, [figures[-1], *figures[:-1]], env))
+    return md_path, html_path
+
+
+def _html(name: str, shared: str, rows: list[list[str]], figures: list[Path], env: dict) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in TABLE_HEADER)
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
+    images = "".join(
+        f'<figure><img alt="{e(p.stem)}" src="data:image/png;base64,'
+        f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{e(p.stem)}</figcaption>'
+        "</figure>" for p in figures)
+    style = ("body{font-family:sans-serif;margin:2em;max-width:75em}table{border-collapse:"
+             "collapse}td,th{border:1px solid #bbb;padding:.3em .6em;text-align:right}"
+             "td:first-child{text-align:left}img{max-width:100%}pre{background:#f4f4f4;"
+             "padding:1em}")
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{e(name)} report</title><style>{style}</style></head><body>"
+            f"<h1>{e(name)}</h1><h2>Configuration</h2><pre>{e(shared)}</pre>"
+            f"<h2>Comparison</h2><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
+            f"</table><h2>Figures</h2>{images}<h2>Environment</h2>"
+            f"<pre>{e(json.dumps(env, indent=2))}</pre></body></html>\n")

@@ -1,0 +1,127 @@
+"""A corpus of bad input: each gives exit code 2, one clear line per problem naming the file
+and key, no traceback, and leaves everything already in results/ exactly as it was."""
+
+import gzip
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import write_tiny_mnist
+from typer.testing import CliRunner
+
+from bnexp.cli import app
+
+CORPUS = sorted((Path(__file__).parent / "malformed").glob("*.yaml"))
+
+
+def expected_fragment(path: Path) -> str:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# expect: ")
+    return first.removeprefix("# expect: ")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def results_dir(tmp_path: Path) -> Path:
+    """A results folder that already holds finished work."""
+    out = tmp_path / "results"
+    run = out / "earlier" / "relu-lr1-init0.05-seed0-00000000"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text('{"models": {}}')
+    (run / "config.yaml").write_text("name: earlier\n")
+    (out / "README.md").write_text("keep me\n")
+    return out
+
+
+def assert_clean_failure(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines and all(line.startswith("error: ") for line in lines), result.stderr
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+
+
+def test_the_corpus_is_large_enough():
+    assert len(CORPUS) >= 30
+
+
+@pytest.mark.parametrize("path", CORPUS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("command", ["run", "sweep", "validate"])
+def test_malformed_file(path, command, results_dir, tiny_mnist, monkeypatch):
+    monkeypatch.setenv("BNEXP_DATA_DIR", str(tiny_mnist))
+    before = snapshot(results_dir)
+    args = [command, str(path)] + ([] if command == "validate" else ["--out", str(results_dir)])
+    result = CliRunner().invoke(app, args)
+    assert_clean_failure(result, str(path), expected_fragment(path))
+    assert snapshot(results_dir) == before
+
+
+GOOD = "name: ok\nsteps: 20\neval_every: 10\ndevice: cpu\n"
+
+
+def corrupt_data(root: Path) -> Path:
+    write_tiny_mnist(root)
+    images = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])  # truncated
+    return root
+
+
+def flat_bad_gzip(root: Path) -> Path:
+    src = write_tiny_mnist(root / "src") / "MNIST" / "raw"
+    flat = root / "flat"
+    flat.mkdir()
+    for f in src.iterdir():
+        with open(f, "rb") as fin, gzip.open(flat / f"{f.name}.gz", "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+    (flat / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b broken")
+    return flat
+
+
+@pytest.mark.parametrize("case", ["missing data", "corrupt data", "broken gzip",
+                                  "unwritable results", "missing file", "folder as file",
+                                  "bad --set", "bad --set value", "cuda without gpu"])
+def test_other_bad_input(case, results_dir, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    experiment = tmp_path / "ok.yaml"
+    experiment.write_text(GOOD)
+    data = {"missing data": lambda: tmp_path / "no-data-here",
+            "corrupt data": lambda: corrupt_data(tmp_path / "corrupt"),
+            "broken gzip": lambda: flat_bad_gzip(tmp_path / "gz")}.get(
+        case, lambda: write_tiny_mnist(tmp_path / "fine"))()
+    out = results_dir
+    args = ["run", str(experiment), "--data-dir", str(data)]
+    needles = []
+    if case in ("missing data", "corrupt data", "broken gzip"):
+        needles = ["mnist" if case != "broken gzip" else "train-labels", str(data)]
+    elif case == "unwritable results":
+        blocker = tmp_path / "a-file"
+        blocker.write_text("")
+        out = blocker / "results"
+        needles = [str(out), "not writable"]
+    elif case == "missing file":
+        args[1] = str(tmp_path / "nope.yaml")
+        needles = ["nope.yaml", "file not found"]
+    elif case == "folder as file":
+        args[1] = str(tmp_path)
+        needles = [str(tmp_path), "cannot read"]
+    elif case == "bad --set":
+        args += ["--set", "lr"]
+        needles = ["--set lr", "KEY=VALUE"]
+    elif case == "bad --set value":
+        args += ["--set", "batch_size=-1"]
+        needles = [str(experiment), "batch_size:"]
+    elif case == "cuda without gpu":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        args += ["--device", "cuda"]
+        needles = ["device:", "no CUDA GPU"]
+    before = snapshot(results_dir)
+    result = CliRunner().invoke(app, args + ["--out", str(out)])
+    assert_clean_failure(result, *needles)
+    assert snapshot(results_dir) == before

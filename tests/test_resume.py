@@ -1,0 +1,157 @@
+"""Checkpoints, kill -9 and resume, locks, retries and mismatches, through real sweeps."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from bnexp.cli import app
+
+GRID = ("name: g\nlr: 0.1\nsteps: 3000\neval_every: 100\ncheckpoint_every: 500\n"
+        "device: cpu\ngrid:\n  seed: [0, 1]\n")
+
+
+@pytest.fixture
+def grid(tiny_mnist, monkeypatch, tmp_path) -> Path:
+    monkeypatch.setenv("BNEXP_DATA_DIR", str(tiny_mnist))
+    path = tmp_path / "g.yaml"
+    path.write_text(GRID)
+    return path
+
+
+def sweep_in_process(path: Path, out: Path, *args: str):
+    return CliRunner().invoke(app, ["sweep", str(path), "--out", str(out), *args])
+
+
+def start_sweep(path: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bnexp", "sweep", str(path), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> bool:
+    """Poll until condition() holds; False if the process ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if proc.poll() is not None:
+            return condition()
+        time.sleep(0.02)
+    raise TimeoutError("sweep made no progress")
+
+
+def checkpoint_steps(out: Path) -> list[int]:
+    steps = []
+    for path in out.rglob("checkpoint.pt"):
+        try:
+            steps.append(torch.load(path, weights_only=True)["step"])
+        except Exception:  # being replaced right now; atomic rename means never half-written
+            pass
+    return steps
+
+
+def results_of(out: Path) -> dict[str, tuple[str, dict]]:
+    found = {}
+    for summary in out.rglob("summary.json"):
+        models = json.loads(summary.read_text())["models"]
+        found[summary.parent.name] = ((summary.parent / "metrics.csv").read_text(), models)
+    return found
+
+
+def kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_killed_sweep_resumes_bit_identically(grid, tmp_path):
+    uninterrupted = tmp_path / "a"
+    assert sweep_in_process(grid, uninterrupted).exit_code == 0
+    expected = results_of(uninterrupted)
+    assert len(expected) == 2
+
+    out = tmp_path / "b"
+    kill_points = [
+        lambda: bool(checkpoint_steps(out)),                          # first checkpoint
+        lambda: max(checkpoint_steps(out), default=0) >= 1500,         # mid-run, later
+        lambda: bool(list(out.rglob("summary.json"))),                  # one run finished
+    ]
+    kills = 0
+    for point in kill_points:
+        proc = start_sweep(grid, out)
+        if wait_for(point, proc):
+            kill(proc)
+            kills += 1
+        else:
+            proc.wait()
+    assert kills >= 2, "the sweep finished before it could be interrupted"
+    proc = start_sweep(grid, out)
+    assert proc.wait(timeout=300) == 0
+    assert results_of(out) == expected, "resumed metrics differ from an uninterrupted sweep"
+    assert not list(out.rglob("*.tmp")), "no half-written files"
+    for path in out.rglob("checkpoint.pt"):
+        checkpoint = torch.load(path, weights_only=True)
+        assert checkpoint["step"] == 3000 and set(checkpoint["models"]) == {"plain", "bn"}
+
+
+def test_two_sweeps_share_a_results_folder(grid, tmp_path):
+    out = tmp_path / "shared"
+    first = start_sweep(grid, out)
+    try:
+        wait_for(lambda: bool(list(out.rglob(".lock"))) and bool(checkpoint_steps(out)), first)
+        second = sweep_in_process(grid, out)
+        assert "locked" in second.stdout
+        assert second.exit_code == 0
+    finally:
+        assert first.wait(timeout=300) == 0
+    third = sweep_in_process(grid, out)
+    assert "0 done, 2 skipped, 0 failed" in third.stdout
+    assert len(results_of(out)) == 2
+
+
+def test_retry_failed_trains_only_failed_runs(grid, tmp_path, monkeypatch):
+    from bnexp import sweep
+
+    real = sweep.train_population
+
+    def flaky(runs, *args, **kwargs):
+        if runs[0].seed == 1:
+            raise RuntimeError("simulated crash")
+        return real(runs, *args, **kwargs)
+
+    out = tmp_path / "r"
+    fast = ["--set", "steps=200"]
+    monkeypatch.setattr(sweep, "train_population", flaky)
+    assert sweep_in_process(grid, out, *fast).exit_code == 1
+    failed = list(out.rglob("failed.json"))
+    assert len(failed) == 1 and "simulated crash" in failed[0].read_text()
+    monkeypatch.setattr(sweep, "train_population", real)
+    dry = sweep_in_process(grid, out, *fast, "--retry-failed", "--dry-run")
+    assert dry.stdout.count("would train") == 1
+    retry = sweep_in_process(grid, out, *fast, "--retry-failed")
+    assert "1 done, 1 skipped, 0 failed" in retry.stdout
+    assert not list(out.rglob("failed.json"))
+
+
+def test_edited_run_folder_is_reported_not_reused(grid, tmp_path):
+    out = tmp_path / "m"
+    fast = ["--set", "steps=200"]
+    assert sweep_in_process(grid, out, *fast).exit_code == 0
+    config_path = next(out.rglob("config.yaml"))
+    config = yaml.safe_load(config_path.read_text())
+    config["lr"] = 0.5
+    config_path.write_text(yaml.safe_dump(config))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    result = sweep_in_process(grid, out, *fast)
+    assert "mismatch" in result.stdout and "1 skipped" in result.stdout
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name not in
+             ("summary.csv", "summary.md", "environment.json")}
+    assert all(before[p] == data for p, data in after.items())
