@@ -157,6 +157,9 @@ def run(
             err_console.print(f"{outcome.status} {outcome.planned.run_id}: {outcome.error}")
     if any(o.result for o in outcomes):
         out_console.print(_accuracy_table(outcomes))
+    for outcome in outcomes:
+        for line in _analysis_lines(outcome.analyses or {}):
+            out_console.print(line, markup=False, highlight=False, soft_wrap=True)
     out_console.print(f"results in {out / runs[0].experiment}")
     if _report_failures(outcomes):
         raise typer.Exit(1)
@@ -169,6 +172,23 @@ def _report_failures(outcomes: list[sweep.Outcome]) -> int:
         err_console.print(f"failed {o.planned.run.experiment}/{o.planned.run_id}: {o.error}",
                           markup=False, highlight=False, soft_wrap=True)
     return len(failed)
+
+
+def _analysis_lines(analyses: dict[str, dict]) -> list[str]:
+    modes = analyses.get("inference_modes")
+    if not modes:
+        return []
+    lines = [f"BN model, {modes['examples']} test images predicted one at a time:"]
+    for key, label in (("batch_statistics", "batch statistics (training mode)"),
+                       ("population_statistics", "population statistics (inference mode)")):
+        part = modes[key]
+        lines.append(f"  {label}: accuracy {part['accuracy']:.1%}")
+        lines.append("    predictions: " + " ".join(map(str, part["predictions"])))
+    full = modes["full_test_set"]
+    lines.append(f"  full test set as one batch: batch statistics "
+                 f"{full['batch_statistics_accuracy']:.1%}, population statistics "
+                 f"{full['population_statistics_accuracy']:.1%}")
+    return lines
 
 
 def _plan(runs: list[cfg.RunConfig], out: Path) -> list[sweep.Planned]:
@@ -278,6 +298,29 @@ def report_command(
         table.add_row(*row)
     out_console.print(table)
     out_console.print(f"written {md} and {page}")
+
+
+@app.command("bn-check")
+def bn_check(
+    batch: Annotated[int, typer.Option("--batch", min=2, help="Batch size.")] = 60,
+    features: Annotated[int, typer.Option("--features", min=1, help="Units.")] = 100,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps.")] = 5,
+    decay: Annotated[float, typer.Option("--decay", min=0.0, max=1.0,
+                                         help="Running-average decay.")] = 0.99,
+) -> None:
+    """Show that the hand-written batch norm matches torch.nn.BatchNorm1d."""
+    from bnexp.analyses import compare_batch_norms
+
+    worst = compare_batch_norms(batch, features, steps, decay)
+    table = Table(title=f"ManualBatchNorm vs nn.BatchNorm1d ({steps} training steps)")
+    table.add_column("quantity")
+    table.add_column("largest |difference|", justify="right")
+    for key, value in worst.items():
+        table.add_row(key.replace("_", " "), f"{value:.2e}")
+    out_console.print(table)
+    if max(worst.values()) > 1e-4:
+        err_console.print(f"bn-check: differences up to {max(worst.values()):.2e} exceed 1e-4")
+        raise typer.Exit(1)
 
 
 def _model_counts(text: str) -> list[int]:

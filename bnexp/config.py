@@ -22,11 +22,12 @@ from pydantic import (
     field_validator,
 )
 
-ACTIVATIONS = ("relu", "sigmoid")
+ACTIVATIONS = ("relu", "sigmoid", "tanh", "elu", "leaky_relu")
 DATASETS = ("mnist", "fashion-mnist")
 ENGINES = ("population", "reference")
 DEVICES = ("auto", "cpu", "cuda")
-GRID_AXES = ("lr", "activation", "init_scale", "batch_norm", "seed", "steps")
+GRID_AXES = ("lr", "activation", "init_scale", "init", "batch_norm", "seed", "steps",
+             "batch_size", "bn_decay", "bn_scale", "bn_position", "bn_impl", "dropout", "clip")
 # A grid larger than this is almost always a typo (e.g. a range pasted as a list): it needs --yes.
 LARGE_GRID_RUNS = 1_000
 NON_RESULT_FIELDS = ("checkpoint_every",)
@@ -34,7 +35,12 @@ NON_RESULT_FIELDS = ("checkpoint_every",)
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 PositiveInt = Annotated[int, Field(gt=0)]
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
-Activation = Literal["relu", "sigmoid"]
+Activation = Literal["relu", "sigmoid", "tanh", "elu", "leaky_relu"]
+InitScheme = Literal["normal", "xavier_uniform", "xavier_normal", "he_uniform", "he_normal"]
+Decay = Annotated[float, Field(gt=0, lt=1)]
+DropoutRate = Annotated[float, Field(ge=0, lt=1)]
+ClipMode = Literal["none", "value", "norm"]
+BnPosition = Literal["before", "after"]
 
 
 class ConfigError(Exception):
@@ -56,13 +62,27 @@ class Settings(_Strict):
     layers: tuple[PositiveInt, ...] = (784, 100, 100, 100, 10)
     activation: Activation = "relu"
     lr: PositiveFloat = 0.01
-    init_scale: PositiveFloat = 0.05  # std of the N(0, init_scale^2) initial weights
+    init: InitScheme = "normal"
+    init_scale: PositiveFloat = 0.05  # std of the N(0, init_scale^2) initial weights (normal)
     steps: PositiveInt = 50_000
     batch_size: PositiveInt = 60
     eval_every: PositiveInt = 500
     seed: Seed = 0
     # The variants trained side by side from identical weights and batches.
     batch_norm: tuple[bool, ...] = Field((False, True), validate_default=True)
+    bn_decay: Decay = 0.99  # running averages: population = decay * population + (1-decay) * batch
+    bn_scale: bool = True  # learn gamma; false keeps it at 1
+    bn_position: BnPosition = "before"  # batch norm before or after the activation
+    bn_impl: Literal["torch", "manual"] = "torch"  # reference engine: nn.BatchNorm1d or by hand
+    dropout: DropoutRate = 0.0  # after each hidden layer's activation (and BN)
+    clip: ClipMode = "none"  # gradient clipping: elementwise by value, or by each model's norm
+    clip_threshold: PositiveFloat = 1.0
+    # Record the 15/50/85th percentiles of one hidden unit's activation input at every
+    # evaluation (the BN paper's Figure 1): unit index in layer track_layer (-1 = last hidden).
+    track_unit: Annotated[int, Field(ge=0)] | None = None
+    track_layer: int = Field(-1, validate_default=True)
+    eval_split: Literal["validation", "test"] = "validation"  # the split of the curves
+    analyses: tuple[Literal["inference_modes"], ...] = ()  # run on the final models
     engine: Literal["population", "reference"] = "population"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Save a resumable checkpoint at the first evaluation after every this many steps.
@@ -73,6 +93,19 @@ class Settings(_Strict):
     def _layers_shape(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if len(v) < 2:
             raise ValueError("needs at least an input and an output size, e.g. [784, 100, 10]")
+        return v
+
+    @field_validator("track_layer")
+    @classmethod
+    def _tracked_unit_exists(cls, v: int, info: ValidationInfo) -> int:
+        layers, unit = info.data.get("layers"), info.data.get("track_unit")
+        if layers is None or unit is None:
+            return v
+        hidden = layers[1:-1]
+        if not -len(hidden) <= v < len(hidden):
+            raise ValueError(f"no hidden layer {v}: the network has {len(hidden)}")
+        if unit >= hidden[v]:
+            raise ValueError(f"track_unit {unit} is not below the layer's width {hidden[v]}")
         return v
 
     @field_validator("batch_norm", mode="before")
@@ -109,16 +142,25 @@ class RunConfig(Settings):
         payload = self.result_fields()
         payload["device"] = device
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
-        return f"{self.activation}-lr{self.lr:g}-init{self.init_scale:g}-seed{self.seed}-{digest}"
+        init = f"init{self.init_scale:g}" if self.init == "normal" else self.init
+        return f"{self.activation}-lr{self.lr:g}-{init}-seed{self.seed}-{digest}"
 
 
 class GridAxes(_Strict):
     lr: list[PositiveFloat] | None = None
     activation: list[Activation] | None = None
     init_scale: list[PositiveFloat] | None = None
+    init: list[InitScheme] | None = None
     batch_norm: list[bool] | None = None
     seed: list[Seed] | None = None
     steps: list[PositiveInt] | None = None
+    batch_size: list[PositiveInt] | None = None
+    bn_decay: list[Decay] | None = None
+    bn_scale: list[bool] | None = None
+    bn_position: list[BnPosition] | None = None
+    bn_impl: list[Literal["torch", "manual"]] | None = None
+    dropout: list[DropoutRate] | None = None
+    clip: list[ClipMode] | None = None
 
     @field_validator("*")
     @classmethod

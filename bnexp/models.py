@@ -1,58 +1,152 @@
-"""The lesson's MLP as an ordinary nn.Module, and the initial weights shared by paired models."""
+"""The lesson's MLP as an ordinary nn.Module, a batch norm written out by hand, activations,
+and the initial weights shared by paired models."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 BN_EPS = 1e-3  # the lesson's (TensorFlow's) epsilon
-BN_MOMENTUM = 0.01  # TF's running-average decay 0.99 is PyTorch's momentum 1 - 0.99
+BN_DECAY = 0.99  # TF's running-average decay; PyTorch's momentum is 1 - decay
+LEAKY_SLOPE = 0.01
 
-ACTIVATION_FNS = {"relu": F.relu, "sigmoid": torch.sigmoid}
+ACTIVATION_FNS = {
+    "relu": F.relu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "elu": F.elu,  # alpha = 1
+    "leaky_relu": functools.partial(F.leaky_relu, negative_slope=LEAKY_SLOPE),
+}
+
+# d activation / d input, from the activation's *output* a (PyTorch's own backward kernels).
+ACTIVATION_GRADS = {
+    "relu": lambda g, a: torch.ops.aten.threshold_backward(g, a, 0.0),
+    "sigmoid": torch.ops.aten.sigmoid_backward,
+    "tanh": torch.ops.aten.tanh_backward,
+    "elu": lambda g, a: torch.ops.aten.elu_backward(g, 1.0, 1.0, 1.0, True, a),
+    "leaky_relu": lambda g, a: torch.ops.aten.leaky_relu_backward(g, a, LEAKY_SLOPE, True),
+}
+
+INIT_SCHEMES = ("normal", "xavier_uniform", "xavier_normal", "he_uniform", "he_normal")
 
 
-def initial_weights(layers: tuple[int, ...], init_scale: float, seed: int) -> list[torch.Tensor]:
-    """Weights drawn from N(0, init_scale^2) by one seeded generator, in nn.Linear layout.
+def _init_(w: torch.Tensor, scheme: str, scale: float, g: torch.Generator) -> torch.Tensor:
+    """Fill w (nn.Linear layout: fan_in = columns) by scheme; scale applies to 'normal' only."""
+    if scheme == "normal":
+        return w.normal_(0.0, 1.0, generator=g).mul_(scale)
+    if scheme == "xavier_uniform":  # U(-a, a), a = sqrt(6 / (fan_in + fan_out))
+        return nn.init.xavier_uniform_(w, generator=g)
+    if scheme == "xavier_normal":  # N(0, 2 / (fan_in + fan_out))
+        return nn.init.xavier_normal_(w, generator=g)
+    if scheme == "he_uniform":  # U(-a, a), a = sqrt(6 / fan_in)
+        return nn.init.kaiming_uniform_(w, nonlinearity="relu", generator=g)
+    if scheme == "he_normal":  # N(0, 2 / fan_in)
+        return nn.init.kaiming_normal_(w, nonlinearity="relu", generator=g)
+    raise ValueError(f"unknown initialisation {scheme!r}")
 
-    Every model built from the same (layers, seed) starts from the same standard-normal
-    draws, so the plain and BN variants of a comparison start from identical weights.
+
+def initial_weights(layers: tuple[int, ...], init_scale: float, seed: int,
+                    scheme: str = "normal") -> list[torch.Tensor]:
+    """Initial weights drawn by one seeded generator, in nn.Linear layout (out, in).
+
+    Every model built from the same (layers, scheme, seed) starts from the same draws, so the
+    variants of a comparison start from identical weights.
     """
     generator = torch.Generator().manual_seed(seed)
-    return [
-        torch.randn(n_out, n_in, generator=generator) * init_scale
-        for n_in, n_out in zip(layers[:-1], layers[1:])
-    ]
+    return [_init_(torch.empty(n_out, n_in), scheme, init_scale, generator)
+            for n_in, n_out in zip(layers[:-1], layers[1:])]
+
+
+class ManualBatchNorm(nn.Module):
+    """Batch normalisation written out (Ioffe & Szegedy, Algorithm 1 and 2).
+
+    Training: normalise with the batch's mean and (biased) variance, and move the population
+    averages toward the batch's, population = decay * population + (1 - decay) * batch (the
+    variance unbiased, as nn.BatchNorm1d keeps it). Inference: normalise with the population
+    averages. Names match nn.BatchNorm1d, so the two load each other's state.
+    """
+
+    def __init__(self, n: int, eps: float = BN_EPS, decay: float = BN_DECAY, scale: bool = True):
+        super().__init__()
+        self.eps, self.decay = eps, decay
+        self.weight = nn.Parameter(torch.ones(n), requires_grad=scale)  # gamma
+        self.bias = nn.Parameter(torch.zeros(n))  # beta
+        self.register_buffer("running_mean", torch.zeros(n))
+        self.register_buffer("running_var", torch.ones(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            mean = x.mean(dim=0)
+            var = ((x - mean) ** 2).mean(dim=0)
+            n = x.shape[0]
+            if n > 1:  # one example has no variance to learn from
+                with torch.no_grad():
+                    self.running_mean.mul_(self.decay).add_((1 - self.decay) * mean)
+                    self.running_var.mul_(self.decay).add_((1 - self.decay) * var * n / (n - 1))
+        else:
+            mean, var = self.running_mean, self.running_var
+        x_hat = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight * x_hat + self.bias
+
+
+def bn_momentum(decay: float) -> float:
+    """PyTorch's momentum for a TF-style decay, without float noise (0.99 -> 0.01 exactly)."""
+    return round(1 - decay, 12)
+
+
+def make_batch_norm(n: int, impl: str, decay: float, scale: bool) -> nn.Module:
+    if impl == "manual":
+        return ManualBatchNorm(n, BN_EPS, decay, scale)
+    norm = nn.BatchNorm1d(n, eps=BN_EPS, momentum=bn_momentum(decay))
+    norm.weight.requires_grad_(scale)
+    return norm
 
 
 class MLP(nn.Module):
-    """Linear -> [BatchNorm1d] -> activation per hidden layer; a plain linear output layer.
+    """Linear -> [batch norm] -> activation per hidden layer; a plain linear output layer.
 
-    With batch norm the hidden linears have no bias: BN's beta takes its place.
+    With batch norm the hidden linears have no bias: BN's beta takes its place. Options beyond
+    the lesson: BN after the activation instead of before, and dropout after each hidden layer.
     """
 
-    def __init__(self, weights: list[torch.Tensor], activation: str, batch_norm: bool):
+    def __init__(self, weights: list[torch.Tensor], activation: str, batch_norm: bool,
+                 bn_impl: str = "torch", bn_decay: float = BN_DECAY, bn_scale: bool = True,
+                 bn_position: str = "before", dropout: float = 0.0):
         super().__init__()
         self.activation = ACTIVATION_FNS[activation]
+        self.bn_after = bn_position == "after"
         n_hidden = len(weights) - 1
+        # The linear's bias is redundant only where BN directly follows it.
         self.linears = nn.ModuleList(
-            nn.Linear(w.shape[1], w.shape[0], bias=not (batch_norm and i < n_hidden))
+            nn.Linear(w.shape[1], w.shape[0],
+                      bias=not (batch_norm and not self.bn_after and i < n_hidden))
             for i, w in enumerate(weights)
         )
         self.norms = nn.ModuleList(
-            nn.BatchNorm1d(w.shape[0], eps=BN_EPS, momentum=BN_MOMENTUM)
-            for w in weights[:-1]
+            make_batch_norm(w.shape[0], bn_impl, bn_decay, bn_scale) for w in weights[:-1]
         ) if batch_norm else None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         with torch.no_grad():
             for linear, w in zip(self.linears, weights):
                 linear.weight.copy_(w)
                 if linear.bias is not None:
                     linear.bias.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, probe: tuple[int, int] | None = None,
+                probed: list | None = None) -> torch.Tensor:
+        """Logits; with probe=(layer, unit), probed receives that unit's activation input."""
         for i, linear in enumerate(self.linears[:-1]):
             z = linear(x)
-            if self.norms is not None:
+            if self.norms is not None and not self.bn_after:
                 z = self.norms[i](z)
+            if probe is not None and probe[0] == i:
+                probed.append(z[:, probe[1]].detach())
             x = self.activation(z)
+            if self.norms is not None and self.bn_after:
+                x = self.norms[i](x)
+            if self.dropout is not None:
+                x = self.dropout(x)
         return self.linears[-1](x)

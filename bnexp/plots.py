@@ -17,19 +17,35 @@ LABELS = {"plain": "Without Batch Norm", "bn": "With Batch Norm"}
 
 
 def plot_run(folder: Path) -> Path:
-    """Validation accuracy vs training steps for every model of a run, as in the lesson."""
+    """Accuracy vs training steps for every model of a run, as in the lesson; where a unit was
+    tracked, its input's 15/50/85th percentiles beside it (the BN paper's Figure 1)."""
     curves = read_metrics(folder)
     config = yaml.safe_load((folder / "config.yaml").read_text())
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    tracked = all("p50" in c for c in curves.values())
+    fig, axes = plt.subplots(1, 1 + len(curves) * tracked, squeeze=False,
+                             figsize=(8 + 4 * len(curves) * tracked, 4.5))
+    ax = axes[0][0]
     for name, curve in curves.items():
         ax.plot(curve["step"], curve["val_acc"], label=LABELS.get(name, name))
+    split = "Test" if config.get("eval_split") == "test" else "Validation"
     ax.set_ylim(0, 1)
     ax.set_xlabel("Training steps")
-    ax.set_ylabel("Validation accuracy")
+    ax.set_ylabel(f"{split} accuracy")
+    init = (f"N(0, {config['init_scale']:g}²)" if config.get("init", "normal") == "normal"
+            else config["init"])
     ax.set_title(f"{config['activation']}, learning rate {config['lr']:g}, "
-                 f"weights N(0, {config['init_scale']:g}²), seed {config['seed']}")
+                 f"weights {init}, seed {config['seed']}")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
+    if tracked:
+        for panel, (name, curve) in zip(axes[0][1:], curves.items()):
+            panel.plot(curve["step"], curve["p50"], color="black", label="50th")
+            panel.fill_between(curve["step"], curve["p15"], curve["p85"], alpha=0.3,
+                               label="15th to 85th")
+            panel.set_xlabel("Training steps")
+            panel.set_title(f"{LABELS.get(name, name)}: unit {config['track_unit']} input")
+            panel.grid(alpha=0.3)
+            panel.legend(loc="best")
     fig.tight_layout()
     return _save(fig, folder / "curves.png")
 

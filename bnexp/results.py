@@ -80,12 +80,21 @@ def _number(x: float) -> float | None:
 
 
 def metrics_csv(result: RunResult) -> str:
+    """One row per evaluation and model; p15/p50/p85 where a unit is tracked.
+
+    val_acc is the accuracy on the run's eval_split (validation unless set to test).
+    """
+    tracked = any(m.unit_percentiles for m in result.models)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["step", "model", "val_acc", "train_loss"])
+    writer.writerow(["step", "model", "val_acc", "train_loss"]
+                    + (["p15", "p50", "p85"] if tracked else []))
     for model in result.models:
-        for step, acc, loss in zip(model.steps, model.val_acc, model.train_loss):
-            writer.writerow([step, model.name, repr(acc), "" if math.isnan(loss) else repr(loss)])
+        for i, (step, acc, loss) in enumerate(zip(model.steps, model.val_acc, model.train_loss)):
+            row = [step, model.name, repr(acc), "" if math.isnan(loss) else repr(loss)]
+            if tracked:
+                row += [repr(v) for v in model.unit_percentiles[i]]
+            writer.writerow(row)
     return out.getvalue()
 
 
@@ -122,11 +131,13 @@ def write_config(folder: Path, run: RunConfig) -> None:
                                                         sort_keys=False))
 
 
-def write_run(root: Path, result: RunResult) -> Path:
+def write_run(root: Path, result: RunResult, analyses: dict[str, dict] | None = None) -> Path:
     """Write one run's folder; summary.json goes last, so its presence means complete."""
     folder = run_folder(root, result.config, result.device)
     write_config(folder, result.config)
     atomic_write(folder / "metrics.csv", metrics_csv(result))
+    for name, data in (analyses or {}).items():
+        atomic_write(folder / f"{name}.json", json.dumps(data, indent=2))
     atomic_write(folder / "summary.json",
                  json.dumps(summary_record(result, folder.name), indent=2))
     (folder / "failed.json").unlink(missing_ok=True)
@@ -200,14 +211,20 @@ def _result_fields(config: dict) -> dict:
 
 
 def read_metrics(folder: Path) -> dict[str, dict[str, list[float]]]:
-    """metrics.csv -> {model: {"step": [...], "val_acc": [...], "train_loss": [...]}}."""
+    """metrics.csv -> {model: {"step": [...], "val_acc": [...], "train_loss": [...]}}, plus
+    "p15", "p50", "p85" where a unit was tracked."""
     curves: dict[str, dict[str, list[float]]] = {}
     with open(folder / "metrics.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            curve = curves.setdefault(row["model"], {"step": [], "val_acc": [], "train_loss": []})
+        reader = csv.DictReader(f)
+        extra = [c for c in ("p15", "p50", "p85") if c in (reader.fieldnames or [])]
+        for row in reader:
+            curve = curves.setdefault(row["model"], {k: [] for k in
+                                                     ["step", "val_acc", "train_loss", *extra]})
             curve["step"].append(int(row["step"]))
             curve["val_acc"].append(float(row["val_acc"]))
             curve["train_loss"].append(float(row["train_loss"]) if row["train_loss"] else math.nan)
+            for column in extra:
+                curve[column].append(float(row[column]))
     return curves
 
 

@@ -14,9 +14,16 @@ from pathlib import Path
 import torch
 
 from bnexp import plots, results
+from bnexp.analyses import run_analyses
 from bnexp.config import RunConfig
 from bnexp.data import Split, load_split
-from bnexp.engine import RunResult, resolve_device, train_population, train_reference
+from bnexp.engine import (
+    RunResult,
+    effective_engine,
+    resolve_device,
+    train_population,
+    train_reference,
+)
 from bnexp.engine.common import Progress, population_key
 
 
@@ -39,6 +46,7 @@ class Outcome:
     folder: Path | None = None
     result: RunResult | None = None
     error: str | None = None
+    analyses: dict | None = None
 
 
 def plan(runs: list[RunConfig], out: Path) -> list[Planned]:
@@ -70,7 +78,7 @@ def _batches(todo: list[tuple[Planned, dict | None]]) -> list[list[tuple[Planned
     """Runs trained in one call: a population resuming from one step, or one reference run."""
     groups: dict[tuple, list] = {}
     for i, (p, checkpoint) in enumerate(todo):
-        if p.run.engine == "reference":
+        if effective_engine(p.run) == "reference":
             key = ("reference", i)
         else:
             step = checkpoint["step"] if checkpoint else 0
@@ -82,8 +90,9 @@ def _batches(todo: list[tuple[Planned, dict | None]]) -> list[list[tuple[Planned
 def _train(batch, split: Split, out: Path, progress: Progress | None) -> list[RunResult]:
     planned = [p for p, _ in batch]
     device = planned[0].device
-    if planned[0].run.engine == "reference":
-        return [train_reference(planned[0].run, split, device, progress)]
+    keep = any(p.run.analyses for p in planned)  # analyses need the final weights
+    if effective_engine(planned[0].run) == "reference":
+        return [train_reference(planned[0].run, split, device, progress, keep_states=keep)]
     folders = [results.run_folder(out, p.run, str(device)) for p in planned]
     checkpoints = [c for _, c in batch]
     if progress and checkpoints[0]:  # resumed steps count as done
@@ -92,7 +101,7 @@ def _train(batch, split: Split, out: Path, progress: Progress | None) -> list[Ru
     def save(r: int, data: dict) -> None:
         results.write_checkpoint(folders[r], data)
 
-    return train_population([p.run for p in planned], split, device, progress,
+    return train_population([p.run for p in planned], split, device, progress, keep_states=keep,
                             resume=checkpoints if checkpoints[0] else None, on_checkpoint=save)
 
 
@@ -144,7 +153,7 @@ def execute(planned: list[Planned], out: Path, data_dir: Path, *, force: bool = 
 
 def _usable_checkpoint(folder: Path, p: Planned) -> dict | None:
     """A checkpoint to resume from: population engine only, and not past the run's end."""
-    if p.run.engine != "population":
+    if effective_engine(p.run) != "population":
         return None
     try:
         checkpoint = results.read_checkpoint(folder)
@@ -173,7 +182,8 @@ def _execute_batches(ready, out: Path, splits: dict[tuple[str, str], Split], fai
                 return
             continue
         for (p, _), result in zip(batch, trained):
-            folder = results.write_run(out, result)
+            found = run_analyses(result, splits[key])
+            folder = results.write_run(out, result, found)
             plots.plot_run(folder)
-            outcomes.append(Outcome(p, "done", folder, result))
+            outcomes.append(Outcome(p, "done", folder, result, analyses=found))
             report(outcomes[-1])

@@ -7,12 +7,21 @@ from bnexp.engine.common import (
     resolve_device,
     variant_name,
 )
-from bnexp.engine.population import train_population
+from bnexp.engine.population import population_can_train, train_population
 from bnexp.engine.reference import train_reference
+
+
+def effective_engine(run) -> str:
+    """The engine a run trains on: the population engine where it can express the run."""
+    if run.engine == "population" and population_can_train(run):
+        return "population"
+    return "reference"
+
 
 __all__ = [
     "ModelResult",
     "RunResult",
+    "effective_engine",
     "group_runs",
     "resolve_device",
     "train_population",

@@ -17,6 +17,11 @@ def variant_name(batch_norm: bool) -> str:
     return "bn" if batch_norm else "plain"
 
 
+def run_variant(run: RunConfig, batch_norm: bool) -> int:
+    """Index of a variant among the run's models."""
+    return run.batch_norm.index(batch_norm)
+
+
 @dataclass
 class ModelResult:
     """One network's record: a row per evaluation plus final accuracies."""
@@ -25,16 +30,21 @@ class ModelResult:
     steps: list[int] = field(default_factory=list)
     val_acc: list[float] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)  # mean over the steps since the last row
+    # 15/50/85th percentiles of the tracked unit's activation input, per row (when tracked)
+    unit_percentiles: list[list[float]] = field(default_factory=list)
     final_val_acc: float = math.nan
     final_test_acc: float = math.nan
     diverged_step: int | None = None
     state: dict[str, torch.Tensor] | None = None  # final weights, only when asked for
     train_time_s: float | None = None  # reference engine: this model's training steps alone
 
-    def record(self, step: int, val_acc: float, train_loss: float) -> None:
+    def record(self, step: int, val_acc: float, train_loss: float,
+               unit_percentiles: list[float] | None = None) -> None:
         self.steps.append(step)
         self.val_acc.append(val_acc)
         self.train_loss.append(train_loss)
+        if unit_percentiles is not None:
+            self.unit_percentiles.append(list(unit_percentiles))
 
 
 @dataclass
@@ -59,7 +69,8 @@ def eval_blocks(steps: int, eval_every: int) -> list[int]:
 
 def population_key(run: RunConfig) -> tuple:
     """Runs with equal keys can train together on one mini-batch stream."""
-    return (run.dataset, run.layers, run.batch_size, run.steps, run.eval_every, run.seed)
+    return (run.dataset, run.layers, run.batch_size, run.steps, run.eval_every, run.seed,
+            run.eval_split, run.track_unit, run.track_layer, run.checkpoint_every)
 
 
 def group_runs(runs: list[RunConfig]) -> list[list[RunConfig]]:

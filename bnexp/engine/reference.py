@@ -1,6 +1,8 @@
 """The reference engine: one ordinary nn.Module and torch.optim.SGD per model, in turn.
 
-It is deliberately plain; tests hold the population engine to its numbers.
+It is deliberately plain; tests hold the population engine to its numbers. It also trains
+what the population engine does not express (BN after the activation, dropout, the
+hand-written BN layer).
 """
 
 from __future__ import annotations
@@ -14,28 +16,52 @@ from torch.nn import functional as F
 from bnexp.config import RunConfig
 from bnexp.data import BatchStream, Split
 from bnexp.engine.common import ModelResult, Progress, RunResult, eval_blocks, variant_name
+from bnexp.engine.stack import PERCENTILES
 from bnexp.models import MLP, initial_weights
 
 
+def build_model(run: RunConfig, batch_norm: bool) -> MLP:
+    """The run's network for one variant, from the comparison's shared initial weights."""
+    weights = initial_weights(run.layers, run.init_scale, run.seed, run.init)
+    return MLP(weights, run.activation, batch_norm, run.bn_impl, run.bn_decay, run.bn_scale,
+               run.bn_position, run.dropout)
+
+
 @torch.no_grad()
-def accuracy(model: MLP, x: torch.Tensor, y: torch.Tensor) -> float:
+def evaluate(model: MLP, x: torch.Tensor, y: torch.Tensor,
+             probe: tuple[int, int] | None = None) -> tuple[float, list[float] | None]:
+    """Inference-mode accuracy, and the tracked unit's input percentiles where probed."""
     model.eval()
-    correct = (model(x).argmax(dim=1) == y).sum().item()
+    probed: list[torch.Tensor] = []
+    correct = (model(x, probe, probed).argmax(dim=1) == y).sum().item()
     model.train()
-    return correct / x.shape[0]
+    if not probed:
+        return correct / x.shape[0], None
+    q = torch.tensor(PERCENTILES, device=x.device)
+    return correct / x.shape[0], torch.quantile(probed[0], q).tolist()
+
+
+def _clip(model: MLP, run: RunConfig) -> None:
+    if run.clip == "value":
+        torch.nn.utils.clip_grad_value_(model.parameters(), run.clip_threshold)
+    elif run.clip == "norm":
+        torch.nn.utils.clip_grad_norm_(model.parameters(), run.clip_threshold)
 
 
 def train_model(run: RunConfig, batch_norm: bool, split: Split, device: torch.device,
                 progress: Progress | None = None, keep_state: bool = False) -> ModelResult:
     """Train one network of a comparison from the shared initial weights and batch stream."""
-    weights = initial_weights(run.layers, run.init_scale, run.seed)
-    model = MLP(weights, run.activation, batch_norm).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=run.lr)
+    model = build_model(run, batch_norm).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=run.lr)
     stream = BatchStream(split.train_x.shape[0], run.batch_size, run.seed, device)
+    on_test = run.eval_split == "test"
+    eval_x, eval_y = (split.test_x, split.test_y) if on_test else (split.val_x, split.val_y)
+    probe = None if run.track_unit is None else (
+        run.track_layer % (len(run.layers) - 2), run.track_unit)
     result = ModelResult(variant_name(batch_norm))
-    result.record(0, accuracy(model, split.val_x, split.val_y), math.nan)
-    done = 0
-    train_time = 0.0
+    result.record(0, *_eval_row(model, eval_x, eval_y, probe, math.nan))
+    done, train_time = 0, 0.0
     for n_block in eval_blocks(run.steps, run.eval_every):
         tick = time.perf_counter()
         loss_sum = 0.0
@@ -43,6 +69,7 @@ def train_model(run: RunConfig, batch_norm: bool, split: Split, device: torch.de
             loss = F.cross_entropy(model(split.train_x[idx]), split.train_y[idx])
             optimizer.zero_grad()
             loss.backward()
+            _clip(model, run)
             optimizer.step()
             done += 1
             value = loss.item()
@@ -50,11 +77,12 @@ def train_model(run: RunConfig, batch_norm: bool, split: Split, device: torch.de
             if not math.isfinite(value) and result.diverged_step is None:
                 result.diverged_step = done
         train_time += time.perf_counter() - tick
-        result.record(done, accuracy(model, split.val_x, split.val_y), loss_sum / n_block)
+        result.record(done, *_eval_row(model, eval_x, eval_y, probe, loss_sum / n_block))
         if progress:
             progress(n_block)
-    result.final_val_acc = result.val_acc[-1]
-    result.final_test_acc = accuracy(model, split.test_x, split.test_y)
+    result.final_val_acc = (evaluate(model, split.val_x, split.val_y)[0] if on_test
+                            else result.val_acc[-1])
+    result.final_test_acc = evaluate(model, split.test_x, split.test_y)[0]
     result.train_time_s = train_time
     if keep_state:
         state = model.state_dict()
@@ -63,10 +91,20 @@ def train_model(run: RunConfig, batch_norm: bool, split: Split, device: torch.de
     return result
 
 
+def _eval_row(model, x, y, probe, loss: float) -> tuple[float, float, list[float] | None]:
+    acc, percentiles = evaluate(model, x, y, probe)
+    return acc, loss, percentiles
+
+
 def train_reference(run: RunConfig, split: Split, device: torch.device,
                     progress: Progress | None = None, keep_states: bool = False) -> RunResult:
     """Train the variants of one comparison one after another."""
     start = time.perf_counter()
-    models = [train_model(run, bn, split, device, progress, keep_states) for bn in run.batch_norm]
+    models = []
+    for bn in run.batch_norm:
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # dropout masks: seeded, global RNG untouched
+            torch.manual_seed(run.seed)
+            models.append(train_model(run, bn, split, device, progress, keep_states))
     return RunResult(run, str(device), "reference", models, time.perf_counter() - start, 1,
                      train_time_s=sum(m.train_time_s for m in models))

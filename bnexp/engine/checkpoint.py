@@ -1,0 +1,57 @@
+"""Population checkpoints: plain tensors and numbers, loadable with weights_only=True."""
+
+from __future__ import annotations
+
+from bnexp.config import RunConfig
+from bnexp.data import BatchStream
+from bnexp.engine.common import eval_blocks, run_variant, variant_name
+
+CHECKPOINT_FORMAT = 1
+
+
+def remaining_blocks(run: RunConfig, done: int) -> list[int]:
+    """The evaluation blocks still to train after done steps (an evaluation step)."""
+    blocks = eval_blocks(run.steps, run.eval_every)
+    passed = 0
+    while done > 0:
+        done -= blocks[passed]
+        passed += 1
+    if done != 0:
+        raise ValueError("a checkpoint must lie on an evaluation step")
+    return blocks[passed:]
+
+
+def make_checkpoints(runs, stacks, where, results, stream: BatchStream, done: int,
+                     train_time: float) -> list[dict]:
+    """One checkpoint per run: its models' states and metrics, the stream, the step."""
+    diverged = {id(s): s.diverged_at.tolist() for s in stacks}
+    stream_state = stream.state()
+    out = [{"format": CHECKPOINT_FORMAT, "step": done, "train_time_s": train_time,
+            "stream": stream_state, "models": {}} for _ in runs]
+    for (r, bn), (stack, i) in where.items():
+        model = results[r][run_variant(runs[r], bn)]
+        out[r]["models"][model.name] = {
+            "state": stack.model_state(i), "diverged_at": diverged[id(stack)][i],
+            "steps": list(model.steps), "val_acc": list(model.val_acc),
+            "train_loss": list(model.train_loss),
+            "unit_percentiles": [list(p) for p in model.unit_percentiles],
+        }
+    return out
+
+
+def restore(resume: list[dict], runs, stacks, where, results, stream: BatchStream,
+            ) -> tuple[int, float]:
+    """Load checkpoints (one per run, one step) into stacks, results and stream."""
+    steps = {c["step"] for c in resume}
+    if len(steps) != 1 or any(c.get("format") != CHECKPOINT_FORMAT for c in resume):
+        raise ValueError("runs of one population must resume from one step and format")
+    stream.load_state(resume[0]["stream"])
+    for (r, bn), (stack, i) in where.items():
+        saved = resume[r]["models"][variant_name(bn)]
+        stack.load_model_state(i, saved["state"])
+        stack.diverged_at[i] = saved["diverged_at"]
+        model = results[r][run_variant(runs[r], bn)]
+        model.steps, model.val_acc = list(saved["steps"]), list(saved["val_acc"])
+        model.train_loss = list(saved["train_loss"])
+        model.unit_percentiles = [list(p) for p in saved["unit_percentiles"]]
+    return steps.pop(), resume[0]["train_time_s"]
