@@ -20,6 +20,7 @@ from rich.table import Table
 from bnexp import config as cfg
 from bnexp import plots, report, sweep
 from bnexp.data import DataError, resolve_data_dir
+from bnexp.engine import effective_engine
 
 app = typer.Typer(
     help="Paired Batch Normalization experiments: YAML grids in, curves and tables out.",
@@ -228,7 +229,8 @@ def sweep_command(
         chosen = {id(p) for p in sweep.to_train(planned, retry_failed=retry_failed)}
         for p in planned:
             status = "would train" if id(p) in chosen else f"{p.status}, would skip"
-            table.add_row(p.run.experiment, p.run_id, str(p.device), p.run.engine, status)
+            table.add_row(p.run.experiment, p.run_id, str(p.device), effective_engine(p.run),
+                          status)
         out_console.print(table)
         return
     outcomes = _execute(planned, out, data_dir, "sweep", fail_fast=fail_fast,

@@ -20,6 +20,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "elu", "leaky_relu")
@@ -27,7 +28,8 @@ DATASETS = ("mnist", "fashion-mnist")
 ENGINES = ("population", "reference")
 DEVICES = ("auto", "cpu", "cuda")
 GRID_AXES = ("lr", "activation", "init_scale", "init", "batch_norm", "seed", "steps",
-             "batch_size", "bn_decay", "bn_scale", "bn_position", "bn_impl", "dropout", "clip")
+             "batch_size", "bn_decay", "bn_scale", "bn_position", "bn_impl", "dropout", "clip",
+             "norm", "arch")
 # A grid larger than this is almost always a typo (e.g. a range pasted as a list): it needs --yes.
 LARGE_GRID_RUNS = 1_000
 NON_RESULT_FIELDS = ("checkpoint_every",)
@@ -41,6 +43,8 @@ Decay = Annotated[float, Field(gt=0, lt=1)]
 DropoutRate = Annotated[float, Field(ge=0, lt=1)]
 ClipMode = Literal["none", "value", "norm"]
 BnPosition = Literal["before", "after"]
+Norm = Literal["batch", "layer", "group"]
+Arch = Literal["mlp", "convnet"]
 
 
 class ConfigError(Exception):
@@ -59,17 +63,28 @@ class Settings(_Strict):
     """The settings of one comparison; the defaults are the BN lesson's."""
 
     dataset: Literal["mnist", "fashion-mnist"] = "mnist"
+    # mlp: layers below. convnet: two 5x5 conv layers (conv_channels), 2x2 max-pooling after
+    # each, one fully connected output layer; its norm acts per channel over batch, H and W.
+    arch: Arch = "mlp"
     layers: tuple[PositiveInt, ...] = (784, 100, 100, 100, 10)
+    conv_channels: tuple[PositiveInt, PositiveInt] = (16, 32)
     activation: Activation = "relu"
     lr: PositiveFloat = 0.01
     init: InitScheme = "normal"
     init_scale: PositiveFloat = 0.05  # std of the N(0, init_scale^2) initial weights (normal)
     steps: PositiveInt = 50_000
+    # Training length in examples instead of steps (equal data for different batch sizes):
+    # when set, steps = ceil(examples / batch_size).
+    examples: PositiveInt | None = None
     batch_size: PositiveInt = 60
     eval_every: PositiveInt = 500
     seed: Seed = 0
     # The variants trained side by side from identical weights and batches.
     batch_norm: tuple[bool, ...] = Field((False, True), validate_default=True)
+    # The normaliser of the "batch_norm: true" variant: batch norm, or the batch-independent
+    # layer norm or group norm (group_norm_groups groups) for comparison.
+    norm: Norm = "batch"
+    group_norm_groups: PositiveInt = 10
     bn_decay: Decay = 0.99  # running averages: population = decay * population + (1-decay) * batch
     bn_scale: bool = True  # learn gamma; false keeps it at 1
     bn_position: BnPosition = "before"  # batch norm before or after the activation
@@ -128,10 +143,40 @@ class Settings(_Strict):
         return v
 
 
+def _derive_steps(data: Any) -> Any:
+    """examples -> steps, before validation (steps then holds the derived value)."""
+    if isinstance(data, dict) and isinstance(data.get("examples"), int) and isinstance(
+            data.get("batch_size", 60), int) and data.get("batch_size", 60) > 0:
+        data = {**data, "steps": -(-data["examples"] // data.get("batch_size", 60))}
+    return data
+
+
 class RunConfig(Settings):
     """One fully resolved comparison: the unit that gets a results folder."""
 
     experiment: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_from_examples(cls, data: Any) -> Any:
+        return _derive_steps(data)
+
+    @model_validator(mode="after")
+    def _arch_options(self) -> RunConfig:
+        problems = []
+        if self.arch == "convnet":
+            if self.layers[0] != 784 or self.layers[-1] != 10:
+                problems.append("arch convnet reads 28x28 images into 10 classes")
+            if self.track_unit is not None or self.analyses:
+                problems.append("track_unit and analyses need arch mlp")
+        if self.norm == "group" and True in self.batch_norm:
+            widths = self.layers[1:-1] if self.arch == "mlp" else self.conv_channels
+            if any(w % self.group_norm_groups for w in widths):
+                problems.append(f"group_norm_groups {self.group_norm_groups} must divide "
+                                f"every width {list(widths)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     def result_fields(self) -> dict:
         """The resolved settings that can change results (what run_id and reuse depend on)."""
@@ -143,7 +188,10 @@ class RunConfig(Settings):
         payload["device"] = device
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
         init = f"init{self.init_scale:g}" if self.init == "normal" else self.init
-        return f"{self.activation}-lr{self.lr:g}-{init}-seed{self.seed}-{digest}"
+        extra = "".join([f"-{self.arch}" if self.arch != "mlp" else "",
+                         f"-{self.norm}norm" if self.norm != "batch" else "",
+                         f"-bs{self.batch_size}" if self.batch_size != 60 else ""])
+        return f"{self.activation}-lr{self.lr:g}-{init}{extra}-seed{self.seed}-{digest}"
 
 
 class GridAxes(_Strict):
@@ -161,6 +209,8 @@ class GridAxes(_Strict):
     bn_impl: list[Literal["torch", "manual"]] | None = None
     dropout: list[DropoutRate] | None = None
     clip: list[ClipMode] | None = None
+    norm: list[Norm] | None = None
+    arch: list[Arch] | None = None
 
     @field_validator("*")
     @classmethod

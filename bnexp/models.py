@@ -97,10 +97,18 @@ def bn_momentum(decay: float) -> float:
     return round(1 - decay, 12)
 
 
-def make_batch_norm(n: int, impl: str, decay: float, scale: bool) -> nn.Module:
-    if impl == "manual":
+def make_norm(n: int, kind: str = "batch", impl: str = "torch", decay: float = BN_DECAY,
+              scale: bool = True, groups: int = 10, spatial: bool = False) -> nn.Module:
+    """The normaliser of n features (channels where spatial): batch, layer or group norm."""
+    if kind == "batch" and impl == "manual" and not spatial:
         return ManualBatchNorm(n, BN_EPS, decay, scale)
-    norm = nn.BatchNorm1d(n, eps=BN_EPS, momentum=bn_momentum(decay))
+    if kind == "batch":
+        cls = nn.BatchNorm2d if spatial else nn.BatchNorm1d
+        norm = cls(n, eps=BN_EPS, momentum=bn_momentum(decay))
+    elif kind == "layer":  # per example over all features (and positions)
+        norm = nn.GroupNorm(1, n, eps=BN_EPS) if spatial else nn.LayerNorm(n, eps=BN_EPS)
+    else:
+        norm = nn.GroupNorm(groups, n, eps=BN_EPS)
     norm.weight.requires_grad_(scale)
     return norm
 
@@ -114,19 +122,21 @@ class MLP(nn.Module):
 
     def __init__(self, weights: list[torch.Tensor], activation: str, batch_norm: bool,
                  bn_impl: str = "torch", bn_decay: float = BN_DECAY, bn_scale: bool = True,
-                 bn_position: str = "before", dropout: float = 0.0):
+                 bn_position: str = "before", dropout: float = 0.0, norm: str = "batch",
+                 groups: int = 10):
         super().__init__()
         self.activation = ACTIVATION_FNS[activation]
         self.bn_after = bn_position == "after"
         n_hidden = len(weights) - 1
-        # The linear's bias is redundant only where BN directly follows it.
+        # The linear's bias is redundant only where batch norm directly follows it.
+        redundant = batch_norm and norm == "batch" and not self.bn_after
         self.linears = nn.ModuleList(
-            nn.Linear(w.shape[1], w.shape[0],
-                      bias=not (batch_norm and not self.bn_after and i < n_hidden))
+            nn.Linear(w.shape[1], w.shape[0], bias=not (redundant and i < n_hidden))
             for i, w in enumerate(weights)
         )
         self.norms = nn.ModuleList(
-            make_batch_norm(w.shape[0], bn_impl, bn_decay, bn_scale) for w in weights[:-1]
+            make_norm(w.shape[0], norm, bn_impl, bn_decay, bn_scale, groups)
+            for w in weights[:-1]
         ) if batch_norm else None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         with torch.no_grad():
@@ -150,3 +160,45 @@ class MLP(nn.Module):
             if self.dropout is not None:
                 x = self.dropout(x)
         return self.linears[-1](x)
+
+
+def initial_conv_weights(channels: tuple[int, int], init_scale: float, seed: int,
+                         scheme: str = "normal") -> list[torch.Tensor]:
+    """ConvNet weights (two 5x5 convolutions, one linear), drawn like initial_weights."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(channels[0], 1, 5, 5), (channels[1], channels[0], 5, 5), (10, channels[1] * 16)]
+    return [_init_(torch.empty(shape), scheme, init_scale, generator) for shape in shapes]
+
+
+class ConvNet(nn.Module):
+    """conv 5x5 -> [norm] -> activation -> max-pool 2, twice, then one linear layer.
+
+    Batch norm here is nn.BatchNorm2d: each channel is normalised over batch, height and width.
+    """
+
+    def __init__(self, weights: list[torch.Tensor], activation: str, batch_norm: bool,
+                 bn_decay: float = BN_DECAY, bn_scale: bool = True, norm: str = "batch",
+                 groups: int = 10):
+        super().__init__()
+        self.activation = ACTIVATION_FNS[activation]
+        redundant = batch_norm and norm == "batch"
+        self.convs = nn.ModuleList(nn.Conv2d(w.shape[1], w.shape[0], 5, bias=not redundant)
+                                   for w in weights[:2])
+        self.norms = nn.ModuleList(
+            make_norm(w.shape[0], norm, "torch", bn_decay, bn_scale, groups, spatial=True)
+            for w in weights[:2]) if batch_norm else None
+        self.linear = nn.Linear(weights[2].shape[1], 10)
+        with torch.no_grad():
+            for module, w in zip([*self.convs, self.linear], weights):
+                module.weight.copy_(w)
+                if module.bias is not None:
+                    module.bias.zero_()
+
+    def forward(self, x: torch.Tensor, probe=None, probed=None) -> torch.Tensor:
+        x = x.view(-1, 1, 28, 28)
+        for i, conv in enumerate(self.convs):
+            z = conv(x)
+            if self.norms is not None:
+                z = self.norms[i](z)
+            x = F.max_pool2d(self.activation(z), 2)
+        return self.linear(x.flatten(1))

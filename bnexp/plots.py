@@ -13,7 +13,8 @@ import yaml  # noqa: E402
 
 from bnexp.results import atomic_write, read_metrics  # noqa: E402
 
-LABELS = {"plain": "Without Batch Norm", "bn": "With Batch Norm"}
+LABELS = {"plain": "Without Batch Norm", "bn": "With Batch Norm", "ln": "With Layer Norm",
+          "gn": "With Group Norm"}
 
 
 def plot_run(folder: Path) -> Path:
@@ -106,5 +107,23 @@ def plot_overview(labels: list[str], variants: list[str], values: list[list[floa
                 color="white" if np.isnan(value) or value < 0.6 else "black", fontsize=9)
     fig.colorbar(image, ax=ax, label="median final test accuracy")
     ax.set_title("Grid overview")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_batch_sizes(series: dict[str, list[tuple[int, float]]], path: Path) -> Path:
+    """Final test accuracy against batch size (log scale), one line per normaliser."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in series.items():
+        sizes, accs = zip(*points)
+        ax.plot(sizes, accs, marker="o", label=LABELS.get(name, name))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([b for b, _ in next(iter(series.values()))],
+                  [str(b) for b, _ in next(iter(series.values()))])
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("Batch size (equal numbers of examples seen)")
+    ax.set_ylabel("Median final test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
     fig.tight_layout()
     return _save(fig, path)

@@ -18,6 +18,8 @@ from bnexp import plots, stats
 from bnexp.results import atomic_write, read_metrics, run_folders
 
 CELL_IGNORES = ("seed",)  # runs differing only in these form one comparison (grid cell)
+NORMALISED = ("bn", "ln", "gn")  # variant names with a normaliser; "plain" has none
+VARIANT_ORDER = ("plain", *NORMALISED)
 
 
 @dataclass
@@ -31,16 +33,27 @@ class Cell:
     stats: dict[str, stats.VariantStats] = field(default_factory=dict)
     paired: stats.PairedStats | None = None
 
+    varying: tuple[str, ...] = ()  # settings that differ between the experiment's cells
+
     @property
     def label(self) -> str:
         c = self.config
-        label = f"{c['activation']} lr={c['lr']:g} init={c['init_scale']:g}"
-        return label + (f" {c['steps']:,} steps" if c.get("_steps_vary") else "")
+        init = f"init={c['init_scale']:g}" if c.get("init", "normal") == "normal" else c["init"]
+        label = f"{c['activation']} lr={c['lr']:g} {init}"
+        extra = [f"{k}={_short(c[k])}" for k in self.varying if k not in LABEL_BASE]
+        return " ".join([label, *extra])
 
     @property
     def slug(self) -> str:
-        c = self.config
-        return f"{c['activation']}-lr{c['lr']:g}-init{c['init_scale']:g}-steps{c['steps']}"
+        text = self.label.replace(" ", "-").replace("=", "")
+        return "".join(ch for ch in text if ch.isalnum() or ch in "-_.")
+
+
+LABEL_BASE = ("activation", "lr", "init_scale", "init")
+
+
+def _short(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _load_run(folder: Path) -> tuple[dict, dict, dict]:
@@ -62,9 +75,11 @@ def collect_cells(experiment_dir: Path, failure_threshold: float = stats.FAILURE
         cell = cells.setdefault(key, Cell(key, config))
         cell.folders.append(folder)
         loaded[folder] = (summary, curves)
-    steps_vary = len({c.config["steps"] for c in cells.values()}) > 1
+    configs = [c.config for c in cells.values()]
+    varying = tuple(k for k in configs[0] if k not in CELL_IGNORES and k != "examples"
+                    and len({json.dumps(c.get(k)) for c in configs}) > 1) if configs else ()
     for cell in cells.values():
-        cell.config = {**cell.config, "_steps_vary": steps_vary}
+        cell.varying = varying
         _fill_stats(cell, loaded, failure_threshold)
     return sorted(cells.values(), key=lambda c: (c.config["activation"], c.config["lr"],
                                                  c.config["init_scale"], c.config["steps"]))
@@ -85,8 +100,9 @@ def _fill_stats(cell: Cell, loaded: dict, failure_threshold: float) -> None:
     cell.variants = list(per_variant)
     cell.stats = {name: stats.variant_stats(v["val"], v["test"], v["reach"], failure_threshold)
                   for name, v in per_variant.items()}
-    if "plain" in per_variant and "bn" in per_variant:
-        p, b = per_variant["plain"], per_variant["bn"]
+    normed = [v for v in NORMALISED if v in per_variant]
+    if "plain" in per_variant and normed:
+        p, b = per_variant["plain"], per_variant[normed[0]]
         cell.paired = stats.paired_stats(p["val"], b["val"], p["test"], b["test"])
 
 
@@ -104,12 +120,27 @@ def draw_figures(experiment_dir: Path, cells: list[Cell] | None = None) -> list[
                 curves.setdefault(name, []).append((curve["step"], curve["val_acc"]))
         title = f"{cell.label} ({len(cell.folders)} seed{'s' * (len(cell.folders) > 1)})"
         paths.append(plots.plot_seed_bands(curves, title, out / f"curves-{cell.slug}.png"))
-    variants = sorted({v for c in cells for v in c.variants}, key=("plain", "bn").index)
+    variants = sorted({v for c in cells for v in c.variants}, key=VARIANT_ORDER.index)
     values = [[c.stats[v].median_test if v in c.stats else math.nan for v in variants]
               for c in cells]
     paths.append(plots.plot_overview([c.label for c in cells], variants, values,
                                      out / "overview.png"))
+    if "batch_size" in cells[0].varying:
+        paths.append(_batch_size_figure(cells, out / "batch_size.png"))
     return paths
+
+
+def _batch_size_figure(cells: list[Cell], path: Path) -> Path:
+    """Median final test accuracy against batch size, one line per normaliser."""
+    points: dict[str, dict[int, list[float]]] = {}
+    for cell in cells:
+        for variant, v in cell.stats.items():
+            points.setdefault(variant, {}).setdefault(cell.config["batch_size"], []).append(
+                v.median_test)
+    # plain appears once per normaliser cell; the copies are the same runs' numbers.
+    series = {v: sorted((b, sum(a) / len(a)) for b, a in by_size.items())
+              for v, by_size in sorted(points.items(), key=lambda i: VARIANT_ORDER.index(i[0]))}
+    return plots.plot_batch_sizes(series, path)
 
 
 def _pct(x: float | None) -> str:
@@ -123,6 +154,8 @@ def _steps(v: stats.VariantStats, threshold: float) -> str:
     return text + (f" ({never}/{v.n} never)" if never and med is not None else "")
 
 
+# "BN" columns hold the run's normalised variant: batch norm, or layer/group norm where the
+# cell's norm setting says so.
 TABLE_HEADER = ["cell", "seeds", "plain median test % [IQR]", "BN median test % [IQR]",
                 "BN − plain (pts) [95% CI]", "plain fail", "BN fail", "plain steps→90%",
                 "BN steps→90%"]
@@ -140,7 +173,8 @@ def table_rows(cells: list[Cell]) -> list[list[str]]:
     rows = []
     for c in cells:
         plain = _variant_cells(c.stats.get("plain"))
-        bn = _variant_cells(c.stats.get("bn"))
+        normed = [v for v in NORMALISED if v in c.stats]
+        bn = _variant_cells(c.stats.get(normed[0]) if normed else None)
         diff = "-"
         if c.paired:
             lo, hi = c.paired.ci_test

@@ -154,3 +154,52 @@ def test_inference_modes_and_percentiles_reach_the_files(tiny_mnist, tmp_path):
 def test_bn_check_command():
     result = CliRunner().invoke(app, ["bn-check", "--steps", "2"])
     assert result.exit_code == 0 and "running var" in result.stdout
+
+
+def test_examples_set_the_steps():
+    assert run(examples=1000, batch_size=3).steps == 334
+    assert run(examples=1000, batch_size=250).steps == 4
+
+
+@pytest.mark.parametrize("norm, name, module", [("layer", "ln", torch.nn.LayerNorm),
+                                                ("group", "gn", torch.nn.GroupNorm)])
+def test_batch_independent_normalisers(split, norm, name, module):
+    cfg = run(norm=norm, lr=0.2, steps=60, eval_every=30)
+    assert effective_engine(cfg) == "reference"
+    result = train_reference(cfg, split, CPU, keep_states=True)
+    assert [m.name for m in result.models] == ["plain", name]
+    from bnexp.engine.reference import build_model
+    model = build_model(cfg, True)
+    assert all(isinstance(n, module) for n in model.norms)
+    assert model.linears[0].bias is not None, "only batch norm makes the bias redundant"
+    # Batch-independent: one example is normalised the same alone or inside a batch.
+    model.train()
+    x = split.val_x[:8]
+    torch.testing.assert_close(model(x)[:1], model(x[:1]))
+
+
+def test_convnet_normalises_channels_over_batch_height_width(split):
+    cfg = run(arch="convnet", lr=0.1, steps=30, eval_every=30, conv_channels=[4, 8])
+    from bnexp.engine.reference import build_model
+    model = build_model(cfg, True)
+    assert all(isinstance(n, torch.nn.BatchNorm2d) for n in model.norms)
+    assert all(c.bias is None for c in model.convs)
+    assert model.norms[0].num_features == 4
+    result = train_reference(cfg, split, CPU)
+    assert effective_engine(cfg) == "reference"
+    assert all(0 <= m.final_test_acc <= 1 for m in result.models)
+
+
+def test_small_batch_report_draws_accuracy_against_batch_size(tiny_mnist, tmp_path):
+    path = tmp_path / "sb.yaml"
+    path.write_text("name: sb\nexamples: 120\neval_every: 10\ndevice: cpu\nlr: 0.05\n"
+                    "grid:\n  batch_size: [4, 8]\n  norm: [batch, layer]\n")
+    out = tmp_path / "r"
+    result = CliRunner().invoke(app, ["sweep", str(path), "--out", str(out),
+                                      "--data-dir", str(tiny_mnist)])
+    assert result.exit_code == 0, result.output
+    report = CliRunner().invoke(app, ["report", str(out / "sb")])
+    assert report.exit_code == 0, report.output
+    assert (out / "sb" / "plots" / "batch_size.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "sb" / "report.md").read_text()
+    assert "batch_size=4" in md and "norm=layer" in md

@@ -13,8 +13,12 @@ from bnexp.config import ConfigError, RunConfig
 Progress = Callable[[int], None]  # called with a number of network-steps just done
 
 
-def variant_name(batch_norm: bool) -> str:
-    return "bn" if batch_norm else "plain"
+NORM_NAMES = {"batch": "bn", "layer": "ln", "group": "gn"}
+
+
+def variant_name(batch_norm: bool, norm: str = "batch") -> str:
+    """'plain' without a normaliser, else 'bn', 'ln' or 'gn'."""
+    return NORM_NAMES[norm] if batch_norm else "plain"
 
 
 def run_variant(run: RunConfig, batch_norm: bool) -> int:

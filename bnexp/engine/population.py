@@ -24,7 +24,8 @@ from bnexp.models import initial_weights
 
 def population_can_train(run: RunConfig) -> bool:
     """What the stacked engine expresses; the rest trains on the reference engine."""
-    return run.bn_position == "before" and run.dropout == 0 and run.bn_impl == "torch"
+    return (run.arch == "mlp" and run.norm == "batch" and run.bn_position == "before"
+            and run.dropout == 0 and run.bn_impl == "torch")
 
 
 def _build_stacks(runs: list[RunConfig], device: torch.device):

@@ -17,14 +17,18 @@ from bnexp.config import RunConfig
 from bnexp.data import BatchStream, Split
 from bnexp.engine.common import ModelResult, Progress, RunResult, eval_blocks, variant_name
 from bnexp.engine.stack import PERCENTILES
-from bnexp.models import MLP, initial_weights
+from bnexp.models import MLP, ConvNet, initial_conv_weights, initial_weights
 
 
-def build_model(run: RunConfig, batch_norm: bool) -> MLP:
+def build_model(run: RunConfig, batch_norm: bool) -> MLP | ConvNet:
     """The run's network for one variant, from the comparison's shared initial weights."""
+    if run.arch == "convnet":
+        weights = initial_conv_weights(run.conv_channels, run.init_scale, run.seed, run.init)
+        return ConvNet(weights, run.activation, batch_norm, run.bn_decay, run.bn_scale,
+                       run.norm, run.group_norm_groups)
     weights = initial_weights(run.layers, run.init_scale, run.seed, run.init)
     return MLP(weights, run.activation, batch_norm, run.bn_impl, run.bn_decay, run.bn_scale,
-               run.bn_position, run.dropout)
+               run.bn_position, run.dropout, run.norm, run.group_norm_groups)
 
 
 @torch.no_grad()
@@ -59,7 +63,7 @@ def train_model(run: RunConfig, batch_norm: bool, split: Split, device: torch.de
     eval_x, eval_y = (split.test_x, split.test_y) if on_test else (split.val_x, split.val_y)
     probe = None if run.track_unit is None else (
         run.track_layer % (len(run.layers) - 2), run.track_unit)
-    result = ModelResult(variant_name(batch_norm))
+    result = ModelResult(variant_name(batch_norm, run.norm))
     result.record(0, *_eval_row(model, eval_x, eval_y, probe, math.nan))
     done, train_time = 0, 0.0
     for n_block in eval_blocks(run.steps, run.eval_every):
