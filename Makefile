@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch and torchvision are pinned to the builds that pip finds on this kind of machine.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-all lint validate sweep plot bench clean
+.PHONY: install demo test test-all lint validate sweep extras seeds plot bench clean
 
 $(BIN)/bnexp: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,11 +34,23 @@ validate: install
 sweep: install
 	$(BIN)/bnexp sweep
 
+EXTRAS := activations_inits bn_placement bn_decay_scale clipping small_batches manual_bn convnet
+extras: install
+	$(BIN)/bnexp run experiments/train_vs_inference.yaml
+	$(BIN)/bnexp run experiments/paper_fig1.yaml
+	$(BIN)/bnexp bn-check
+	for e in $(EXTRAS); do $(BIN)/bnexp sweep experiments/$$e.yaml && \
+		$(BIN)/bnexp report results/$$e || exit 1; done
+
+seeds: install
+	$(BIN)/bnexp sweep experiments/relu_grid_5seeds.yaml --seeds 5
+	$(BIN)/bnexp report results/relu_grid_5seeds
+
 plot: install
 	$(BIN)/bnexp plot results
 
 bench: install
-	$(BIN)/bnexp bench
+	$(BIN)/bnexp bench --grid experiments/lesson_grid.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

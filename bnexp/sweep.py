@@ -24,7 +24,7 @@ from bnexp.engine import (
     train_population,
     train_reference,
 )
-from bnexp.engine.common import Progress, population_key
+from bnexp.engine.common import Progress, group_runs
 
 
 @dataclass
@@ -76,15 +76,18 @@ def network_steps(planned: list[Planned]) -> int:
 
 def _batches(todo: list[tuple[Planned, dict | None]]) -> list[list[tuple[Planned, dict | None]]]:
     """Runs trained in one call: a population resuming from one step, or one reference run."""
-    groups: dict[tuple, list] = {}
-    for i, (p, checkpoint) in enumerate(todo):
+    batches, by_start = [], {}
+    for p, checkpoint in todo:
         if effective_engine(p.run) == "reference":
-            key = ("reference", i)
+            batches.append([(p, checkpoint)])
         else:
             step = checkpoint["step"] if checkpoint else 0
-            key = (str(p.device), population_key(p.run), step)
-        groups.setdefault(key, []).append((p, checkpoint))
-    return list(groups.values())
+            by_start.setdefault((str(p.device), step), []).append((p, checkpoint))
+    for items in by_start.values():
+        index = {id(p.run): (p, c) for p, c in items}
+        groups = group_runs([p.run for p, _ in items])
+        batches.extend([index[id(run)] for run in group] for group in groups)
+    return batches
 
 
 def _train(batch, split: Split, out: Path, progress: Progress | None) -> list[RunResult]:

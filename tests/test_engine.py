@@ -198,3 +198,10 @@ def test_cuda_matches_cpu(split):
         for a, b in zip(cpu.models, gpu.models):
             assert_states_close(a.state, b.state, rtol=1e-3, atol=1e-4)
             assert abs(a.final_val_acc - b.final_val_acc) <= 0.01
+
+
+def test_large_groups_are_split_into_populations():
+    runs = [run(lr=0.01 * (i + 1)) for i in range(5)]  # 10 networks
+    groups = group_runs(runs, max_networks=4)
+    assert [len(g) for g in groups] == [2, 2, 1]
+    assert [r for g in groups for r in g] == runs

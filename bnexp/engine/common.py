@@ -77,12 +77,23 @@ def population_key(run: RunConfig) -> tuple:
             run.eval_split, run.track_unit, run.track_layer, run.checkpoint_every)
 
 
-def group_runs(runs: list[RunConfig]) -> list[list[RunConfig]]:
-    """Partition runs into populations, keeping the order of first appearance."""
-    groups: dict[tuple, list[RunConfig]] = {}
+# Networks per population: about 1.2 MB each in fp32 with gradients and batch activations for
+# the lesson's MLP, so 4,096 stay near 5 GB; larger groups train as several populations.
+MAX_POPULATION_NETWORKS = 4096
+
+
+def group_runs(runs: list[RunConfig], max_networks: int = MAX_POPULATION_NETWORKS,
+               ) -> list[list[RunConfig]]:
+    """Partition runs into populations (in order of first appearance), each at most
+    max_networks networks."""
+    groups: dict[tuple, list[list[RunConfig]]] = {}
     for run in runs:
-        groups.setdefault(population_key(run), []).append(run)
-    return list(groups.values())
+        chunks = groups.setdefault(population_key(run), [[]])
+        if chunks[-1] and sum(len(r.batch_norm) for r in chunks[-1]) + len(
+                run.batch_norm) > max_networks:
+            chunks.append([])
+        chunks[-1].append(run)
+    return [chunk for chunks in groups.values() for chunk in chunks]
 
 
 def resolve_device(name: str) -> torch.device:
