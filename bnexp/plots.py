@@ -15,6 +15,7 @@ from bnexp.results import atomic_write, read_metrics  # noqa: E402
 
 LABELS = {"plain": "Without Batch Norm", "bn": "With Batch Norm", "ln": "With Layer Norm",
           "gn": "With Group Norm"}
+SHORT_LABELS = {"plain": "plain", "bn": "BN", "ln": "LN", "gn": "GN"}
 
 
 def plot_run(folder: Path) -> Path:
@@ -98,9 +99,11 @@ def plot_overview(labels: list[str], variants: list[str], values: list[list[floa
     import numpy as np
 
     data = np.array(values, dtype=float)
-    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(variants), 1.2 + 0.42 * len(labels)))
+    # Room for the longest row label (about 0.075 inch a character) and the colour bar.
+    width = 3.0 + 1.2 * len(variants) + 0.075 * max(len(label) for label in labels)
+    fig, ax = plt.subplots(figsize=(width, 1.4 + 0.42 * len(labels)))
     image = ax.imshow(data, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(variants)), [LABELS.get(v, v) for v in variants])
+    ax.set_xticks(range(len(variants)), [SHORT_LABELS.get(v, v) for v in variants])
     ax.set_yticks(range(len(labels)), labels)
     for (i, j), value in np.ndenumerate(data):
         ax.text(j, i, "nan" if np.isnan(value) else f"{value:.3f}", ha="center", va="center",

@@ -81,8 +81,15 @@ def collect_cells(experiment_dir: Path, failure_threshold: float = stats.FAILURE
     for cell in cells.values():
         cell.varying = varying
         _fill_stats(cell, loaded, failure_threshold)
-    return sorted(cells.values(), key=lambda c: (c.config["activation"], c.config["lr"],
-                                                 c.config["init_scale"], c.config["steps"]))
+    order = ("activation", "lr", "init", "init_scale", *varying)
+    return sorted(cells.values(), key=lambda c: [_sort_key(c.config.get(k)) for k in order])
+
+
+def _sort_key(value: object) -> tuple:
+    """Numbers before text, each in its own order (so 2 < 10 and 'none' < 'value')."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value, "")
+    return (1, 0, json.dumps(value))
 
 
 def _fill_stats(cell: Cell, loaded: dict, failure_threshold: float) -> None:
