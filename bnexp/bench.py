@@ -9,7 +9,6 @@ with batch norm. Divergence on random data does not matter for the timing.
 from __future__ import annotations
 
 import itertools
-import os
 import resource
 import time
 from dataclasses import asdict, dataclass
@@ -17,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from bnexp import results
 from bnexp.config import RunConfig
 from bnexp.data import Split
-from bnexp.engine import train_population, train_reference
+from bnexp.engine import group_runs, train_population, train_reference
 
 LESSON_AXES = (("relu", "sigmoid"), (0.01, 1.0, 2.0), (0.05, 5.0))
 
@@ -93,8 +93,6 @@ def bench_population(split: Split, device: torch.device, n_models: int, steps: i
 
 def bench_grid(runs: list[RunConfig], split: Split, device: torch.device) -> dict:
     """Training wall time of a whole grid through the population engine, as `sweep` runs it."""
-    from bnexp.engine import group_runs
-
     start = time.perf_counter()
     trained = [train_population(group, split, device) for group in group_runs(runs)]
     wall = time.perf_counter() - start
@@ -109,14 +107,8 @@ def bench_grid(runs: list[RunConfig], split: Split, device: torch.device) -> dic
 
 
 def environment(device: torch.device) -> dict:
-    return {
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "tf32": torch.backends.cuda.matmul.allow_tf32,
-    }
+    """The environment record of every result, plus whether TF32 matrix products were on."""
+    return {**results.environment(str(device)), "tf32": torch.backends.cuda.matmul.allow_tf32}
 
 
 def as_record(rows: list[BenchRow], device: torch.device, grid: dict | None) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import shutil
 import struct
 from pathlib import Path
 
@@ -53,6 +55,17 @@ def write_tiny_mnist(root: Path, n_train: int = 5200, n_test: int = 200,
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(_idx_images(images))
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx_labels(labels))
     return root
+
+
+def write_flat_gz_mnist(root: Path) -> tuple[Path, Path]:
+    """Tiny MNIST as four .gz files side by side (Debian's layout): (flat folder, idx source)."""
+    src = write_tiny_mnist(root / "src") / "MNIST" / "raw"
+    flat = root / "flat"
+    flat.mkdir()
+    for f in src.iterdir():
+        with open(f, "rb") as fin, gzip.open(flat / f"{f.name}.gz", "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+    return flat, src
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,6 @@
-import gzip
-import shutil
-
 import pytest
 import torch
-from conftest import write_tiny_mnist
+from conftest import write_flat_gz_mnist, write_tiny_mnist
 
 from bnexp import data
 from bnexp.data import BatchStream, DataError, load_split, resolve_data_dir
@@ -25,12 +22,7 @@ def test_split_is_the_lessons(tiny_mnist):
 
 def test_flat_gz_folder_is_found(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    src = write_tiny_mnist(tmp_path / "src") / "MNIST" / "raw"
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    for f in src.iterdir():
-        with open(f, "rb") as fin, gzip.open(flat / f"{f.name}.gz", "wb") as fout:
-            shutil.copyfileobj(fin, fout)
+    flat, src = write_flat_gz_mnist(tmp_path)
     split = load_split("mnist", flat)
     assert split.val_x.shape == (5000, 784) and split.test_x.shape == (200, 784)
     assert torch.equal(split.test_x, load_split("mnist", src.parent.parent).test_x)

@@ -1,12 +1,10 @@
 """A corpus of bad input: each gives exit code 2, one clear line per problem naming the file
 and key, no traceback, and leaves everything already in results/ exactly as it was."""
 
-import gzip
-import shutil
 from pathlib import Path
 
 import pytest
-from conftest import write_tiny_mnist
+from conftest import write_flat_gz_mnist, write_tiny_mnist
 from typer.testing import CliRunner
 
 from bnexp.cli import app
@@ -71,12 +69,7 @@ def corrupt_data(root: Path) -> Path:
 
 
 def flat_bad_gzip(root: Path) -> Path:
-    src = write_tiny_mnist(root / "src") / "MNIST" / "raw"
-    flat = root / "flat"
-    flat.mkdir()
-    for f in src.iterdir():
-        with open(f, "rb") as fin, gzip.open(flat / f"{f.name}.gz", "wb") as fout:
-            shutil.copyfileobj(fin, fout)
+    flat, _ = write_flat_gz_mnist(root)
     (flat / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b broken")
     return flat
 

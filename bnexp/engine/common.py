@@ -71,6 +71,13 @@ def eval_blocks(steps: int, eval_every: int) -> list[int]:
     return [eval_every] * full + ([rest] if rest else [])
 
 
+def tracked_unit(run: RunConfig) -> tuple[int, int] | None:
+    """(hidden layer index, unit) whose activation input is tracked, or None."""
+    if run.track_unit is None:
+        return None
+    return run.track_layer % (len(run.layers) - 2), run.track_unit
+
+
 def population_key(run: RunConfig) -> tuple:
     """Runs with equal keys can train together on one mini-batch stream."""
     return (run.dataset, run.layers, run.batch_size, run.steps, run.eval_every, run.seed,

@@ -17,7 +17,14 @@ from bnexp.config import RunConfig
 from bnexp.data import BatchStream, Split
 from bnexp.engine.capture import capture_step, sync
 from bnexp.engine.checkpoint import make_checkpoints, remaining_blocks, restore
-from bnexp.engine.common import ModelResult, Progress, RunResult, run_variant, variant_name
+from bnexp.engine.common import (
+    ModelResult,
+    Progress,
+    RunResult,
+    run_variant,
+    tracked_unit,
+    variant_name,
+)
 from bnexp.engine.stack import Stack, StackKind
 from bnexp.models import initial_weights
 
@@ -91,7 +98,7 @@ def train_population(runs: list[RunConfig], split: Split, device: torch.device,
 
     on_test = first.eval_split == "test"
     eval_x, eval_y = (split.test_x, split.test_y) if on_test else (split.val_x, split.val_y)
-    probe = _probe(first)
+    probe = tracked_unit(first)
 
     def evaluate(done: int, n_block: int) -> None:
         outs = [s.correct(eval_x, eval_y, probe) for s in stacks]
@@ -143,13 +150,6 @@ def train_population(runs: list[RunConfig], split: Split, device: torch.device,
 
 def _accuracies(stack: Stack, x: torch.Tensor, y: torch.Tensor) -> list[float]:
     return [c / x.shape[0] for c in stack.correct(x, y)[0].tolist()]
-
-
-def _probe(run: RunConfig) -> tuple[int, int] | None:
-    """(hidden layer index, unit) whose activation input is tracked, or None."""
-    if run.track_unit is None:
-        return None
-    return run.track_layer % (len(run.layers) - 2), run.track_unit
 
 
 def _finish(runs, stacks, where, results, split: Split, keep_states: bool) -> None:

@@ -15,7 +15,14 @@ from torch.nn import functional as F
 
 from bnexp.config import RunConfig
 from bnexp.data import BatchStream, Split
-from bnexp.engine.common import ModelResult, Progress, RunResult, eval_blocks, variant_name
+from bnexp.engine.common import (
+    ModelResult,
+    Progress,
+    RunResult,
+    eval_blocks,
+    tracked_unit,
+    variant_name,
+)
 from bnexp.engine.stack import PERCENTILES
 from bnexp.models import MLP, ConvNet, initial_conv_weights, initial_weights
 
@@ -61,8 +68,7 @@ def train_model(run: RunConfig, batch_norm: bool, split: Split, device: torch.de
     stream = BatchStream(split.train_x.shape[0], run.batch_size, run.seed, device)
     on_test = run.eval_split == "test"
     eval_x, eval_y = (split.test_x, split.test_y) if on_test else (split.val_x, split.val_y)
-    probe = None if run.track_unit is None else (
-        run.track_layer % (len(run.layers) - 2), run.track_unit)
+    probe = tracked_unit(run)
     result = ModelResult(variant_name(batch_norm, run.norm))
     result.record(0, *_eval_row(model, eval_x, eval_y, probe, math.nan))
     done, train_time = 0, 0.0
