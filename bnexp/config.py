@@ -100,6 +100,9 @@ class Settings(_Strict):
     analyses: tuple[Literal["inference_modes"], ...] = ()  # run on the final models
     engine: Literal["population", "reference"] = "population"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Arithmetic of both engines. float64 is for exact comparisons (tests, the reference oracle);
+    # float32 is what the lesson and the paper used.
+    dtype: Literal["float32", "float64"] = "float32"
     # Save a resumable checkpoint at the first evaluation after every this many steps.
     checkpoint_every: PositiveInt = 5_000
 
@@ -180,7 +183,7 @@ class RunConfig(Settings):
 
     def result_fields(self) -> dict:
         """The resolved settings that can change results (what run_id and reuse depend on)."""
-        return self.model_dump(mode="json", exclude=set(NON_RESULT_FIELDS))
+        return result_fields_of(self.model_dump(mode="json"))
 
     def run_id(self, device: str) -> str:
         """Deterministic folder name: readable prefix plus a hash of the resolved config."""
@@ -228,6 +231,14 @@ class ExperimentSpec(Settings):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
     description: str = ""
     grid: GridAxes = GridAxes()
+
+
+def result_fields_of(config: dict) -> dict:
+    """The entries of a resolved config (as a plain mapping) that can change results."""
+    out = {k: v for k, v in config.items() if k not in NON_RESULT_FIELDS}
+    if out.get("dtype") == "float32":  # the default: run_ids from before dtype existed stay valid
+        del out["dtype"]
+    return out
 
 
 def _format_loc(loc: tuple) -> str:

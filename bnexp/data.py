@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import shutil
@@ -41,6 +42,13 @@ class Split:
 
     def to(self, device: torch.device | str) -> Split:
         return Split(*(t.to(device) for t in self.__dict__.values()))
+
+    def astype(self, dtype: torch.dtype) -> Split:
+        """The same split with images in dtype (labels unchanged)."""
+        if self.train_x.dtype == dtype:
+            return self
+        return dataclasses.replace(self, train_x=self.train_x.to(dtype),
+                                   val_x=self.val_x.to(dtype), test_x=self.test_x.to(dtype))
 
 
 def resolve_data_dir(option: Path | None) -> Path:

@@ -27,7 +27,7 @@ import torch
 import yaml
 
 import bnexp
-from bnexp.config import NON_RESULT_FIELDS, RunConfig
+from bnexp.config import RunConfig, result_fields_of
 from bnexp.engine import RunResult
 
 SUMMARY_FIELDS = ("run_id", "model", "activation", "lr", "init_scale", "seed", "steps",
@@ -172,7 +172,7 @@ def run_status(root: Path, run: RunConfig, device: str) -> str:
         return "new"
     except (OSError, yaml.YAMLError):
         return "mismatch"
-    if not isinstance(on_disk, dict) or _result_fields(on_disk) != run.result_fields():
+    if not isinstance(on_disk, dict) or result_fields_of(on_disk) != run.result_fields():
         return "mismatch"
     if (folder / "summary.json").is_file():
         return "complete"
@@ -204,10 +204,6 @@ class RunLock:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
-
-
-def _result_fields(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in NON_RESULT_FIELDS}
 
 
 def read_metrics(folder: Path) -> dict[str, dict[str, list[float]]]:

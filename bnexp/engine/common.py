@@ -14,6 +14,7 @@ Progress = Callable[[int], None]  # called with a number of network-steps just d
 
 
 NORM_NAMES = {"batch": "bn", "layer": "ln", "group": "gn"}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def variant_name(batch_norm: bool, norm: str = "batch") -> str:
@@ -81,7 +82,7 @@ def tracked_unit(run: RunConfig) -> tuple[int, int] | None:
 def population_key(run: RunConfig) -> tuple:
     """Runs with equal keys can train together on one mini-batch stream."""
     return (run.dataset, run.layers, run.batch_size, run.steps, run.eval_every, run.seed,
-            run.eval_split, run.track_unit, run.track_layer, run.checkpoint_every)
+            run.eval_split, run.track_unit, run.track_layer, run.checkpoint_every, run.dtype)
 
 
 # Networks per population: about 1.2 MB each in fp32 with gradients and batch activations for

@@ -18,6 +18,7 @@ from bnexp.data import BatchStream, Split
 from bnexp.engine.capture import capture_step, sync
 from bnexp.engine.checkpoint import make_checkpoints, remaining_blocks, restore
 from bnexp.engine.common import (
+    DTYPES,
     ModelResult,
     Progress,
     RunResult,
@@ -26,6 +27,7 @@ from bnexp.engine.common import (
     variant_name,
 )
 from bnexp.engine.stack import Stack, StackKind
+from bnexp.engine.threads import shard_pool, single_threaded_kernels
 from bnexp.models import initial_weights
 
 
@@ -35,40 +37,74 @@ def population_can_train(run: RunConfig) -> bool:
             and run.dropout == 0 and run.bn_impl == "torch")
 
 
-def _build_stacks(runs: list[RunConfig], device: torch.device):
-    """Stacks by StackKind, and each model's (stack, index) by (run index, batch_norm)."""
-    members: dict[StackKind, list[tuple[int, RunConfig]]] = {}
+def _kind(run: RunConfig, batch_norm: bool) -> StackKind:
+    return StackKind(run.activation, batch_norm, run.bn_scale, run.clip, run.clip_threshold)
+
+
+def _build_stacks(runs: list[RunConfig], device: torch.device, shards: int = 1):
+    """Stacks by shard and StackKind, and each model's (stack, index) by (run index, batch_norm).
+
+    The models, ordered by kind, are dealt into shards of nearly equal size; a shard holds one
+    stack per kind among its models. A model's numbers do not depend on its shard or stack.
+    """
+    by_kind: dict[StackKind, list[tuple[int, RunConfig]]] = {}
     for r, run in enumerate(runs):
         for bn in run.batch_norm:
-            kind = StackKind(run.activation, bn, run.bn_scale, run.clip, run.clip_threshold)
+            by_kind.setdefault(_kind(run, bn), []).append((r, run))
+    models = [(kind, r, run) for kind, group in by_kind.items() for r, run in group]
+    shards = max(1, min(shards, len(models)))
+    bounds = [len(models) * s // shards for s in range(shards + 1)]
+    dtype = DTYPES[runs[0].dtype]
+    groups, where = [], {}
+    for lo, hi in zip(bounds, bounds[1:]):
+        members: dict[StackKind, list[tuple[int, RunConfig]]] = {}
+        for kind, r, run in models[lo:hi]:
             members.setdefault(kind, []).append((r, run))
-    stacks, where = [], {}
-    for kind, group in members.items():
-        weights = [initial_weights(run.layers, run.init_scale, run.seed, run.init)
-                   for _, run in group]
-        stack = Stack(weights, [run.lr for _, run in group], kind, device,
-                      [run.bn_decay for _, run in group])
-        for i, (r, _) in enumerate(group):
-            where[(r, kind.batch_norm)] = (stack, i)
-        stacks.append(stack)
-    return stacks, where
+        group = []
+        for kind, part in members.items():
+            weights = [initial_weights(run.layers, run.init_scale, run.seed, run.init)
+                       for _, run in part]
+            stack = Stack(weights, [run.lr for _, run in part], kind, device,
+                          [run.bn_decay for _, run in part], dtype)
+            for i, (r, _) in enumerate(part):
+                where[(r, kind.batch_norm)] = (stack, i)
+            group.append(stack)
+        groups.append(group)
+    return groups, where
 
 
-def _step_function(stacks: list[Stack], split: Split, block: torch.Tensor, k: torch.Tensor,
-                   step: torch.Tensor):
-    """One training step of every stack, reading batch k of the block of batch indices.
+class _Shard:
+    """Stacks trained by one thread (CPU) or one captured graph (CUDA), with their own counters.
 
-    The counters k and step live on the device, so a captured step replays unchanged.
+    step_all runs one training step of every stack, reading batch k of the block of batch
+    indices; k and step live on the device, so a captured step replays unchanged.
     """
-    def step_all() -> None:
-        batch_idx = block.index_select(0, k).view(-1)
-        x = split.train_x.index_select(0, batch_idx)
-        y = split.train_y.index_select(0, batch_idx)
-        k.add_(1)
-        step.add_(1)
-        for stack in stacks:
-            stack.train_step(x, y, step)
-    return step_all
+
+    def __init__(self, stacks: list[Stack], split: Split, block: torch.Tensor,
+                 device: torch.device, cuda_graph: bool):
+        self.stacks = stacks
+        self.k = torch.zeros(1, dtype=torch.long, device=device)
+        self.step = torch.zeros((), dtype=torch.long, device=device)
+        self._split, self._block = split, block
+        state = [t for stack in stacks for t in stack.state_tensors()] + [self.k, self.step]
+        self.graph = capture_step(self.step_all, state, device) if cuda_graph else None
+
+    def step_all(self) -> None:
+        batch_idx = self._block.index_select(0, self.k).view(-1)
+        x = self._split.train_x.index_select(0, batch_idx)
+        y = self._split.train_y.index_select(0, batch_idx)
+        self.k.add_(1)
+        self.step.add_(1)
+        for stack in self.stacks:
+            stack.train_step(x, y, self.step)
+
+    def train_block(self, n_steps: int) -> None:
+        self.k.zero_()
+        for _ in range(n_steps):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.step_all()
 
 
 def train_population(runs: list[RunConfig], split: Split, device: torch.device,
@@ -80,20 +116,29 @@ def train_population(runs: list[RunConfig], split: Split, device: torch.device,
 
     resume holds one checkpoint per run, all taken at the same step; on_checkpoint(r, data)
     receives run r's checkpoint at the first evaluation after every checkpoint_every steps
-    and at the end. A resumed population continues bit for bit as if never interrupted.
+    and at the end. On the CPU the models are spread over torch.get_num_threads() threads.
+    A run's numbers are the same alone, in any population, resumed or not, with any threads.
     """
+    with single_threaded_kernels(device) as threads:
+        n_models = sum(len(run.batch_norm) for run in runs)
+        shards = min(threads, n_models) if device.type == "cpu" else 1
+        with shard_pool(shards) as pool:
+            return _train(runs, split.astype(DTYPES[runs[0].dtype]), device, shards, pool,
+                          progress, keep_states, cuda_graph, resume, on_checkpoint)
+
+
+def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progress,
+           keep_states: bool, cuda_graph: bool, resume, on_checkpoint) -> list[RunResult]:
     first = runs[0]
     start = time.perf_counter()
-    stacks, where = _build_stacks(runs, device)
+    groups, where = _build_stacks(runs, device, n_shards)
+    stacks = [stack for group in groups for stack in group]
     n_models = sum(s.m for s in stacks)
     stream = BatchStream(split.train_x.shape[0], first.batch_size, first.seed, device)
-    step = torch.zeros((), dtype=torch.long, device=device)
-    k = torch.zeros(1, dtype=torch.long, device=device)
     block = torch.zeros(min(first.eval_every, first.steps), first.batch_size, dtype=torch.long,
                         device=device)
-    step_all = _step_function(stacks, split, block, k, step)
-    state = [t for stack in stacks for t in stack.state_tensors()]
-    graph = capture_step(step_all, state + [k, step], device) if cuda_graph else None
+    shards = [_Shard(group, split, block, device, cuda_graph) for group in groups]
+    each = pool.map if pool else map
     results = [[ModelResult(variant_name(bn)) for bn in run.batch_norm] for run in runs]
 
     on_test = first.eval_split == "test"
@@ -101,7 +146,7 @@ def train_population(runs: list[RunConfig], split: Split, device: torch.device,
     probe = tracked_unit(first)
 
     def evaluate(done: int, n_block: int) -> None:
-        outs = [s.correct(eval_x, eval_y, probe) for s in stacks]
+        outs = list(each(lambda s: s.correct(eval_x, eval_y, probe), stacks))
         accs = [[n / eval_x.shape[0] for n in c.tolist()] for c, _ in outs]
         percentiles = [None if p is None else p.tolist() for _, p in outs]
         losses = [(s.loss_sum / max(n_block, 1)).tolist() for s in stacks]
@@ -116,19 +161,15 @@ def train_population(runs: list[RunConfig], split: Split, device: torch.device,
     done, train_time = 0, 0.0
     if resume:
         done, train_time = restore(resume, runs, stacks, where, results, stream)
-        step.fill_(done)
+        for shard in shards:
+            shard.step.fill_(done)
     else:
         evaluate(0, 0)
     next_checkpoint = done + first.checkpoint_every
     for n_block in remaining_blocks(first, done):
         block[:n_block].copy_(stream.next_indices(n_block))
-        k.zero_()
         tick = time.perf_counter()
-        for _ in range(n_block):
-            if graph is not None:
-                graph.replay()
-            else:
-                step_all()
+        list(each(lambda shard, n=n_block: shard.train_block(n), shards))
         sync(device)
         train_time += time.perf_counter() - tick
         done += n_block
@@ -142,7 +183,7 @@ def train_population(runs: list[RunConfig], split: Split, device: torch.device,
             progress(n_block * n_models)
     _finish(runs, stacks, where, results, split, keep_states)
     wall = time.perf_counter() - start
-    execution = "cuda-graph" if graph is not None else "eager"
+    execution = "cuda-graph" if shards[0].graph is not None else "eager"
     return [RunResult(run, str(device), "population", results[r], wall, n_models, execution,
                       train_time_s=train_time)
             for r, run in enumerate(runs)]

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from bnexp.config import RunConfig
 from bnexp.data import BatchStream, Split
 from bnexp.engine.common import (
+    DTYPES,
     ModelResult,
     Progress,
     RunResult,
@@ -24,6 +25,7 @@ from bnexp.engine.common import (
     variant_name,
 )
 from bnexp.engine.stack import PERCENTILES
+from bnexp.engine.threads import single_threaded_kernels
 from bnexp.models import MLP, ConvNet, initial_conv_weights, initial_weights
 
 
@@ -48,7 +50,7 @@ def evaluate(model: MLP, x: torch.Tensor, y: torch.Tensor,
     model.train()
     if not probed:
         return correct / x.shape[0], None
-    q = torch.tensor(PERCENTILES, device=x.device)
+    q = torch.tensor(PERCENTILES, device=x.device, dtype=x.dtype)
     return correct / x.shape[0], torch.quantile(probed[0], q).tolist()
 
 
@@ -62,7 +64,7 @@ def _clip(model: MLP, run: RunConfig) -> None:
 def train_model(run: RunConfig, batch_norm: bool, split: Split, device: torch.device,
                 progress: Progress | None = None, keep_state: bool = False) -> ModelResult:
     """Train one network of a comparison from the shared initial weights and batch stream."""
-    model = build_model(run, batch_norm).to(device)
+    model = build_model(run, batch_norm).to(device, DTYPES[run.dtype])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=run.lr)
     stream = BatchStream(split.train_x.shape[0], run.batch_size, run.seed, device)
@@ -108,12 +110,15 @@ def _eval_row(model, x, y, probe, loss: float) -> tuple[float, float, list[float
 
 def train_reference(run: RunConfig, split: Split, device: torch.device,
                     progress: Progress | None = None, keep_states: bool = False) -> RunResult:
-    """Train the variants of one comparison one after another."""
+    """Train the variants of one comparison one after another (CPU kernels on one thread,
+    so that the numbers do not depend on the thread count or the machine's load)."""
     start = time.perf_counter()
     models = []
+    split = split.astype(DTYPES[run.dtype])
     for bn in run.batch_norm:
         cuda = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):  # dropout masks: seeded, global RNG untouched
+        # dropout masks: seeded, global RNG untouched
+        with torch.random.fork_rng(devices=cuda), single_threaded_kernels(device):
             torch.manual_seed(run.seed)
             models.append(train_model(run, bn, split, device, progress, keep_states))
     return RunResult(run, str(device), "reference", models, time.perf_counter() - start, 1,

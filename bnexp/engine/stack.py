@@ -2,19 +2,26 @@
 
 Models that share activation, BN flag and clipping form a ``Stack``: their parameters are
 stacked along a leading model dimension, so one batched matrix product runs a layer of every
-model. The
-first layer reads the same mini-batch for every model, so it is a single ordinary matrix
-product against all models' first-layer weights side by side.
+model.
 
 Shapes: M models, B examples, layer l maps n_in -> n_out.
-  first-layer weight  (n_in, M, n_out)   one GEMM: (B, n_in) @ (n_in, M * n_out)
-  other weights       (M, n_in, n_out)   torch.bmm over the model dimension
+  weights                                (M, n_in, n_out)   torch.bmm over the model dimension
   biases, gamma, beta, running mean/var  (M, 1, n_out)
   learning rates, BN momenta             (M, 1, 1)
+
+A model's numbers must not depend on how many others share its stack (see README,
+"Same config, same numbers"). So on the CPU, where the engine runs its math on one thread:
+every activation tensor is contiguous per model (a reduction over the batch then sums each
+model's values in one fixed order); every product is a per-model matrix of fixed shape, also
+in the first layer, whose shared batch is broadcast rather than multiplied as one wide GEMM;
+and the activations whose vectorised and scalar kernels round differently (sigmoid, tanh, elu)
+are applied to each model's block alone, so that no model's values fall into the scalar tail
+of a population-sized tensor. Evaluation uses a fixed number of rows per product.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +29,10 @@ import torch
 from bnexp.models import ACTIVATION_FNS, ACTIVATION_GRADS, BN_DECAY, BN_EPS, bn_momentum
 
 EVAL_ELEMENTS = 1 << 25  # activations per evaluation chunk (128 MiB of fp32)
+EVAL_ROWS = 1000  # examples per evaluation product: fixed, so a model's logits never depend on M
+# Activations whose CPU kernels round the vectorised body and the scalar tail differently.
+PER_MODEL_ACTIVATIONS = {"sigmoid": torch.sigmoid_, "tanh": torch.tanh_,
+                         "elu": torch.nn.functional.elu_}
 PERCENTILES = (0.15, 0.50, 0.85)  # of a tracked unit's input, as in the BN paper's Figure 1
 
 
@@ -40,7 +51,8 @@ class Stack:
     """Models of one StackKind; parameter tensors carry a model dimension."""
 
     def __init__(self, weights: list[list[torch.Tensor]], lrs: list[float], kind: StackKind,
-                 device: torch.device, bn_decays: list[float] | None = None):
+                 device: torch.device, bn_decays: list[float] | None = None,
+                 dtype: torch.dtype = torch.float32):
         self.m = len(weights)
         self.kind = kind
         self.activation = ACTIVATION_FNS[kind.activation]
@@ -48,30 +60,32 @@ class Stack:
         self.batch_norm = kind.batch_norm
         self.n_hidden = len(weights[0]) - 1
         # nn.Linear stores (out, in); the stack stores (in, out) so that x @ w needs no transpose.
-        per_layer = [torch.stack([w[l].t() for w in weights]) for l in range(self.n_hidden + 1)]
-        self.w = [per_layer[0].permute(1, 0, 2).contiguous()] + per_layer[1:]
-        self.w = [w.to(device) for w in self.w]
+        self.w = [torch.stack([w[l].t() for w in weights]).to(device, dtype)
+                  for l in range(self.n_hidden + 1)]
         widths = [w.shape[-1] for w in self.w]
+        self.per_model_activation = (PER_MODEL_ACTIVATIONS.get(kind.activation)
+                                     if torch.device(device).type == "cpu" else None)
 
         def zeros(width: int) -> torch.Tensor:
-            return torch.zeros(self.m, 1, width, device=device)
+            return torch.zeros(self.m, 1, width, device=device, dtype=dtype)
 
         hidden = widths[:-1]
         bn = self.batch_norm
         # BN models have no hidden-layer bias: beta takes its place.
         self.b = ([] if bn else [zeros(n) for n in hidden]) + [zeros(widths[-1])]
-        self.gamma = [torch.ones(self.m, 1, n, device=device) for n in hidden] if bn else []
+        self.gamma = [torch.ones(self.m, 1, n, device=device, dtype=dtype)
+                      for n in hidden] if bn else []
         self.beta = [zeros(n) for n in hidden] if bn else []
         self.running_mean = [zeros(n) for n in hidden] if bn else []
         self.running_var = [torch.ones_like(m) for m in self.running_mean]
         learned_gamma = self.gamma if kind.bn_scale else []
         self.params = self.w + self.b + learned_gamma + self.beta
-        self.lr = torch.tensor(lrs, dtype=torch.float32, device=device).view(self.m, 1, 1)
+        self.lr = torch.tensor(lrs, dtype=dtype, device=device).view(self.m, 1, 1)
         decays = bn_decays or [BN_DECAY] * self.m
         # Running averages move by 1 - decay toward each batch's statistics.
-        self.momentum = torch.tensor([bn_momentum(d) for d in decays], dtype=torch.float32,
+        self.momentum = torch.tensor([bn_momentum(d) for d in decays], dtype=dtype,
                                      device=device).view(self.m, 1, 1)
-        self.loss_sum = torch.zeros(self.m, device=device)
+        self.loss_sum = torch.zeros(self.m, device=device, dtype=dtype)
         self.diverged_at = torch.full((self.m,), -1, dtype=torch.long, device=device)
 
     def _norm(self, z: torch.Tensor, l: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,9 +106,16 @@ class Stack:
     def _linear(self, h: torch.Tensor, l: int) -> torch.Tensor:
         if l > 0:
             return torch.bmm(h, self.w[l])
-        # The first layer reads the same batch for every model: one GEMM for all of them.
-        w0 = self.w[0]
-        return (h @ w0.view(w0.shape[0], -1)).view(h.shape[0], self.m, -1).transpose(0, 1)
+        # The first layer reads the same batch (B, n_in) for every model: broadcast, not copied.
+        return torch.bmm(h.expand(self.m, -1, -1), self.w[0])
+
+    def _activate(self, z: torch.Tensor) -> torch.Tensor:
+        if self.per_model_activation is None:
+            return self.activation(z)
+        a = z.clone()
+        for block in a.unbind(0):  # each model's (B, n) block alone: same rounding for any M
+            self.per_model_activation(block)
+        return a
 
     def forward(self, x: torch.Tensor, train: bool, saved: list | None = None,
                 probe: tuple[int, int] | None = None, probed: list | None = None,
@@ -116,7 +137,7 @@ class Stack:
                 z = z + self.b[l]
             if probe is not None and probe[0] == l:
                 probed.append(z[:, :, probe[1]])
-            a = self.activation(z)
+            a = self._activate(z)
             if saved is not None:
                 saved.append((h, z_hat, inv_std, a))
             h = a
@@ -138,7 +159,9 @@ class Stack:
         log_p = torch.log_softmax(logits, dim=2)
         target = y.view(1, -1, 1).expand(self.m, -1, 1)
         loss = -log_p.gather(2, target).squeeze(2).mean(dim=1)
-        g = torch.exp(log_p).scatter_add_(2, target, torch.full_like(log_p[..., :1], -1.0))
+        # softmax row by row (not exp over the whole tensor): each model's rows alike for any M
+        g = torch.softmax(logits, dim=2).scatter_add_(2, target,
+                                                       torch.full_like(log_p[..., :1], -1.0))
         g = g / x.shape[0] if scale is None else g * (scale / x.shape[0])  # d loss / d logits
         h_last = saved[-1][0]
         dw = [None] * (self.n_hidden + 1)
@@ -162,8 +185,7 @@ class Stack:
                 dw[l] = torch.bmm(h_in.transpose(1, 2), dz)
                 dh = torch.bmm(dz, self.w[l].transpose(1, 2))
             else:
-                flat = dz.transpose(0, 1).reshape(x.shape[0], -1)
-                dw[0] = (x.t() @ flat).view(self.w[0].shape)
+                dw[0] = torch.bmm(x.t().expand(self.m, -1, -1), dz)
         return loss, dw + db + [db_out] + dgamma + dbeta
 
     @torch.no_grad()
@@ -179,21 +201,16 @@ class Stack:
         newly = ~torch.isfinite(loss) & (self.diverged_at < 0)
         self.diverged_at.copy_(torch.where(newly, step, self.diverged_at))
 
-    def _per_model(self, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """Broadcast a (M, 1, 1) tensor against parameter p (the first weight is (in, M, out))."""
-        return t.view(1, self.m, 1) if p is self.w[0] else t
-
     def _clipped_steps(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """lr * clipped gradient, as torch.nn.utils.clip_grad_value_ / clip_grad_norm_."""
         t = self.kind.clip_threshold
         if self.kind.clip == "value":
-            return [g.clamp(-t, t) * self._per_model(self.lr, p)
-                    for g, p in zip(grads, self.params)]
-        squares = torch.zeros(self.m, device=grads[0].device)
-        for g, p in zip(grads, self.params):
-            squares += (g * g).sum(dim=(0, 2) if p is self.w[0] else (1, 2))
+            return [g.clamp(-t, t) * self.lr for g in grads]
+        squares = torch.zeros(self.m, device=grads[0].device, dtype=grads[0].dtype)
+        for g in grads:
+            squares += (g * g).sum(dim=(1, 2))
         coef = (t / (squares.sqrt() + 1e-6)).clamp(max=1.0).view(self.m, 1, 1) * self.lr
-        return [g * self._per_model(coef, p) for g, p in zip(grads, self.params)]
+        return [g * coef for g in grads]
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Every tensor a training step changes."""
@@ -205,17 +222,30 @@ class Stack:
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Inference-mode correct predictions per model, batched over the population; with a
         probe, also the 15/50/85th percentiles of that unit's activation input, (M, 3)."""
-        widest = max(w.shape[-1] for w in self.w)
-        rows = max(1, EVAL_ELEMENTS // (self.m * widest))
-        correct = torch.zeros(self.m, dtype=torch.long, device=x.device)
-        probed: list[torch.Tensor] = []
-        for start in range(0, x.shape[0], rows):
-            logits = self.forward(x[start:start + rows], train=False, probe=probe, probed=probed)
-            correct += (logits.argmax(dim=2) == y[start:start + rows]).sum(dim=1)
-        if not probed:
-            return correct, None
-        q = torch.tensor(PERCENTILES, device=x.device)
-        return correct, torch.quantile(torch.cat(probed, dim=1), q, dim=1).t()
+        widest = max([x.shape[1]] + [w.shape[-1] for w in self.w])
+        per_chunk = max(1, EVAL_ELEMENTS // (EVAL_ROWS * widest))
+        counts, percentiles = [], []
+        for lo in range(0, self.m, per_chunk):
+            part = self._models(lo, min(lo + per_chunk, self.m))
+            correct = torch.zeros(part.m, dtype=torch.long, device=x.device)
+            probed: list[torch.Tensor] = []
+            for start in range(0, x.shape[0], EVAL_ROWS):
+                rows = slice(start, start + EVAL_ROWS)
+                logits = part.forward(x[rows], train=False, probe=probe, probed=probed)
+                correct += (logits.argmax(dim=2) == y[rows]).sum(dim=1)
+            counts.append(correct)
+            if probed:
+                q = torch.tensor(PERCENTILES, device=x.device, dtype=x.dtype)
+                percentiles.append(torch.quantile(torch.cat(probed, dim=1), q, dim=1).t())
+        return torch.cat(counts), (torch.cat(percentiles) if percentiles else None)
+
+    def _models(self, lo: int, hi: int) -> Stack:
+        """Models lo..hi-1 as a stack of their own, sharing this stack's tensors (for inference)."""
+        part = copy.copy(self)
+        part.m = hi - lo
+        for name in ("w", "b", "gamma", "beta", "running_mean", "running_var"):
+            setattr(part, name, [t[lo:hi] for t in getattr(self, name)])
+        return part
 
     def model_state(self, i: int) -> dict[str, torch.Tensor]:
         """Model i's parameters and BN statistics, named as in models.MLP's state_dict."""
@@ -228,8 +258,7 @@ class Stack:
             target.copy_(state[key])
 
     def _named_views(self, i: int) -> dict[str, torch.Tensor]:
-        views = {f"linears.{l}.weight": w.t() for l, w in
-                 enumerate([self.w[0][:, i]] + [w[i] for w in self.w[1:]])}
+        views = {f"linears.{l}.weight": w[i].t() for l, w in enumerate(self.w)}
         biases = self.b if not self.batch_norm else [None] * self.n_hidden + self.b
         views.update({f"linears.{l}.bias": b[i, 0] for l, b in enumerate(biases) if b is not None})
         for l in range(len(self.gamma)):
