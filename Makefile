@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch and torchvision are pinned to the builds that pip finds on this kind of machine.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-all lint validate sweep extras seeds plot bench clean
+.PHONY: install demo test test-threads test-all lint validate sweep extras seeds plot bench clean
 
 $(BIN)/bnexp: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The suite's verdict must not depend on threads or parallel workers (see README).
+test-threads: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto
+	OMP_NUM_THREADS=4 $(BIN)/python -m pytest -q -n 2
 
 test-all: install
 	$(BIN)/python -m pytest -m ''

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -86,9 +87,9 @@ def _check_writable(out: Path) -> None:
     """Fail early, before any training, where results cannot be written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".bnexp-write-test"
-        probe.write_text("")
-        probe.unlink()
+        # A name of its own: two sweeps starting together must not remove each other's probe.
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".bnexp-write-test-"):
+            pass
     except OSError as exc:
         fail([f"{out}: results folder is not writable ({exc.strerror or exc})"])
 

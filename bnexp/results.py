@@ -21,6 +21,7 @@ import platform
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -131,13 +132,19 @@ def write_config(folder: Path, run: RunConfig) -> None:
                                                         sort_keys=False))
 
 
-def write_run(root: Path, result: RunResult, analyses: dict[str, dict] | None = None) -> Path:
-    """Write one run's folder; summary.json goes last, so its presence means complete."""
+def write_run(root: Path, result: RunResult, analyses: dict[str, dict] | None = None,
+              draw: Callable[[Path], object] | None = None) -> Path:
+    """Write one run's folder; summary.json goes last, so its presence means complete.
+
+    draw(folder) makes the run's figures from the files already written, before summary.json.
+    """
     folder = run_folder(root, result.config, result.device)
     write_config(folder, result.config)
     atomic_write(folder / "metrics.csv", metrics_csv(result))
     for name, data in (analyses or {}).items():
         atomic_write(folder / f"{name}.json", json.dumps(data, indent=2))
+    if draw is not None:
+        draw(folder)
     atomic_write(folder / "summary.json",
                  json.dumps(summary_record(result, folder.name), indent=2))
     (folder / "failed.json").unlink(missing_ok=True)
@@ -163,6 +170,24 @@ def read_checkpoint(folder: Path) -> dict | None:
     return torch.load(path, weights_only=True, map_location="cpu")
 
 
+# What a sweep writes into a run folder (while it holds the run's lock) and into an
+# experiment folder (while it holds the experiment's lock).
+RUN_FILES = ("config.yaml", "metrics.csv", "summary.json", "failed.json", "checkpoint.pt",
+             "curves.png", "inference_modes.json")
+EXPERIMENT_FILES = ("summary.csv", "summary.md", "environment.json")
+
+
+def remove_stale_temp_files(folder: Path, names: tuple[str, ...] = RUN_FILES) -> None:
+    """Delete temporary files that a killed writer of these names left behind.
+
+    Call only while holding the lock of folder: every writer of these names holds it too, so
+    any temporary file of theirs that exists now belongs to a process that died.
+    """
+    for name in names:
+        for tmp in folder.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
 def run_status(root: Path, run: RunConfig, device: str) -> str:
     """'new', 'complete', 'failed', or 'mismatch' (the folder holds another configuration)."""
     folder = run_folder(root, run, device)
@@ -182,17 +207,18 @@ def run_status(root: Path, run: RunConfig, device: str) -> str:
 
 
 class RunLock:
-    """An exclusive, non-blocking lock on one run folder; the OS drops it if the process dies."""
+    """An exclusive lock on one folder (non-blocking unless asked); the OS drops it if the
+    process dies."""
 
     def __init__(self, folder: Path):
         self.path = folder / ".lock"
         self._file = None
 
-    def acquire(self) -> bool:
+    def acquire(self, wait: bool = False) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a")
         try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._file, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             self._file.close()
             self._file = None
@@ -247,6 +273,16 @@ def summary_rows(experiment_dir: Path) -> list[dict]:
 
 def write_experiment_summary(experiment_dir: Path, device: str) -> None:
     """Rebuild the experiment's summary table and environment record from its run folders."""
+    lock = RunLock(experiment_dir)
+    lock.acquire(wait=True)  # two sweeps finishing together write one after the other
+    try:
+        remove_stale_temp_files(experiment_dir, EXPERIMENT_FILES)
+        _write_experiment_summary(experiment_dir, device)
+    finally:
+        lock.release()
+
+
+def _write_experiment_summary(experiment_dir: Path, device: str) -> None:
     rows = summary_rows(experiment_dir)
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=SUMMARY_FIELDS, lineterminator="\n")

@@ -134,12 +134,21 @@ def execute(planned: list[Planned], out: Path, data_dir: Path, *, force: bool = 
     splits = splits if splits is not None else load_data(todo, data_dir)
     locks, ready = [], []
     for p in todo:
-        lock = results.RunLock(results.run_folder(out, p.run, str(p.device)))
+        folder = results.run_folder(out, p.run, str(p.device))
+        lock = results.RunLock(folder)
         if not lock.acquire():
             outcomes.append(Outcome(p, "locked", error="another sweep is training this run"))
             continue
+        # Look again with the lock held: another sweep may have finished the run since plan().
+        now = results.run_status(out, p.run, str(p.device))
+        if now != p.status and now in ("complete", "mismatch") and not force:
+            lock.release()
+            outcomes.append(Outcome(p, "skipped" if now == "complete" else "mismatch",
+                                    error=None if now == "complete" else
+                                    "folder holds another configuration; not reused"))
+            continue
         locks.append(lock)
-        folder = results.run_folder(out, p.run, str(p.device))
+        results.remove_stale_temp_files(folder)
         results.write_config(folder, p.run)
         checkpoint = None if force else _usable_checkpoint(folder, p)
         ready.append((p, checkpoint))
@@ -155,14 +164,18 @@ def execute(planned: list[Planned], out: Path, data_dir: Path, *, force: bool = 
 
 
 def _usable_checkpoint(folder: Path, p: Planned) -> dict | None:
-    """A checkpoint to resume from: population engine only, and not past the run's end."""
+    """A checkpoint to resume from: population engine only, and not past the run's end.
+
+    A checkpoint at the run's last step is used too: the run is then only evaluated and
+    written, not trained again.
+    """
     if effective_engine(p.run) != "population":
         return None
     try:
         checkpoint = results.read_checkpoint(folder)
     except Exception:  # an unreadable checkpoint is ignored: the run starts over
         return None
-    if checkpoint is None or checkpoint.get("step", 0) >= p.run.steps:
+    if checkpoint is None or not 0 < checkpoint.get("step", 0) <= p.run.steps:
         return None
     return checkpoint
 
@@ -186,7 +199,6 @@ def _execute_batches(ready, out: Path, splits: dict[tuple[str, str], Split], fai
             continue
         for (p, _), result in zip(batch, trained):
             found = run_analyses(result, splits[key])
-            folder = results.write_run(out, result, found)
-            plots.plot_run(folder)
+            folder = results.write_run(out, result, found, draw=plots.plot_run)
             outcomes.append(Outcome(p, "done", folder, result, analyses=found))
             report(outcomes[-1])

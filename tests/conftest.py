@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -11,6 +12,14 @@ import pytest
 import torch
 
 from bnexp.data import Split
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, share the cores among the workers instead of oversubscribing them
+    (results do not depend on the thread count; only the wall time does)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 
 
 def synthetic_split(n_train: int = 3000, n_val: int = 500, n_test: int = 500,

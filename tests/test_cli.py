@@ -41,7 +41,7 @@ def test_run_writes_the_documented_layout(env):
     assert {p.name for p in run_dir.iterdir()} == {"config.yaml", "metrics.csv", "summary.json",
                                                  "curves.png", "checkpoint.pt", ".lock"}
     assert {p.name for p in exp.iterdir() if p.is_file()} == {"summary.csv", "summary.md",
-                                                            "environment.json"}
+                                                            "environment.json", ".lock"}
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["steps"] == 40 and config["lr"] == 0.5 and config["device"] == "cpu"
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))

@@ -282,3 +282,22 @@ def test_large_groups_are_split_into_populations():
     groups = group_runs(runs, max_networks=4)
     assert [len(g) for g in groups] == [2, 2, 1]
     assert [r for g in groups for r in g] == runs
+
+
+def test_numbers_do_not_change_while_the_machine_is_busy(split):
+    """Bytes under load equal bytes at rest: two processes keep every core busy meanwhile."""
+    import os
+    import subprocess
+    import sys
+
+    runs = [mixed_runs()[i] for i in (1, 3, 10)]
+    quiet = train_population(runs, split, CPU, keep_states=True)
+    spin = "import time\nend = time.time() + 120\nwhile time.time() < end: pass\n"
+    hogs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(os.cpu_count() or 2)]
+    try:
+        busy = train_population(runs, split, CPU, keep_states=True)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert [fingerprint(r) for r in busy] == [fingerprint(r) for r in quiet]

@@ -31,10 +31,12 @@ def sweep_in_process(path: Path, out: Path, *args: str):
     return CliRunner().invoke(app, ["sweep", str(path), "--out", str(out), *args])
 
 
-def start_sweep(path: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bnexp", "sweep", str(path), "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def start_sweep(path: Path, out: Path, *args: str, capture: bool = False) -> subprocess.Popen:
+    # Two threads whatever the machine: bounded on a 16-core GPU machine too (device: cpu).
+    return subprocess.Popen([sys.executable, "-m", "bnexp", "sweep", str(path), "--out", str(out),
+                             *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE if capture else subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"})
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> bool:
@@ -155,3 +157,27 @@ def test_edited_run_folder_is_reported_not_reused(grid, tmp_path):
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name not in
              ("summary.csv", "summary.md", "environment.json")}
     assert all(before[p] == data for p, data in after.items())
+
+
+def test_a_sweep_planned_before_another_finished_skips_what_it_finished(grid, tmp_path):
+    """Planned, then paused while another sweep trains everything: nothing is trained twice."""
+    from bnexp import config, sweep
+
+    out = tmp_path / "paused"
+    runs = config.expand_grid(config.load_spec(grid, ["steps=200"]))
+    late = sweep.plan(runs, out)  # this sweep stops here (think SIGSTOP) ...
+    assert sweep_in_process(grid, out, "--set", "steps=200").exit_code == 0  # ... another runs
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")}
+    outcomes = sweep.execute(late, out, Path(os.environ["BNEXP_DATA_DIR"]))
+    assert [o.status for o in outcomes] == ["skipped", "skipped"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")} == before
+
+
+def test_sweeps_starting_together_never_report_a_false_write_error(grid, tmp_path):
+    out = tmp_path / "together"
+    procs = [start_sweep(grid, out, "--set", "steps=300", capture=True) for _ in range(3)]
+    errors = [p.communicate(timeout=300)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    assert not any("not writable" in e for e in errors)
+    assert len(results_of(out)) == 2
+    assert not list(out.rglob("*.tmp"))
