@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from bnexp.config import (
     ConfigError,
@@ -124,3 +125,17 @@ def test_bn_needs_two_examples_per_batch():
     with pytest.raises(ConfigError, match="batch_size"):
         validate_spec({"name": "x", "batch_size": 1}, "mem")
     validate_spec({"name": "x", "batch_size": 1, "batch_norm": [False]}, "mem")
+
+
+def test_dtype_is_a_result_setting_that_keeps_float32_run_ids():
+    from bnexp.config import result_fields_of
+
+    f32 = RunConfig(experiment="x")
+    f64 = RunConfig(experiment="x", dtype="float64")
+    assert f32.run_id("cpu") != f64.run_id("cpu")
+    # Folders written before dtype existed hold no dtype key: they still match float32 runs.
+    on_disk = {k: v for k, v in f32.model_dump(mode="json").items() if k != "dtype"}
+    assert result_fields_of(on_disk) == f32.result_fields()
+    assert result_fields_of(f64.model_dump(mode="json")) != f32.result_fields()
+    with pytest.raises(ValidationError):
+        RunConfig(experiment="x", dtype="float16")
