@@ -63,10 +63,7 @@ def _load_runs(files: list[Path], overrides: list[str], seeds: int | None = None
     runs, problems = [], []
     for path in files:
         try:
-            spec = cfg.load_spec(path, overrides, allow_large)
-            if seeds is not None:
-                spec = cfg.with_seeds(spec, seeds)
-            runs.extend(cfg.expand_grid(spec))
+            runs.extend(cfg.expand_grid(cfg.load_spec(path, overrides, allow_large, seeds)))
         except cfg.ConfigError as exc:
             problems.extend(exc.problems)
     if problems:
@@ -206,7 +203,8 @@ def sweep_command(
     files: Annotated[list[Path] | None, typer.Argument(
         help=f"Experiment YAML files (default: {DEFAULT_GRID}).")] = None,
     seeds: Annotated[int | None, typer.Option(
-        "--seeds", min=1, help="Repeat every comparison with N seeds.")] = None,
+        "--seeds", min=1, max=cfg.MAX_RUNS,
+        help="Repeat every comparison with N seeds (seed .. seed+N-1).")] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="List the runs, train nothing.")] = False,
     fail_fast: Annotated[bool, typer.Option(

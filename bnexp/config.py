@@ -12,16 +12,18 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+
+from bnexp import safe_yaml
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "elu", "leaky_relu")
 DATASETS = ("mnist", "fashion-mnist")
@@ -32,15 +34,27 @@ GRID_AXES = ("lr", "activation", "init_scale", "init", "batch_norm", "seed", "st
              "norm", "arch")
 # A grid larger than this is almost always a typo (e.g. a range pasted as a list): it needs --yes.
 LARGE_GRID_RUNS = 1_000
+MAX_RUNS = 100_000  # even with --yes: each run is a folder of files
+# Bounds that keep a typo from asking for years of training or terabytes of weights.
+MAX_STEPS = 10**8
+TRAIN_EXAMPLES = 55_000  # MNIST and Fashion-MNIST: 60,000 training images less 5,000 validation
+MAX_WIDTH = 65_536
+MAX_PARAMETERS = 50_000_000  # per network
+IMAGE_PIXELS, CLASSES = 784, 10
 NON_RESULT_FIELDS = ("checkpoint_every",)
 
-PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-PositiveInt = Annotated[int, Field(gt=0)]
-Seed = Annotated[int, Field(ge=0, lt=2**63)]
+# Strict: true is not 1 and 1.5 is not a step count (YAML and pydantic would both convert).
+PositiveFloat = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
+PositiveInt = Annotated[int, Strict(), Field(gt=0)]
+Steps = Annotated[int, Strict(), Field(gt=0, le=MAX_STEPS)]
+BatchSize = Annotated[int, Strict(), Field(gt=0, le=TRAIN_EXAMPLES)]
+Width = Annotated[int, Strict(), Field(gt=0, le=MAX_WIDTH)]
+Flag = Annotated[bool, Strict()]
+Seed = Annotated[int, Strict(), Field(ge=0, lt=2**63)]
 Activation = Literal["relu", "sigmoid", "tanh", "elu", "leaky_relu"]
 InitScheme = Literal["normal", "xavier_uniform", "xavier_normal", "he_uniform", "he_normal"]
-Decay = Annotated[float, Field(gt=0, lt=1)]
-DropoutRate = Annotated[float, Field(ge=0, lt=1)]
+Decay = Annotated[float, Strict(), Field(gt=0, lt=1)]
+DropoutRate = Annotated[float, Strict(), Field(ge=0, lt=1)]
 ClipMode = Literal["none", "value", "norm"]
 BnPosition = Literal["before", "after"]
 Norm = Literal["batch", "layer", "group"]
@@ -66,27 +80,28 @@ class Settings(_Strict):
     # mlp: layers below. convnet: two 5x5 conv layers (conv_channels), 2x2 max-pooling after
     # each, one fully connected output layer; its norm acts per channel over batch, H and W.
     arch: Arch = "mlp"
-    layers: tuple[PositiveInt, ...] = (784, 100, 100, 100, 10)
-    conv_channels: tuple[PositiveInt, PositiveInt] = (16, 32)
+    layers: tuple[Width, ...] = (784, 100, 100, 100, 10)
+    conv_channels: tuple[Annotated[Width, Field(le=1024)], Annotated[Width, Field(le=1024)]] = (
+        16, 32)
     activation: Activation = "relu"
     lr: PositiveFloat = 0.01
     init: InitScheme = "normal"
     init_scale: PositiveFloat = 0.05  # std of the N(0, init_scale^2) initial weights (normal)
-    steps: PositiveInt = 50_000
+    steps: Steps = 50_000
     # Training length in examples instead of steps (equal data for different batch sizes):
     # when set, steps = ceil(examples / batch_size).
-    examples: PositiveInt | None = None
-    batch_size: PositiveInt = 60
-    eval_every: PositiveInt = 500
+    examples: Annotated[int, Strict(), Field(gt=0, le=MAX_STEPS * 60)] | None = None
+    batch_size: BatchSize = 60
+    eval_every: Steps = 500
     seed: Seed = 0
     # The variants trained side by side from identical weights and batches.
-    batch_norm: tuple[bool, ...] = Field((False, True), validate_default=True)
+    batch_norm: tuple[Flag, ...] = Field((False, True), validate_default=True)
     # The normaliser of the "batch_norm: true" variant: batch norm, or the batch-independent
     # layer norm or group norm (group_norm_groups groups) for comparison.
     norm: Norm = "batch"
-    group_norm_groups: PositiveInt = 10
+    group_norm_groups: Width = 10
     bn_decay: Decay = 0.99  # running averages: population = decay * population + (1-decay) * batch
-    bn_scale: bool = True  # learn gamma; false keeps it at 1
+    bn_scale: Flag = True  # learn gamma; false keeps it at 1
     bn_position: BnPosition = "before"  # batch norm before or after the activation
     bn_impl: Literal["torch", "manual"] = "torch"  # reference engine: nn.BatchNorm1d or by hand
     dropout: DropoutRate = 0.0  # after each hidden layer's activation (and BN)
@@ -94,8 +109,8 @@ class Settings(_Strict):
     clip_threshold: PositiveFloat = 1.0
     # Record the 15/50/85th percentiles of one hidden unit's activation input at every
     # evaluation (the BN paper's Figure 1): unit index in layer track_layer (-1 = last hidden).
-    track_unit: Annotated[int, Field(ge=0)] | None = None
-    track_layer: int = Field(-1, validate_default=True)
+    track_unit: Annotated[int, Strict(), Field(ge=0)] | None = None
+    track_layer: Annotated[int, Strict()] = Field(-1, validate_default=True)
     eval_split: Literal["validation", "test"] = "validation"  # the split of the curves
     analyses: tuple[Literal["inference_modes"], ...] = ()  # run on the final models
     engine: Literal["population", "reference"] = "population"
@@ -104,13 +119,20 @@ class Settings(_Strict):
     # float32 is what the lesson and the paper used.
     dtype: Literal["float32", "float64"] = "float32"
     # Save a resumable checkpoint at the first evaluation after every this many steps.
-    checkpoint_every: PositiveInt = 5_000
+    checkpoint_every: Steps = 5_000
 
     @field_validator("layers")
     @classmethod
     def _layers_shape(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if len(v) < 2:
             raise ValueError("needs at least an input and an output size, e.g. [784, 100, 10]")
+        if v[0] != IMAGE_PIXELS or v[-1] != CLASSES:
+            raise ValueError(f"the first size must be {IMAGE_PIXELS} (28x28 images) and the "
+                             f"last {CLASSES} (classes), e.g. [784, 100, 10]")
+        parameters = sum(a * b + b for a, b in zip(v[:-1], v[1:]))
+        if len(v) > 32 or parameters > MAX_PARAMETERS:
+            raise ValueError(f"{len(v) - 1} layers with {parameters:,} parameters; at most 31 "
+                             f"layers and {MAX_PARAMETERS:,} parameters")
         return v
 
     @field_validator("track_layer")
@@ -202,12 +224,12 @@ class GridAxes(_Strict):
     activation: list[Activation] | None = None
     init_scale: list[PositiveFloat] | None = None
     init: list[InitScheme] | None = None
-    batch_norm: list[bool] | None = None
+    batch_norm: list[Flag] | None = None
     seed: list[Seed] | None = None
-    steps: list[PositiveInt] | None = None
-    batch_size: list[PositiveInt] | None = None
+    steps: list[Steps] | None = None
+    batch_size: list[BatchSize] | None = None
     bn_decay: list[Decay] | None = None
-    bn_scale: list[bool] | None = None
+    bn_scale: list[Flag] | None = None
     bn_position: list[BnPosition] | None = None
     bn_impl: list[Literal["torch", "manual"]] | None = None
     dropout: list[DropoutRate] | None = None
@@ -228,7 +250,9 @@ class GridAxes(_Strict):
 class ExperimentSpec(Settings):
     """A YAML file: a name, base settings and an optional grid over some of them."""
 
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    # A plain folder name: no path separators, no leading dot (so never "." or ".."), short.
+    name: Annotated[str, Field(min_length=1, max_length=100,
+                               pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     description: str = ""
     grid: GridAxes = GridAxes()
 
@@ -252,6 +276,11 @@ def _format_error(source: str, err: dict) -> str:
         msg = "unknown key"
     elif err["type"] == "literal_error":
         msg = f"{msg}, got {err['input']!r}"
+    elif err["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    elif err["type"] == "string_pattern_mismatch":
+        msg = ("must be a plain name of letters, digits, '_', '.' and '-' that starts with a "
+               f"letter or digit, got {err['input']!r}")
     return f"{source}: {loc}: {msg}"
 
 
@@ -261,9 +290,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError([f"--set {text}: expected KEY=VALUE, e.g. --set lr=0.5"])
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        raise ConfigError([f"--set {text}: value is not valid YAML"]) from None
+        value = safe_yaml.parse(raw) if raw.strip() else None
+    except safe_yaml.YamlError as exc:
+        raise ConfigError([f"--set {text}: {exc}"]) from None
     return key.strip().split("."), value
 
 
@@ -285,34 +314,48 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def read_yaml(path: Path) -> dict:
-    """safe_load a YAML mapping, turning every failure into a one-line ConfigError."""
+    """Read a YAML mapping of plain values (bounded; see safe_yaml), every failure a one-line
+    ConfigError."""
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError([f"{path}: file not found"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path}: cannot read file ({exc.__class__.__name__})"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
-        raise ConfigError([f"{path}: invalid YAML at {where}"]) from None
+        data = safe_yaml.parse(safe_yaml.read_text(path))
+    except safe_yaml.YamlError as exc:
+        raise ConfigError([f"{path}: {exc}"]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: (top level): expected a mapping of keys to values"])
     return data
 
 
-def validate_spec(raw: dict, source: str, allow_large: bool = False) -> ExperimentSpec:
-    """Validate a raw mapping, raising ConfigError with every problem at once."""
+def _conflicts(raw: dict, source: str) -> list[str]:
+    """Settings that contradict each other before validation can see them."""
+    grid = raw.get("grid") if isinstance(raw.get("grid"), dict) else {}
+    if raw.get("examples") is not None and ("steps" in raw or "steps" in grid):
+        return [f"{source}: examples: sets steps to ceil(examples / batch_size); give steps "
+                "or examples, not both (e.g. --set examples=N instead of --steps)"]
+    return []
+
+
+def validate_spec(raw: dict, source: str, allow_large: bool = False, seeds: int | None = None,
+                  ) -> ExperimentSpec:
+    """Validate a raw mapping (with seeds: repeated over that many seeds), raising ConfigError
+    with every problem at once."""
+    problems = _conflicts(raw, source)
     try:
         spec = ExperimentSpec.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError([_format_error(source, e) for e in exc.errors()]) from None
+        raise ConfigError(problems + [_format_error(source, e) for e in exc.errors()]) from None
+    if problems:
+        raise ConfigError(problems)
     n = grid_size(spec)
-    if n > LARGE_GRID_RUNS and not allow_large:
-        raise ConfigError([f"{source}: grid: {n:,} runs is more than {LARGE_GRID_RUNS:,}; "
-                           "pass --yes to run it anyway"])
+    if seeds is not None:  # checked before the seed list is built: --seeds may be huge
+        n = n // len(spec.grid.seed or [0]) * seeds
+        if spec.seed + seeds > 2**63:
+            raise ConfigError([f"{source}: seed: {spec.seed} + --seeds {seeds} passes 2^63"])
+    if n > MAX_RUNS or (n > LARGE_GRID_RUNS and not allow_large):
+        limit = f"pass --yes to run up to {MAX_RUNS:,}" if n <= MAX_RUNS else "split the grid"
+        raise ConfigError([f"{source}: grid: {n:,} runs is more than "
+                           f"{LARGE_GRID_RUNS if n <= MAX_RUNS else MAX_RUNS:,}; {limit}"])
+    if seeds is not None:
+        spec = with_seeds(spec, seeds)
     try:  # combinations of valid values can still be invalid together
         expand_grid(spec)
     except ValidationError as exc:
@@ -321,10 +364,10 @@ def validate_spec(raw: dict, source: str, allow_large: bool = False) -> Experime
 
 
 def load_spec(path: Path, overrides: list[str] = (), allow_large: bool = False,
-              ) -> ExperimentSpec:
-    """Read, override and validate one experiment file."""
+              seeds: int | None = None) -> ExperimentSpec:
+    """Read, override and validate one experiment file (repeated over seeds where given)."""
     return validate_spec(apply_overrides(read_yaml(path), list(overrides)), str(path),
-                         allow_large)
+                         allow_large, seeds)
 
 
 def grid_size(spec: ExperimentSpec) -> int:

@@ -1,6 +1,7 @@
 """A corpus of bad input: each gives exit code 2, one clear line per problem naming the file
 and key, no traceback, and leaves everything already in results/ exactly as it was."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ CORPUS = sorted((Path(__file__).parent / "malformed").glob("*.yaml"))
 
 
 def expected_fragment(path: Path) -> str:
-    first = path.read_text().splitlines()[0]
+    first = path.read_bytes().split(b"\n")[0].decode()
     assert first.startswith("# expect: ")
     return first.removeprefix("# expect: ")
 
@@ -102,7 +103,7 @@ def test_other_bad_input(case, results_dir, tmp_path, monkeypatch):
         needles = ["nope.yaml", "file not found"]
     elif case == "folder as file":
         args[1] = str(tmp_path)
-        needles = [str(tmp_path), "cannot read"]
+        needles = [str(tmp_path), "is a folder"]
     elif case == "bad --set":
         args += ["--set", "lr"]
         needles = ["--set lr", "KEY=VALUE"]
@@ -118,3 +119,64 @@ def test_other_bad_input(case, results_dir, tmp_path, monkeypatch):
     result = CliRunner().invoke(app, args + ["--out", str(out)])
     assert_clean_failure(result, *needles)
     assert snapshot(results_dir) == before
+
+
+def fifo(tmp_path: Path) -> str:
+    path = tmp_path / "pipe.yaml"
+    os.mkfifo(path)
+    return str(path)
+
+
+def big_file(tmp_path: Path) -> str:
+    path = tmp_path / "big.yaml"
+    path.write_text("name: x\n" + "# padding\n" * 200_000)
+    return str(path)
+
+
+HOSTILE = {
+    # case: (file or a function of tmp_path making one, extra arguments, expected fragments)
+    "dev zero": ("/dev/zero", [], ["/dev/zero", "not a regular file"]),
+    "named pipe": (fifo, [], ["pipe.yaml", "not a regular file"]),
+    "huge file": (big_file, [], ["big.yaml", "at most"]),
+    "set name escapes": (None, ["--set", "name=.."], ["name:", "plain name"]),
+    "set name absolute": (None, ["--set", "name=/tmp/x"], ["name:", "plain name"]),
+    "set yaml bomb": (None, ["--set", "lr=!!binary aGk="], ["--set", "not supported"]),
+    "steps beside examples": ("examples", ["--steps", "200"], ["examples:", "not both"]),
+    "set huge steps": (None, ["--set", "steps=1000000000000"], ["steps:"]),
+    "seed near 2^63": (None, ["--seed", "9223372036854775807", "--seeds-placeholder"],
+                       ["seed:", "2^63"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_files_and_command_lines(case, results_dir, tmp_path, tiny_mnist, monkeypatch):
+    monkeypatch.setenv("BNEXP_DATA_DIR", str(tiny_mnist))
+    source, extra, needles = HOSTILE[case]
+    if source is None:
+        source = tmp_path / "ok.yaml"
+        source.write_text(GOOD)
+    elif source == "examples":
+        source = tmp_path / "ex.yaml"
+        source.write_text("name: ex\nexamples: 3000\ndevice: cpu\n")
+    elif callable(source):
+        source = source(tmp_path)
+    command = "run"
+    if "--seeds-placeholder" in extra:  # sweep only: --seeds
+        command, extra = "sweep", [e for e in extra if e != "--seeds-placeholder"]
+        extra = ["--set", f"seed={extra[1]}", "--seeds", "2"]
+    before = snapshot(results_dir)
+    result = CliRunner().invoke(app, [command, str(source), *extra, "--out", str(results_dir)])
+    assert_clean_failure(result, *needles)
+    assert snapshot(results_dir) == before
+    assert not (results_dir.parent / "summary.md").exists(), "nothing written above --out"
+
+
+@pytest.mark.parametrize("seeds, needle", [("2000", "pass --yes"), ("100000", "split the grid"),
+                                           ("1000000000000000000", "less than or equal")])
+def test_seeds_cannot_bypass_the_grid_guard(seeds, needle, results_dir, tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("name: g\ngrid:\n  lr: [0.1, 0.2]\n")
+    result = CliRunner().invoke(app, ["sweep", str(path), "--seeds", seeds, "--dry-run",
+                                      "--out", str(results_dir)])
+    assert result.exit_code == 2 and needle in result.output + result.stderr, result.output
+    assert "Traceback" not in result.output
