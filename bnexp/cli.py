@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -80,27 +81,39 @@ def _progress() -> Progress:
     )
 
 
-def _check_writable(out: Path) -> None:
-    """Fail early, before any training, where results cannot be written."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        # A name of its own: two sweeps starting together must not remove each other's probe.
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".bnexp-write-test-"):
-            pass
-    except OSError as exc:
-        fail([f"{out}: results folder is not writable ({exc.strerror or exc})"])
+def _check_writable(out: Path, experiments: set[str]) -> None:
+    """Fail early, before any training and without creating anything, where results cannot
+    be written: the results folder and each experiment's folder that exists already."""
+    problems = []
+    for folder in [out] + [out / name for name in sorted(experiments)]:
+        if folder.exists() and not folder.is_dir():
+            problems.append(f"{folder}: is a file, not a folder; move it away")
+        elif folder.is_dir():
+            try:  # a name of its own: sweeps starting together must not remove each other's
+                with tempfile.NamedTemporaryFile(dir=folder, prefix=".bnexp-write-test-"):
+                    pass
+            except OSError as exc:
+                problems.append(f"{folder}: results folder is not writable "
+                                f"({exc.strerror or exc})")
+        elif folder == out:
+            parent = next(p for p in [out, *out.parents] if p.exists())
+            if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+                problems.append(f"{out}: results folder is not writable (cannot create it "
+                                f"in {parent})")
+    if problems:
+        fail(problems)
 
 
 def _execute(planned: list[sweep.Planned], out: Path, data_dir: Path | None, label: str,
              force: bool = False, fail_fast: bool = False, retry_failed: bool = False,
              ) -> list[sweep.Outcome]:
-    _check_writable(out)
     todo = sweep.to_train(planned, force, retry_failed)
     folder = resolve_data_dir(data_dir)
     try:  # loaded here once to fail cleanly before any progress output; cached below
         splits = sweep.load_data(todo, folder)
     except DataError as exc:
         fail([str(exc)])
+    _check_writable(out, {p.run.experiment for p in planned})
     with _progress() as progress:
         task = progress.add_task(label, total=max(sweep.network_steps(todo), 1), rate="")
 
@@ -110,8 +123,13 @@ def _execute(planned: list[sweep.Planned], out: Path, data_dir: Path | None, lab
             if speed:
                 progress.update(task, rate=f"{speed:,.0f} net-steps/s")
 
-        return sweep.execute(planned, out, folder, force=force, retry_failed=retry_failed,
-                             fail_fast=fail_fast, progress=advance, splits=splits)
+        try:
+            return sweep.execute(planned, out, folder, force=force, retry_failed=retry_failed,
+                                 fail_fast=fail_fast, progress=advance, splits=splits)
+        except sweep.ResultsUnwritable as exc:
+            progress.stop()
+            fail([str(exc)])
+    raise AssertionError("unreachable")
 
 
 def _accuracy_table(outcomes: list[sweep.Outcome]) -> Table:
@@ -152,15 +170,16 @@ def run(
         if outcome.status == "skipped":
             err_console.print(f"skipped {outcome.planned.run_id}: already complete "
                               "(use --force to retrain)")
-        elif outcome.status in ("locked", "mismatch"):
-            err_console.print(f"{outcome.status} {outcome.planned.run_id}: {outcome.error}")
+        elif outcome.status in ("locked", "mismatch", "damaged"):
+            err_console.print(f"{outcome.status} {outcome.planned.run_id}: {outcome.error}",
+                              markup=False, highlight=False, soft_wrap=True)
     if any(o.result for o in outcomes):
         out_console.print(_accuracy_table(outcomes))
     for outcome in outcomes:
         for line in _analysis_lines(outcome.analyses or {}):
             out_console.print(line, markup=False, highlight=False, soft_wrap=True)
     out_console.print(f"results in {out / runs[0].experiment}")
-    if _report_failures(outcomes):
+    if _report_failures(outcomes) or any(o.status == "damaged" for o in outcomes):
         raise typer.Exit(1)
 
 
@@ -243,10 +262,10 @@ def sweep_command(
     out_console.print(table)
     _report_failures(outcomes)
     counts = {s: sum(o.status == s for o in outcomes)
-              for s in ("done", "skipped", "failed", "locked", "mismatch")}
+              for s in ("done", "skipped", "failed", "locked", "mismatch", "damaged")}
     out_console.print(", ".join(f"{n} {s}" for s, n in counts.items() if n or s in
                                 ("done", "skipped", "failed")))
-    if counts["failed"]:
+    if counts["failed"] or counts["damaged"]:
         raise typer.Exit(1)
 
 

@@ -51,6 +51,9 @@ BatchSize = Annotated[int, Strict(), Field(gt=0, le=TRAIN_EXAMPLES)]
 Width = Annotated[int, Strict(), Field(gt=0, le=MAX_WIDTH)]
 Flag = Annotated[bool, Strict()]
 Seed = Annotated[int, Strict(), Field(ge=0, lt=2**63)]
+# A plain folder name: no path separators, no leading dot (so never "." or ".."), short.
+PlainName = Annotated[str, Field(min_length=1, max_length=100,
+                                 pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 Activation = Literal["relu", "sigmoid", "tanh", "elu", "leaky_relu"]
 InitScheme = Literal["normal", "xavier_uniform", "xavier_normal", "he_uniform", "he_normal"]
 Decay = Annotated[float, Strict(), Field(gt=0, lt=1)]
@@ -179,7 +182,7 @@ def _derive_steps(data: Any) -> Any:
 class RunConfig(Settings):
     """One fully resolved comparison: the unit that gets a results folder."""
 
-    experiment: str
+    experiment: PlainName
 
     @model_validator(mode="before")
     @classmethod
@@ -250,9 +253,7 @@ class GridAxes(_Strict):
 class ExperimentSpec(Settings):
     """A YAML file: a name, base settings and an optional grid over some of them."""
 
-    # A plain folder name: no path separators, no leading dot (so never "." or ".."), short.
-    name: Annotated[str, Field(min_length=1, max_length=100,
-                               pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    name: PlainName  # the results folder: results/<name>/
     description: str = ""
     grid: GridAxes = GridAxes()
 

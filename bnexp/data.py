@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torchvision.datasets import MNIST, FashionMNIST
+from torchvision.datasets.utils import check_integrity
 
 DATASET_CLASSES = {"mnist": MNIST, "fashion-mnist": FashionMNIST}
 RAW_FILES = (
@@ -76,17 +79,42 @@ def _stage_flat_files(folder: Path, cls: type[MNIST]) -> Path:
     raw.mkdir(parents=True, exist_ok=True)
     for name in RAW_FILES:
         target = raw / name.removesuffix(".gz")
-        if target.exists():
+        # The unpacked copy is used only while its source is unchanged: a .gz replaced or
+        # repaired since is unpacked again.
+        stamp = target.with_name(target.name + ".source")
+        source = _sha256(folder / name)
+        if target.is_file() and stamp.is_file() and stamp.read_text() == source:
             continue
         tmp = target.with_suffix(".tmp")
         try:
             with gzip.open(folder / name, "rb") as fin, open(tmp, "wb") as fout:
                 shutil.copyfileobj(fin, fout)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             tmp.unlink(missing_ok=True)
             raise DataError(f"{folder / name}: cannot unpack ({exc})") from None
         os.replace(tmp, target)
+        stamp.write_text(source)
     return root
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_archives(raw: Path, cls: type[MNIST]) -> None:
+    """An archive torchvision would unpack must be the published file (its md5), else say
+    which one is damaged: torchvision would treat it as missing and try to download it."""
+    if all((raw / name.removesuffix(".gz")).is_file() for name in RAW_FILES):
+        return  # already unpacked: torchvision reads those and never opens the archives
+    for name, md5 in cls.resources:
+        path = raw / name
+        if path.is_file() and not check_integrity(str(path), md5):
+            raise DataError(f"{path}: damaged or truncated (its md5 is not the published "
+                            "file's); replace it, or delete it to download it again")
 
 
 def _dataset_root(data_dir: Path, cls: type[MNIST], system_dir: Path | None) -> Path:
@@ -101,7 +129,12 @@ def _dataset_root(data_dir: Path, cls: type[MNIST], system_dir: Path | None) -> 
 
 def _load(dataset: str, data_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     cls = DATASET_CLASSES[dataset]
-    root = _dataset_root(data_dir, cls, SYSTEM_DIRS.get(dataset))
+    try:
+        root = _dataset_root(data_dir, cls, SYSTEM_DIRS.get(dataset))
+        _check_archives(root / cls.__name__ / "raw", cls)
+    except OSError as exc:  # an unreadable folder or cache
+        where = exc.filename or data_dir
+        raise DataError(f"{where}: cannot read {dataset} data ({exc.strerror or exc})") from None
     try:
         ds = cls(str(root), train=train, download=True)
     except Exception as exc:  # torchvision raises RuntimeError, URLError, OSError, ...
@@ -118,6 +151,21 @@ def _load(dataset: str, data_dir: Path, train: bool) -> tuple[torch.Tensor, torc
     return ds.data, ds.targets
 
 
+def _check_contents(dataset: str, data_dir: Path, part: str, images: torch.Tensor,
+                    labels: torch.Tensor) -> None:
+    """What training relies on: 28x28 images, one label per image, labels 0..9."""
+    problem = None
+    if images.dim() != 3 or tuple(images.shape[1:]) != (28, 28):
+        problem = f"images of shape {tuple(images.shape[1:])}, not 28x28"
+    elif labels.shape != (images.shape[0],):
+        problem = f"{labels.numel()} labels for {images.shape[0]} images"
+    elif labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) <= 9:
+        problem = f"labels from {int(labels.min())} to {int(labels.max())}, not 0..9"
+    if problem:
+        raise DataError(f"{dataset}: the {part} files under {data_dir} hold {problem} "
+                        "(damaged files?)")
+
+
 def _flatten(images: torch.Tensor) -> torch.Tensor:
     return images.reshape(images.shape[0], -1).to(torch.float32) / 255.0
 
@@ -129,6 +177,9 @@ def load_split(
     """The lesson's split: validation = first 5,000 training images, train = the rest."""
     train_images, train_labels = _load(dataset, data_dir, train=True)
     test_images, test_labels = _load(dataset, data_dir, train=False)
+    for part, images, labels in (("training", train_images, train_labels),
+                                 ("test", test_images, test_labels)):
+        _check_contents(dataset, data_dir, part, images, labels)
     if train_images.shape[0] <= validation_size:
         raise DataError(f"{dataset}: only {train_images.shape[0]} training images in {data_dir}")
     x, y = _flatten(train_images), train_labels.long()

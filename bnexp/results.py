@@ -28,6 +28,7 @@ import torch
 import yaml
 
 import bnexp
+from bnexp import safe_yaml
 from bnexp.config import RunConfig, result_fields_of
 from bnexp.engine import RunResult
 
@@ -188,22 +189,70 @@ def remove_stale_temp_files(folder: Path, names: tuple[str, ...] = RUN_FILES) ->
             tmp.unlink(missing_ok=True)
 
 
-def run_status(root: Path, run: RunConfig, device: str) -> str:
-    """'new', 'complete', 'failed', or 'mismatch' (the folder holds another configuration)."""
-    folder = run_folder(root, run, device)
+class DamagedRun(Exception):
+    """A run folder whose files cannot be read back; the message says which and why."""
+
+
+def read_config(folder: Path) -> dict:
+    """A run's config.yaml as a mapping (bounded, plain values); DamagedRun otherwise."""
     try:
-        on_disk = yaml.safe_load((folder / "config.yaml").read_text())
-    except FileNotFoundError:
-        return "new"
-    except (OSError, yaml.YAMLError):
-        return "mismatch"
-    if not isinstance(on_disk, dict) or result_fields_of(on_disk) != run.result_fields():
-        return "mismatch"
-    if (folder / "summary.json").is_file():
-        return "complete"
+        config = safe_yaml.parse(safe_yaml.read_text(folder / "config.yaml"))
+    except safe_yaml.YamlError as exc:
+        raise DamagedRun(f"config.yaml {exc}") from None
+    if not isinstance(config, dict):
+        raise DamagedRun("config.yaml does not hold a configuration")
+    return config
+
+
+def read_summary(folder: Path) -> dict:
+    """A run's summary.json, checked for what the tables need; DamagedRun otherwise."""
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        models = summary["models"]
+        for model in models.values():
+            for key in ("final_val_acc", "final_test_acc", "diverged_step"):
+                model[key]  # noqa: B018 - present, or the summary is damaged
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DamagedRun(f"summary.json cannot be read ({type(exc).__name__})") from None
+    return summary
+
+
+def check_run(folder: Path) -> None:
+    """Raise DamagedRun unless a finished run's config, summary and metrics all read back."""
+    config = read_config(folder)
+    summary = read_summary(folder)
+    for key in ("activation", "lr", "init_scale", "seed", "steps"):
+        if key not in config:
+            raise DamagedRun(f"config.yaml has no {key}")
+    curves = read_metrics(folder)
+    missing = set(summary["models"]) - set(curves)
+    if missing:
+        raise DamagedRun(f"metrics.csv has no rows for {', '.join(sorted(missing))}")
+
+
+def run_status(root: Path, run: RunConfig, device: str) -> tuple[str, str | None]:
+    """('new' | 'complete' | 'failed' | 'mismatch' | 'damaged', why) for a run's folder.
+
+    'mismatch': the folder holds another configuration; 'damaged': its files do not read back.
+    """
+    folder = run_folder(root, run, device)
+    if not (folder / "config.yaml").exists():
+        return "new", None
+    try:
+        on_disk = read_config(folder)
+    except DamagedRun as exc:
+        return "damaged", str(exc)
+    if result_fields_of(on_disk) != run.result_fields():
+        return "mismatch", "folder holds another configuration; not reused"
+    if (folder / "summary.json").exists():
+        try:
+            check_run(folder)
+        except DamagedRun as exc:
+            return "damaged", str(exc)
+        return "complete", None
     if (folder / "failed.json").is_file():
-        return "failed"
-    return "new"
+        return "failed", None
+    return "new", None
 
 
 class RunLock:
@@ -234,7 +283,14 @@ class RunLock:
 
 def read_metrics(folder: Path) -> dict[str, dict[str, list[float]]]:
     """metrics.csv -> {model: {"step": [...], "val_acc": [...], "train_loss": [...]}}, plus
-    "p15", "p50", "p85" where a unit was tracked."""
+    "p15", "p50", "p85" where a unit was tracked; DamagedRun where it does not read back."""
+    try:
+        return _read_metrics(folder)
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError, KeyError, TypeError) as exc:
+        raise DamagedRun(f"metrics.csv cannot be read ({type(exc).__name__})") from None
+
+
+def _read_metrics(folder: Path) -> dict[str, dict[str, list[float]]]:
     curves: dict[str, dict[str, list[float]]] = {}
     with open(folder / "metrics.csv", newline="") as f:
         reader = csv.DictReader(f)
@@ -247,19 +303,44 @@ def read_metrics(folder: Path) -> dict[str, dict[str, list[float]]]:
             curve["train_loss"].append(float(row["train_loss"]) if row["train_loss"] else math.nan)
             for column in extra:
                 curve[column].append(float(row[column]))
+    if not curves:
+        raise ValueError("no rows")
     return curves
 
 
 def run_folders(experiment_dir: Path) -> list[Path]:
-    """Finished run folders of one experiment, sorted by name."""
+    """Finished, intact run folders of one experiment, sorted by name (see damaged_runs)."""
+    return [folder for folder in _finished(experiment_dir) if _intact(folder)]
+
+
+def damaged_runs(experiment_dir: Path) -> list[tuple[Path, str]]:
+    """Finished run folders whose files do not read back, with why."""
+    found = []
+    for folder in _finished(experiment_dir):
+        try:
+            check_run(folder)
+        except DamagedRun as exc:
+            found.append((folder, str(exc)))
+    return found
+
+
+def _finished(experiment_dir: Path) -> list[Path]:
     return sorted(p.parent for p in experiment_dir.glob("*/summary.json"))
+
+
+def _intact(folder: Path) -> bool:
+    try:
+        check_run(folder)
+    except DamagedRun:
+        return False
+    return True
 
 
 def summary_rows(experiment_dir: Path) -> list[dict]:
     rows = []
     for folder in run_folders(experiment_dir):
-        summary = json.loads((folder / "summary.json").read_text())
-        config = yaml.safe_load((folder / "config.yaml").read_text())
+        summary = read_summary(folder)
+        config = read_config(folder)
         for name, model in summary["models"].items():
             rows.append({
                 "run_id": folder.name, "model": name, "activation": config["activation"],

@@ -6,6 +6,7 @@ or write the same run; a killed sweep leaves only complete files and checkpoints
 
 from __future__ import annotations
 
+import errno
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch
 from bnexp import plots, results
 from bnexp.analyses import run_analyses
 from bnexp.config import RunConfig
-from bnexp.data import Split, load_split
+from bnexp.data import DataError, Split, load_split
 from bnexp.engine import (
     RunResult,
     effective_engine,
@@ -32,7 +33,8 @@ class Planned:
     run: RunConfig
     device: torch.device
     run_id: str
-    status: str  # as results.run_status: "new", "complete", "failed" or "mismatch"
+    status: str  # as results.run_status: "new", "complete", "failed", "mismatch", "damaged"
+    why: str | None = None  # for "mismatch" and "damaged"
 
     @property
     def complete(self) -> bool:
@@ -42,7 +44,7 @@ class Planned:
 @dataclass
 class Outcome:
     planned: Planned
-    status: str  # "done", "skipped", "failed", "locked" or "mismatch"
+    status: str  # "done", "skipped", "failed", "locked", "mismatch" or "damaged"
     folder: Path | None = None
     result: RunResult | None = None
     error: str | None = None
@@ -54,8 +56,8 @@ def plan(runs: list[RunConfig], out: Path) -> list[Planned]:
     planned = []
     for run in runs:
         device = resolve_device(run.device)
-        status = results.run_status(out, run, str(device))
-        planned.append(Planned(run, device, run.run_id(str(device)), status))
+        status, why = results.run_status(out, run, str(device))
+        planned.append(Planned(run, device, run.run_id(str(device)), status, why))
     return planned
 
 
@@ -65,7 +67,7 @@ def to_train(planned: list[Planned], force: bool = False, retry_failed: bool = F
     if retry_failed:
         return [p for p in planned if p.status == "failed"]
     if force:
-        return [p for p in planned if p.status != "mismatch"]
+        return [p for p in planned if p.status != "mismatch"]  # damaged: retrained
     return [p for p in planned if p.status in ("new", "failed")]
 
 
@@ -111,7 +113,13 @@ def _train(batch, split: Split, out: Path, progress: Progress | None) -> list[Ru
 def load_data(todo: list[Planned], data_dir: Path) -> dict[tuple[str, str], Split]:
     """Every split the runs need, by (dataset, device); raises DataError before any write."""
     keys = {(p.run.dataset, str(p.device)) for p in todo}
-    return {key: load_split(key[0], data_dir, torch.device(key[1])) for key in sorted(keys)}
+    splits = {key: load_split(key[0], data_dir, torch.device(key[1])) for key in sorted(keys)}
+    for p in todo:  # the files decide how many training images there are
+        n = splits[(p.run.dataset, str(p.device))].train_x.shape[0]
+        if p.run.batch_size > n:
+            raise DataError(f"{p.run.experiment}: batch_size {p.run.batch_size} is more than "
+                            f"the {n:,} training images of {p.run.dataset} in {data_dir}")
+    return splits
 
 
 def execute(planned: list[Planned], out: Path, data_dir: Path, *, force: bool = False,
@@ -125,14 +133,31 @@ def execute(planned: list[Planned], out: Path, data_dir: Path, *, force: bool = 
     """
     todo = to_train(planned, force, retry_failed)
     chosen = {id(p) for p in todo}
-    outcomes = [Outcome(p, "mismatch" if p.status == "mismatch" else "skipped",
-                        error="folder holds another configuration; not reused"
-                        if p.status == "mismatch" else None)
-                for p in planned if id(p) not in chosen]
+    outcomes = [_set_aside(p) for p in planned if id(p) not in chosen]
     report = on_outcome or (lambda outcome: None)
     # Data first: a data error is the user's to fix, and must leave results/ untouched.
     splits = splits if splits is not None else load_data(todo, data_dir)
-    locks, ready = [], []
+    locks: list[results.RunLock] = []
+    try:
+        _lock_and_train(todo, out, splits, force, fail_fast, progress, outcomes, report, locks)
+        for experiment in sorted({p.run.experiment for p in planned}):
+            if results.run_folders(out / experiment):
+                results.write_experiment_summary(out / experiment, str(planned[0].device))
+    except OSError as exc:
+        disk = _disk_error(exc)
+        if disk is None:
+            raise
+        raise disk from None
+    finally:
+        for lock in locks:
+            lock.release()
+    return outcomes
+
+
+def _lock_and_train(todo: list[Planned], out: Path, splits, force: bool, fail_fast: bool,
+                    progress, outcomes: list[Outcome], report, locks: list) -> None:
+    """Lock every run to train (the others are outcomes already), then train them."""
+    ready = []
     for p in todo:
         folder = results.run_folder(out, p.run, str(p.device))
         lock = results.RunLock(folder)
@@ -140,27 +165,27 @@ def execute(planned: list[Planned], out: Path, data_dir: Path, *, force: bool = 
             outcomes.append(Outcome(p, "locked", error="another sweep is training this run"))
             continue
         # Look again with the lock held: another sweep may have finished the run since plan().
-        now = results.run_status(out, p.run, str(p.device))
-        if now != p.status and now in ("complete", "mismatch") and not force:
+        now, why = results.run_status(out, p.run, str(p.device))
+        if now != p.status and now in ("complete", "mismatch", "damaged") and not force:
             lock.release()
-            outcomes.append(Outcome(p, "skipped" if now == "complete" else "mismatch",
-                                    error=None if now == "complete" else
-                                    "folder holds another configuration; not reused"))
+            outcomes.append(_set_aside(Planned(p.run, p.device, p.run_id, now, why)))
             continue
         locks.append(lock)
         results.remove_stale_temp_files(folder)
         results.write_config(folder, p.run)
         checkpoint = None if force else _usable_checkpoint(folder, p)
         ready.append((p, checkpoint))
-    try:
-        _execute_batches(ready, out, splits, fail_fast, progress, outcomes, report)
-    finally:
-        for lock in locks:
-            lock.release()
-    for experiment in sorted({p.run.experiment for p in planned}):
-        if results.run_folders(out / experiment):
-            results.write_experiment_summary(out / experiment, str(planned[0].device))
-    return outcomes
+    _execute_batches(ready, out, splits, fail_fast, progress, outcomes, report)
+
+
+def _set_aside(p: Planned) -> Outcome:
+    """The outcome of a run that is not trained: finished, or a folder left untouched."""
+    if p.status == "damaged":
+        return Outcome(p, "damaged", error=f"{p.why}; left as it is: delete the folder or "
+                       "pass --force to train the run again")
+    if p.status == "mismatch":
+        return Outcome(p, "mismatch", error=p.why)
+    return Outcome(p, "skipped")
 
 
 def _usable_checkpoint(folder: Path, p: Planned) -> dict | None:
@@ -180,25 +205,54 @@ def _usable_checkpoint(folder: Path, p: Planned) -> dict | None:
     return checkpoint
 
 
+class ResultsUnwritable(Exception):
+    """The results folder refused a write (disk full, read-only, ...): the sweep stops; what
+    was finished is kept and the rest resumes from its checkpoints on the next run."""
+
+
+# Errors of the disk, not of a run: retrying another run would fail the same way.
+DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO)
+
+
+def _disk_error(exc: BaseException) -> ResultsUnwritable | None:
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
+        where = exc.filename or "the results folder"
+        return ResultsUnwritable(f"{where}: {exc.strerror}; finished runs are kept, and "
+                                 "running the command again resumes the rest")
+    return None
+
+
 def _execute_batches(ready, out: Path, splits: dict[tuple[str, str], Split], fail_fast: bool,
                      progress: Progress | None, outcomes: list[Outcome], report) -> None:
     for batch in _batches(ready):
-        first = batch[0][0]
-        key = (first.run.dataset, str(first.device))
         try:
-            trained = _train(batch, splits[key], out, progress)
-        except Exception as exc:  # one failing population must not stop the others
-            detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
-            for p, _ in batch:
-                results.write_failure(results.run_folder(out, p.run, str(p.device)), p.run,
-                                      detail)
-                outcomes.append(Outcome(p, "failed", error=detail))
-                report(outcomes[-1])
+            _execute_batch(batch, out, splits, progress, outcomes, report)
+        except _BatchFailed:
             if fail_fast:
                 return
-            continue
-        for (p, _), result in zip(batch, trained):
-            found = run_analyses(result, splits[key])
-            folder = results.write_run(out, result, found, draw=plots.plot_run)
-            outcomes.append(Outcome(p, "done", folder, result, analyses=found))
+
+
+class _BatchFailed(Exception):
+    """A population failed to train; its runs were recorded as failed."""
+
+
+def _execute_batch(batch, out: Path, splits, progress, outcomes: list[Outcome], report) -> None:
+    """Train one population and write its runs; _BatchFailed where training failed."""
+    first = batch[0][0]
+    key = (first.run.dataset, str(first.device))
+    try:
+        trained = _train(batch, splits[key], out, progress)
+    except Exception as exc:  # one failing population must not stop the others
+        if _disk_error(exc):
+            raise
+        detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        for p, _ in batch:
+            results.write_failure(results.run_folder(out, p.run, str(p.device)), p.run, detail)
+            outcomes.append(Outcome(p, "failed", error=detail))
             report(outcomes[-1])
+        raise _BatchFailed from None
+    for (p, _), result in zip(batch, trained):
+        found = run_analyses(result, splits[key])
+        folder = results.write_run(out, result, found, draw=plots.plot_run)
+        outcomes.append(Outcome(p, "done", folder, result, analyses=found))
+        report(outcomes[-1])
