@@ -20,7 +20,7 @@ from rich.progress import (
 from rich.table import Table
 
 from bnexp import config as cfg
-from bnexp import plots, report, sweep
+from bnexp import plots, report, results, sweep
 from bnexp.data import DataError, resolve_data_dir
 from bnexp.engine import effective_engine
 
@@ -230,6 +230,8 @@ def sweep_command(
         "--fail-fast", help="Stop at the first failure.")] = False,
     retry_failed: Annotated[bool, typer.Option(
         "--retry-failed", help="Train only the runs whose last attempt failed.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Retrain every run, finished or damaged ones too.")] = False,
     device: DeviceOption = None,
     out: OutOption = Path("results"),
     data_dir: DataDirOption = None,
@@ -244,14 +246,14 @@ def sweep_command(
         table = Table(title=f"{len(planned)} runs (dry run)")
         for column in ("experiment", "run", "device", "engine", "status"):
             table.add_column(column, overflow="fold")
-        chosen = {id(p) for p in sweep.to_train(planned, retry_failed=retry_failed)}
+        chosen = {id(p) for p in sweep.to_train(planned, force, retry_failed)}
         for p in planned:
             status = "would train" if id(p) in chosen else f"{p.status}, would skip"
             table.add_row(p.run.experiment, p.run_id, str(p.device), effective_engine(p.run),
                           status)
         out_console.print(table)
         return
-    outcomes = _execute(planned, out, data_dir, "sweep", fail_fast=fail_fast,
+    outcomes = _execute(planned, out, data_dir, "sweep", force=force, fail_fast=fail_fast,
                         retry_failed=retry_failed)
     table = Table(title="Sweep")
     for column in ("experiment", "run", "status", "detail"):
@@ -290,12 +292,23 @@ def plot(root: Annotated[Path, typer.Argument(help="Results folder to redraw.")]
     """Redraw every figure under a results folder from the files on disk."""
     if not root.is_dir():
         fail([f"{root}: no such results folder"])
-    paths = plots.plot_tree(root)
-    experiments = {p.parent.parent for p in root.rglob("summary.json")
-                   if (p.parent / "config.yaml").is_file()}
-    for experiment in sorted(experiments):
-        paths += report.draw_figures(experiment)
+    try:
+        paths, damaged = plots.plot_tree(root)
+        experiments = {p.parent.parent for p in root.rglob("summary.json")
+                       if (p.parent / "config.yaml").is_file()}
+        for experiment in sorted(experiments):
+            paths += report.draw_figures(experiment)
+    except OSError as exc:
+        fail([f"{exc.filename or root}: cannot write a figure ({exc.strerror or exc})"])
+    _warn_damaged(damaged)
     out_console.print(f"drew {len(paths)} figure(s) under {root}")
+
+
+def _warn_damaged(damaged: list[tuple[Path, str]]) -> None:
+    for folder, why in damaged:
+        err_console.print(f"damaged {folder}: {why}; left out (delete the folder, or rerun the "
+                          "sweep with --force, to train it again)", markup=False,
+                          highlight=False, soft_wrap=True)
 
 
 @app.command("report")
@@ -310,6 +323,9 @@ def report_command(
         md, page = report.write_report(experiment)
     except FileNotFoundError as exc:
         fail([str(exc)])
+    except OSError as exc:
+        fail([f"{exc.filename or experiment}: cannot write the report ({exc.strerror or exc})"])
+    _warn_damaged(results.damaged_runs(experiment))
     cells = report.collect_cells(experiment)
     table = Table(title=f"{experiment.name}: comparison over seeds")
     for column in report.TABLE_HEADER:

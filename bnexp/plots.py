@@ -9,9 +9,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import yaml  # noqa: E402
 
-from bnexp.results import atomic_write, read_metrics  # noqa: E402
+from bnexp.results import (  # noqa: E402
+    DamagedRun,
+    atomic_write,
+    check_run,
+    read_config,
+    read_metrics,
+)
 
 LABELS = {"plain": "Without Batch Norm", "bn": "With Batch Norm", "ln": "With Layer Norm",
           "gn": "With Group Norm"}
@@ -22,7 +27,7 @@ def plot_run(folder: Path) -> Path:
     """Accuracy vs training steps for every model of a run, as in the lesson; where a unit was
     tracked, its input's 15/50/85th percentiles beside it (the BN paper's Figure 1)."""
     curves = read_metrics(folder)
-    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config = read_config(folder)
     tracked = all("p50" in c for c in curves.values())
     fig, axes = plt.subplots(1, 1 + len(curves) * tracked, squeeze=False,
                              figsize=(8 + 4 * len(curves) * tracked, 4.5))
@@ -52,10 +57,17 @@ def plot_run(folder: Path) -> Path:
     return _save(fig, folder / "curves.png")
 
 
-def plot_tree(root: Path) -> list[Path]:
-    """Redraw the figure of every finished run found under root."""
-    return [plot_run(summary.parent) for summary in sorted(root.rglob("summary.json"))
-            if (summary.parent / "metrics.csv").is_file()]
+def plot_tree(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Redraw the figure of every finished run found under root: (figures, damaged runs)."""
+    drawn, damaged = [], []
+    for summary in sorted(root.rglob("summary.json")):
+        try:
+            check_run(summary.parent)
+        except DamagedRun as exc:
+            damaged.append((summary.parent, str(exc)))
+            continue
+        drawn.append(plot_run(summary.parent))
+    return drawn, damaged
 
 
 def _save(fig, path: Path) -> Path:

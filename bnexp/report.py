@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from bnexp import plots, stats
-from bnexp.results import atomic_write, read_metrics, run_folders
+from bnexp.results import atomic_write, read_config, read_metrics, read_summary, run_folders
 
 CELL_IGNORES = ("seed",)  # runs differing only in these form one comparison (grid cell)
 NORMALISED = ("bn", "ln", "gn")  # variant names with a normaliser; "plain" has none
@@ -57,9 +57,7 @@ def _short(value: object) -> str:
 
 
 def _load_run(folder: Path) -> tuple[dict, dict, dict]:
-    config = yaml.safe_load((folder / "config.yaml").read_text())
-    summary = json.loads((folder / "summary.json").read_text())
-    return config, summary, read_metrics(folder)
+    return read_config(folder), read_summary(folder), read_metrics(folder)
 
 
 def collect_cells(experiment_dir: Path, failure_threshold: float = stats.FAILURE_THRESHOLD,

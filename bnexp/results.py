@@ -209,6 +209,7 @@ def read_summary(folder: Path) -> dict:
     try:
         summary = json.loads((folder / "summary.json").read_text())
         models = summary["models"]
+        summary["engine"], summary["device"]  # noqa: B018 - the report groups by them
         for model in models.values():
             for key in ("final_val_acc", "final_test_acc", "diverged_step"):
                 model[key]  # noqa: B018 - present, or the summary is damaged

@@ -1,0 +1,224 @@
+"""A hostile disk and damaged files: clean errors, nothing lost, nothing written outside --out."""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import write_flat_gz_mnist, write_tiny_mnist
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from bnexp import plots, results
+from bnexp.cli import app
+from bnexp.config import RunConfig
+
+GRID = "name: f\nsteps: 40\neval_every: 20\ndevice: cpu\ngrid:\n  lr: [0.05, 0.5]\n"
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def no_traceback(result) -> None:
+    assert "Traceback" not in result.output + result.stderr
+
+
+@pytest.fixture
+def grid(tiny_mnist, monkeypatch, tmp_path) -> Path:
+    monkeypatch.setenv("BNEXP_DATA_DIR", str(tiny_mnist))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "f.yaml"
+    path.write_text(GRID)
+    return path
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and p.name not in ("summary.csv", "summary.md", "environment.json")}
+
+
+DAMAGE = {
+    "summary.json not JSON": ("summary.json", lambda b: b[: len(b) // 2]),
+    "summary.json without models": ("summary.json", lambda b: b'{"run_id": "x"}'),
+    "config.yaml garbage": ("config.yaml", lambda b: b"\xff\xfe: [unclosed"),
+    "metrics.csv truncated": ("metrics.csv", lambda b: b[:30]),
+    "metrics.csv empty": ("metrics.csv", lambda b: b""),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_a_damaged_run_is_reported_and_set_aside(case, grid, tmp_path):
+    out = tmp_path / "out"
+    assert invoke("sweep", grid, "--out", out).exit_code == 0
+    name, damage = DAMAGE[case]
+    victim = sorted((out / "f").glob("*/summary.json"))[0].parent
+    (victim / name).write_bytes(damage((victim / name).read_bytes()))
+    before = files(out)
+
+    again = invoke("sweep", grid, "--out", out)
+    no_traceback(again)
+    assert again.exit_code == 1 and "damaged" in again.stdout and "--force" in again.stdout
+    assert "1 skipped" in again.stdout and "1 damaged" in again.stdout
+    assert files(out) == before, "nothing retrained or overwritten"
+    summary = (out / "f" / "summary.csv").read_text()
+    assert victim.name not in summary, "the summary table leaves the damaged run out"
+
+    for command in (["report", out / "f"], ["plot", out]):
+        result = invoke(*command)
+        no_traceback(result)
+        assert result.exit_code == 0 and "damaged" in result.stderr, result.output
+
+    forced = invoke("sweep", grid, "--out", out, "--force")
+    assert forced.exit_code == 0 and "2 done" in forced.stdout
+    assert invoke("sweep", grid, "--out", out).exit_code == 0
+
+
+def test_an_experiment_folder_that_is_a_file_is_an_error(grid, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "f").write_text("not a folder")
+    result = invoke("sweep", grid, "--out", out)
+    no_traceback(result)
+    assert result.exit_code == 2 and "is a file, not a folder" in result.stderr
+    assert (out / "f").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("target, code", [("curves.png", errno.ENOSPC),
+                                          ("checkpoint.pt", errno.EROFS),
+                                          ("summary.csv", errno.ENOSPC)])
+def test_a_full_or_read_only_disk_stops_cleanly_and_resumes(target, code, grid, tmp_path,
+                                                           monkeypatch):
+    whole = tmp_path / "whole"
+    assert invoke("sweep", grid, "--out", whole).exit_code == 0
+    real = results.atomic_write
+
+    def refuse(path: Path, data) -> None:
+        if path.name == target:
+            raise OSError(code, os.strerror(code), str(path))
+        real(path, data)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(results, "atomic_write", refuse)
+    monkeypatch.setattr(plots, "atomic_write", refuse)
+    failed = invoke("sweep", grid, "--out", out)
+    no_traceback(failed)
+    assert failed.exit_code == 2, failed.output
+    (line,) = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+    assert target in line and "resumes" in line
+    if target != "summary.csv":
+        assert not list(out.rglob("summary.json")), "no run is complete without all its files"
+    monkeypatch.setattr(results, "atomic_write", real)
+    monkeypatch.setattr(plots, "atomic_write", real)
+    assert invoke("sweep", grid, "--out", out).exit_code == 0
+    assert {k: v for k, v in files(out).items() if k.endswith("metrics.csv")} == {
+        k: v for k, v in files(whole).items() if k.endswith("metrics.csv")}
+
+
+def test_a_data_error_creates_no_results_folder(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("name: ok\nsteps: 10\ndevice: cpu\n")
+    out = tmp_path / "new" / "results"
+    result = invoke("run", path, "--out", out, "--data-dir", tmp_path / "nothing")
+    assert result.exit_code == 2 and not (tmp_path / "new").exists()
+
+
+def corrupt_labels(root: Path) -> Path:
+    write_tiny_mnist(root)
+    labels = root / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    data = bytearray(labels.read_bytes())
+    data[8 + 140] = 200  # a label of 200, same file size
+    labels.write_bytes(bytes(data))
+    return root
+
+
+def truncated_archive(root: Path) -> Path:
+    """torchvision's layout, archives only; the tiny files stand in for the published ones."""
+    import hashlib
+
+    from torchvision.datasets import MNIST
+
+    flat, _ = write_flat_gz_mnist(root)
+    raw = root / "tv" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in flat.iterdir():
+        raw.joinpath(f.name).write_bytes(f.read_bytes())
+    published = [(name, hashlib.md5((raw / name).read_bytes()).hexdigest())
+                 for name, _ in MNIST.resources]
+    MNIST.resources = published  # the test's monkeypatch puts the published list back
+    labels = raw / "train-labels-idx1-ubyte.gz"
+    labels.write_bytes(labels.read_bytes()[:40])
+    return root / "tv"
+
+
+@pytest.mark.parametrize("make, needles", [
+    (corrupt_labels, ["labels from", "0..9"]),
+    (truncated_archive, ["train-labels-idx1-ubyte.gz", "damaged or truncated"]),
+])
+def test_damaged_data_is_named_before_anything_is_written(make, needles, tmp_path, monkeypatch):
+    from torchvision.datasets import MNIST
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(MNIST, "resources", MNIST.resources)  # restored after the test
+    data = make(tmp_path / "d")
+    path = tmp_path / "ok.yaml"
+    path.write_text("name: ok\nsteps: 10\ndevice: cpu\n")
+    result = invoke("run", path, "--out", tmp_path / "out", "--data-dir", data)
+    no_traceback(result)
+    assert result.exit_code == 2 and all(n in result.stderr for n in needles), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_repaired_archive_is_unpacked_again(tmp_path, monkeypatch):
+    """The unpacked cache follows its source: a .gz replaced since is not read stale."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    flat, src = write_flat_gz_mnist(tmp_path / "d")
+    path = tmp_path / "ok.yaml"
+    path.write_text("name: ok\nsteps: 10\neval_every: 10\ndevice: cpu\n")
+    assert invoke("run", path, "--out", tmp_path / "a", "--data-dir", flat).exit_code == 0
+    labels = bytearray((src / "train-labels-idx1-ubyte").read_bytes())
+    labels[8 + 140] = 200
+    with gzip.open(flat / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(bytes(labels))
+    broken = invoke("run", path, "--out", tmp_path / "b", "--data-dir", flat)
+    assert broken.exit_code == 2 and "labels from" in broken.stderr
+
+
+def test_an_unreadable_data_folder_is_a_clean_error(tmp_path, monkeypatch):
+    from bnexp import data
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "locked"))
+
+    monkeypatch.setattr(data, "_dataset_root", refuse)
+    path = tmp_path / "ok.yaml"
+    path.write_text("name: ok\nsteps: 10\ndevice: cpu\n")
+    result = invoke("run", path, "--out", tmp_path / "out", "--data-dir", tmp_path / "locked")
+    no_traceback(result)
+    assert result.exit_code == 2 and "Permission denied" in result.stderr
+
+
+def test_a_batch_larger_than_the_training_images_found_is_refused(grid, tmp_path):
+    result = invoke("run", grid, "--set", "batch_size=20000", "--out", tmp_path / "out")
+    no_traceback(result)
+    assert result.exit_code == 2 and "more than the 200 training images" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "/abs", "x" * 101, ""])
+def test_run_folders_cannot_leave_the_results_folder(name):
+    with pytest.raises(ValidationError):
+        RunConfig(experiment=name)
+
+
+def test_summary_reads_back_only_intact_runs(grid, tmp_path):
+    out = tmp_path / "out"
+    assert invoke("sweep", grid, "--out", out).exit_code == 0
+    folders = results.run_folders(out / "f")
+    assert len(folders) == 2 and results.damaged_runs(out / "f") == []
+    (folders[0] / "summary.json").write_text(json.dumps({"models": {"plain": {}}}))
+    assert results.run_folders(out / "f") == folders[1:]
+    assert [f for f, _ in results.damaged_runs(out / "f")] == [folders[0]]
