@@ -237,6 +237,8 @@ def run_status(root: Path, run: RunConfig, device: str) -> tuple[str, str | None
     'mismatch': the folder holds another configuration; 'damaged': its files do not read back.
     """
     folder = run_folder(root, run, device)
+    if folder.exists() and not folder.is_dir():
+        return "damaged", "the run's folder is a file"
     if not (folder / "config.yaml").exists():
         return "new", None
     try:

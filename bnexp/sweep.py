@@ -52,10 +52,17 @@ class Outcome:
 
 
 def plan(runs: list[RunConfig], out: Path) -> list[Planned]:
-    """Resolve each run's device and run_id and what is already on disk for it."""
-    planned = []
+    """Resolve each run's device and run_id and what is already on disk for it.
+
+    A run listed twice (the same file given twice, say) is planned once: same config, same
+    folder, same numbers.
+    """
+    planned, seen = [], set()
     for run in runs:
         device = resolve_device(run.device)
+        if (run.experiment, run.run_id(str(device))) in seen:
+            continue
+        seen.add((run.experiment, run.run_id(str(device))))
         status, why = results.run_status(out, run, str(device))
         planned.append(Planned(run, device, run.run_id(str(device)), status, why))
     return planned

@@ -222,3 +222,22 @@ def test_summary_reads_back_only_intact_runs(grid, tmp_path):
     (folders[0] / "summary.json").write_text(json.dumps({"models": {"plain": {}}}))
     assert results.run_folders(out / "f") == folders[1:]
     assert [f for f, _ in results.damaged_runs(out / "f")] == [folders[0]]
+
+
+def test_a_run_folder_that_is_a_file_is_set_aside(grid, tmp_path):
+    out = tmp_path / "out"
+    assert invoke("sweep", grid, "--out", out).exit_code == 0
+    victim = sorted((out / "f").glob("*/summary.json"))[0].parent
+    for f in victim.iterdir():
+        f.unlink()
+    victim.rmdir()
+    victim.write_text("in the way")
+    result = invoke("sweep", grid, "--out", out)
+    no_traceback(result)
+    assert result.exit_code == 1 and "1 damaged" in result.stdout
+    assert victim.read_text() == "in the way"
+
+
+def test_the_same_file_twice_plans_each_run_once(grid, tmp_path):
+    result = invoke("sweep", grid, grid, "--out", tmp_path / "out")
+    assert result.exit_code == 0 and "2 done" in result.stdout and "locked" not in result.stdout
