@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import struct
@@ -48,6 +49,16 @@ def assert_states_close(a: dict, b: dict, rel: float) -> None:
         scale = b[key].nan_to_num().abs().max().clamp_min(1.0).item()
         torch.testing.assert_close(a[key], b[key], rtol=rel, atol=rel * scale, equal_nan=True,
                                    msg=lambda m, k=key: f"{k}: {m}")
+
+
+def results_of(out: Path) -> dict[str, tuple[str, dict]]:
+    """Every finished run under out: its metrics.csv text and summary.json's model records
+    (everything a rerun must reproduce; the wall times and environment may differ)."""
+    found = {}
+    for summary in out.rglob("summary.json"):
+        models = json.loads(summary.read_text())["models"]
+        found[summary.parent.name] = ((summary.parent / "metrics.csv").read_text(), models)
+    return found
 
 
 @pytest.fixture(scope="session")

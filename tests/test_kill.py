@@ -11,7 +11,6 @@ those of a sweep that was never interrupted, with no temporary file left behind.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import signal
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import results_of
 from typer.testing import CliRunner
 
 from bnexp import plots, results
@@ -65,14 +65,6 @@ def _die_at_write(n: int, path: Path, out: Path) -> None:
     results.atomic_write = plots.atomic_write = write
     sweep(path, out)
     os._exit(0)  # not killed: n was past the last write
-
-
-def results_of(out: Path) -> dict[str, tuple[str, dict]]:
-    found = {}
-    for summary in out.rglob("summary.json"):
-        models = json.loads(summary.read_text())["models"]
-        found[summary.parent.name] = ((summary.parent / "metrics.csv").read_text(), models)
-    return found
 
 
 @pytest.fixture(scope="module")

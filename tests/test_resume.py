@@ -1,6 +1,5 @@
 """Checkpoints, kill -9 and resume, locks, retries and mismatches, through real sweeps."""
 
-import json
 import os
 import signal
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import results_of
 from typer.testing import CliRunner
 
 from bnexp.cli import app
@@ -59,14 +59,6 @@ def checkpoint_steps(out: Path) -> list[int]:
         except Exception:  # being replaced right now; atomic rename means never half-written
             pass
     return steps
-
-
-def results_of(out: Path) -> dict[str, tuple[str, dict]]:
-    found = {}
-    for summary in out.rglob("summary.json"):
-        models = json.loads(summary.read_text())["models"]
-        found[summary.parent.name] = ((summary.parent / "metrics.csv").read_text(), models)
-    return found
 
 
 def kill(proc: subprocess.Popen) -> None:
