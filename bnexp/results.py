@@ -4,7 +4,8 @@ results/<experiment>/
     environment.json              versions, device, git commit of the latest writer
     summary.csv, summary.md       one row per model of every finished run
     <run_id>/config.yaml          the resolved RunConfig
-    <run_id>/metrics.csv          step, model, val_acc, train_loss (one row per evaluation)
+    <run_id>/metrics.csv          step, model, val_acc, train_acc, train_loss (one row per
+                                  evaluation, rewritten at every evaluation while training)
     <run_id>/summary.json         final accuracies, divergence, wall time, device, versions
     <run_id>/curves.png           drawn by bnexp.plots from metrics.csv
 """
@@ -30,7 +31,7 @@ import yaml
 import bnexp
 from bnexp import safe_yaml
 from bnexp.config import RunConfig, result_fields_of
-from bnexp.engine import RunResult
+from bnexp.engine import ModelResult, RunResult
 
 SUMMARY_FIELDS = ("run_id", "model", "activation", "lr", "init_scale", "seed", "steps",
                   "final_val_acc", "final_test_acc", "diverged_step")
@@ -81,23 +82,35 @@ def _number(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def metrics_csv(result: RunResult) -> str:
+def metrics_csv(models: list[ModelResult]) -> str:
     """One row per evaluation and model; p15/p50/p85 where a unit is tracked.
 
-    val_acc is the accuracy on the run's eval_split (validation unless set to test).
+    val_acc is the accuracy on the run's eval_split (validation unless set to test); train_acc
+    on the first 5,000 training images; train_loss the mean since the previous row. Empty
+    cells: not measured.
     """
-    tracked = any(m.unit_percentiles for m in result.models)
+    tracked = any(m.unit_percentiles for m in models)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["step", "model", "val_acc", "train_loss"]
+    writer.writerow(["step", "model", "val_acc", "train_acc", "train_loss"]
                     + (["p15", "p50", "p85"] if tracked else []))
-    for model in result.models:
-        for i, (step, acc, loss) in enumerate(zip(model.steps, model.val_acc, model.train_loss)):
-            row = [step, model.name, repr(acc), "" if math.isnan(loss) else repr(loss)]
+    for model in models:
+        for i, (step, acc, fit, loss) in enumerate(zip(model.steps, model.val_acc,
+                                                       model.train_acc, model.train_loss)):
+            row = [step, model.name, repr(acc), _cell_number(fit), _cell_number(loss)]
             if tracked:
                 row += [repr(v) for v in model.unit_percentiles[i]]
             writer.writerow(row)
     return out.getvalue()
+
+
+def _cell_number(x: float) -> str:
+    return "" if math.isnan(x) else repr(x)
+
+
+def write_metrics(folder: Path, models: list[ModelResult]) -> None:
+    """metrics.csv of a run in progress (rows so far), or of a finished one."""
+    atomic_write(folder / "metrics.csv", metrics_csv(models))
 
 
 def summary_record(result: RunResult, run_id: str) -> dict:
@@ -141,7 +154,7 @@ def write_run(root: Path, result: RunResult, analyses: dict[str, dict] | None = 
     """
     folder = run_folder(root, result.config, result.device)
     write_config(folder, result.config)
-    atomic_write(folder / "metrics.csv", metrics_csv(result))
+    write_metrics(folder, result.models)
     for name, data in (analyses or {}).items():
         atomic_write(folder / f"{name}.json", json.dumps(data, indent=2))
     if draw is not None:
@@ -297,15 +310,14 @@ def _read_metrics(folder: Path) -> dict[str, dict[str, list[float]]]:
     curves: dict[str, dict[str, list[float]]] = {}
     with open(folder / "metrics.csv", newline="") as f:
         reader = csv.DictReader(f)
-        extra = [c for c in ("p15", "p50", "p85") if c in (reader.fieldnames or [])]
+        extra = [c for c in ("train_acc", "p15", "p50", "p85") if c in (reader.fieldnames or [])]
         for row in reader:
             curve = curves.setdefault(row["model"], {k: [] for k in
                                                      ["step", "val_acc", "train_loss", *extra]})
             curve["step"].append(int(row["step"]))
             curve["val_acc"].append(float(row["val_acc"]))
-            curve["train_loss"].append(float(row["train_loss"]) if row["train_loss"] else math.nan)
-            for column in extra:
-                curve[column].append(float(row[column]))
+            for column in ("train_loss", *extra):
+                curve[column].append(float(row[column]) if row[column] else math.nan)
     if not curves:
         raise ValueError("no rows")
     return curves

@@ -100,12 +100,18 @@ def _batches(todo: list[tuple[Planned, dict | None]]) -> list[list[tuple[Planned
 
 
 def _train(batch, split: Split, out: Path, progress: Progress | None) -> list[RunResult]:
+    """Train one batch; metrics.csv follows every evaluation, checkpoints go beside it."""
     planned = [p for p, _ in batch]
     device = planned[0].device
     keep = any(p.run.analyses for p in planned)  # analyses need the final weights
-    if effective_engine(planned[0].run) == "reference":
-        return [train_reference(planned[0].run, split, device, progress, keep_states=keep)]
     folders = [results.run_folder(out, p.run, str(device)) for p in planned]
+
+    def live(r: int, models) -> None:
+        results.write_metrics(folders[r], models)
+
+    if effective_engine(planned[0].run) == "reference":
+        return [train_reference(planned[0].run, split, device, progress, keep_states=keep,
+                                on_evaluate=live)]
     checkpoints = [c for _, c in batch]
     if progress and checkpoints[0]:  # resumed steps count as done
         progress(checkpoints[0]["step"] * sum(len(p.run.batch_norm) for p in planned))
@@ -114,7 +120,8 @@ def _train(batch, split: Split, out: Path, progress: Progress | None) -> list[Ru
         results.write_checkpoint(folders[r], data)
 
     return train_population([p.run for p in planned], split, device, progress, keep_states=keep,
-                            resume=checkpoints if checkpoints[0] else None, on_checkpoint=save)
+                            resume=checkpoints if checkpoints[0] else None, on_checkpoint=save,
+                            on_evaluate=live)
 
 
 def load_data(todo: list[Planned], data_dir: Path) -> dict[tuple[str, str], Split]:

@@ -173,3 +173,39 @@ def test_sweeps_starting_together_never_report_a_false_write_error(grid, tmp_pat
     assert not any("not writable" in e for e in errors)
     assert len(results_of(out)) == 2
     assert not list(out.rglob("*.tmp"))
+
+
+def test_metrics_grow_at_every_evaluation_and_are_cut_back_on_resume(grid, tmp_path,
+                                                                      monkeypatch):
+    from bnexp import results
+
+    rows: list[int] = []  # the last step of every metrics.csv written
+    stop_at: list[int] = []
+    real = results.write_metrics
+
+    def watch(folder, models):
+        real(folder, models)
+        rows.append(max(s for m in models for s in m.steps))
+        if rows[-1] in stop_at:
+            stop_at.clear()
+            raise KeyboardInterrupt  # dies after this write, before the step's checkpoint
+
+    monkeypatch.setattr(results, "write_metrics", watch)
+    fast = ["--set", "steps=300", "--set", "grid.seed=[0]", "--set", "checkpoint_every=100"]
+    whole = tmp_path / "whole"
+    assert sweep_in_process(grid, whole, *fast).exit_code == 0
+    assert rows == [0, 100, 200, 300, 300], "a write per evaluation, then the finished run's"
+    header = next(whole.rglob("metrics.csv")).read_text().splitlines()[0]
+    assert header == "step,model,val_acc,train_acc,train_loss"
+
+    out = tmp_path / "cut"
+    rows.clear()
+    stop_at.append(200)
+    interrupted = sweep_in_process(grid, out, *fast)
+    assert interrupted.exit_code == 130  # Ctrl-C
+    metrics = next(out.rglob("metrics.csv")).read_text()
+    assert "\n200,plain," in metrics, "rows up to the last evaluation are on disk"
+    rows.clear()
+    assert sweep_in_process(grid, out, *fast).exit_code == 0
+    assert rows[0] == 100, "resuming first cuts metrics.csv back to the checkpoint's step"
+    assert results_of(out) == results_of(whole)

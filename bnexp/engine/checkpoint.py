@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from bnexp.config import RunConfig
 from bnexp.data import BatchStream
 from bnexp.engine.common import eval_blocks, run_variant, variant_name
@@ -33,7 +35,7 @@ def make_checkpoints(runs, stacks, where, results, stream: BatchStream, done: in
         out[r]["models"][model.name] = {
             "state": stack.model_state(i), "diverged_at": diverged[id(stack)][i],
             "steps": list(model.steps), "val_acc": list(model.val_acc),
-            "train_loss": list(model.train_loss),
+            "train_loss": list(model.train_loss), "train_acc": list(model.train_acc),
             "unit_percentiles": [list(p) for p in model.unit_percentiles],
         }
     return out
@@ -53,5 +55,7 @@ def restore(resume: list[dict], runs, stacks, where, results, stream: BatchStrea
         model = results[r][run_variant(runs[r], bn)]
         model.steps, model.val_acc = list(saved["steps"]), list(saved["val_acc"])
         model.train_loss = list(saved["train_loss"])
+        # checkpoints from before train_acc was recorded: those rows have none
+        model.train_acc = list(saved.get("train_acc", [math.nan] * len(model.steps)))
         model.unit_percentiles = [list(p) for p in saved["unit_percentiles"]]
     return steps.pop(), resume[0]["train_time_s"]

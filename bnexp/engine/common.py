@@ -11,6 +11,10 @@ import torch
 from bnexp.config import ConfigError, RunConfig
 
 Progress = Callable[[int], None]  # called with a number of network-steps just done
+# Called after every evaluation with a run's index and its models' records so far.
+OnEvaluate = Callable[[int, list["ModelResult"]], None]
+# Training accuracy is measured on a fixed subset: the same images at every evaluation.
+TRAIN_EVAL_EXAMPLES = 5_000
 
 
 NORM_NAMES = {"batch": "bn", "layer": "ln", "group": "gn"}
@@ -35,6 +39,8 @@ class ModelResult:
     steps: list[int] = field(default_factory=list)
     val_acc: list[float] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)  # mean over the steps since the last row
+    # inference-mode accuracy on the first TRAIN_EVAL_EXAMPLES training images (nan: not known)
+    train_acc: list[float] = field(default_factory=list)
     # 15/50/85th percentiles of the tracked unit's activation input, per row (when tracked)
     unit_percentiles: list[list[float]] = field(default_factory=list)
     final_val_acc: float = math.nan
@@ -44,10 +50,12 @@ class ModelResult:
     train_time_s: float | None = None  # reference engine: this model's training steps alone
 
     def record(self, step: int, val_acc: float, train_loss: float,
-               unit_percentiles: list[float] | None = None) -> None:
+               unit_percentiles: list[float] | None = None, train_acc: float = math.nan,
+               ) -> None:
         self.steps.append(step)
         self.val_acc.append(val_acc)
         self.train_loss.append(train_loss)
+        self.train_acc.append(train_acc)
         if unit_percentiles is not None:
             self.unit_percentiles.append(list(unit_percentiles))
 

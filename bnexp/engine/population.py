@@ -19,7 +19,9 @@ from bnexp.engine.capture import capture_step, sync
 from bnexp.engine.checkpoint import make_checkpoints, remaining_blocks, restore
 from bnexp.engine.common import (
     DTYPES,
+    TRAIN_EVAL_EXAMPLES,
     ModelResult,
+    OnEvaluate,
     Progress,
     RunResult,
     run_variant,
@@ -111,12 +113,13 @@ def train_population(runs: list[RunConfig], split: Split, device: torch.device,
                      progress: Progress | None = None, keep_states: bool = False,
                      cuda_graph: bool = True, resume: list[dict] | None = None,
                      on_checkpoint: Callable[[int, dict], None] | None = None,
-                     ) -> list[RunResult]:
+                     on_evaluate: OnEvaluate | None = None) -> list[RunResult]:
     """Train every model of runs (which share a population key) together.
 
     resume holds one checkpoint per run, all taken at the same step; on_checkpoint(r, data)
     receives run r's checkpoint at the first evaluation after every checkpoint_every steps
-    and at the end. On the CPU the models are spread over torch.get_num_threads() threads.
+    and at the end; on_evaluate(r, models) follows every evaluation (and a resume).
+    On the CPU the models are spread over torch.get_num_threads() threads.
     A run's numbers are the same alone, in any population, resumed or not, with any threads.
     """
     with single_threaded_kernels(device) as threads:
@@ -124,11 +127,13 @@ def train_population(runs: list[RunConfig], split: Split, device: torch.device,
         shards = min(threads, n_models) if device.type == "cpu" else 1
         with shard_pool(shards) as pool:
             return _train(runs, split.astype(DTYPES[runs[0].dtype]), device, shards, pool,
-                          progress, keep_states, cuda_graph, resume, on_checkpoint)
+                          progress, keep_states, cuda_graph, resume, on_checkpoint,
+                          on_evaluate or (lambda r, models: None))
 
 
 def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progress,
-           keep_states: bool, cuda_graph: bool, resume, on_checkpoint) -> list[RunResult]:
+           keep_states: bool, cuda_graph: bool, resume, on_checkpoint,
+           on_evaluate: OnEvaluate) -> list[RunResult]:
     first = runs[0]
     start = time.perf_counter()
     groups, where = _build_stacks(runs, device, n_shards)
@@ -144,10 +149,13 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
     on_test = first.eval_split == "test"
     eval_x, eval_y = (split.test_x, split.test_y) if on_test else (split.val_x, split.val_y)
     probe = tracked_unit(first)
+    train_x, train_y = (split.train_x[:TRAIN_EVAL_EXAMPLES], split.train_y[:TRAIN_EVAL_EXAMPLES])
 
     def evaluate(done: int, n_block: int) -> None:
         outs = list(each(lambda s: s.correct(eval_x, eval_y, probe), stacks))
         accs = [[n / eval_x.shape[0] for n in c.tolist()] for c, _ in outs]
+        fits = [[n / train_x.shape[0] for n in s.correct(train_x, train_y)[0].tolist()]
+                for s in stacks]
         percentiles = [None if p is None else p.tolist() for _, p in outs]
         losses = [(s.loss_sum / max(n_block, 1)).tolist() for s in stacks]
         for s in stacks:
@@ -156,13 +164,18 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
             j = stacks.index(stack)
             loss = losses[j][i] if n_block else float("nan")
             unit = percentiles[j][i] if percentiles[j] is not None else None
-            results[r][run_variant(runs[r], bn)].record(done, accs[j][i], loss, unit)
+            results[r][run_variant(runs[r], bn)].record(done, accs[j][i], loss, unit,
+                                                        train_acc=fits[j][i])
+        for r in range(len(runs)):
+            on_evaluate(r, results[r])
 
     done, train_time = 0, 0.0
     if resume:
         done, train_time = restore(resume, runs, stacks, where, results, stream)
         for shard in shards:
             shard.step.fill_(done)
+        for r in range(len(runs)):  # the live metrics go back to the checkpoint's step
+            on_evaluate(r, results[r])
     else:
         evaluate(0, 0)
     next_checkpoint = done + first.checkpoint_every

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import torch
 from torch.nn import functional as F
@@ -17,7 +18,9 @@ from bnexp.config import RunConfig
 from bnexp.data import BatchStream, Split
 from bnexp.engine.common import (
     DTYPES,
+    TRAIN_EVAL_EXAMPLES,
     ModelResult,
+    OnEvaluate,
     Progress,
     RunResult,
     eval_blocks,
@@ -62,8 +65,10 @@ def _clip(model: MLP, run: RunConfig) -> None:
 
 
 def train_model(run: RunConfig, batch_norm: bool, split: Split, device: torch.device,
-                progress: Progress | None = None, keep_state: bool = False) -> ModelResult:
-    """Train one network of a comparison from the shared initial weights and batch stream."""
+                progress: Progress | None = None, keep_state: bool = False,
+                on_record: Callable[[ModelResult], None] | None = None) -> ModelResult:
+    """Train one network of a comparison from the shared initial weights and batch stream;
+    on_record(result) follows every evaluation."""
     model = build_model(run, batch_norm).to(device, DTYPES[run.dtype])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=run.lr)
@@ -71,8 +76,16 @@ def train_model(run: RunConfig, batch_norm: bool, split: Split, device: torch.de
     on_test = run.eval_split == "test"
     eval_x, eval_y = (split.test_x, split.test_y) if on_test else (split.val_x, split.val_y)
     probe = tracked_unit(run)
+    fit_x, fit_y = split.train_x[:TRAIN_EVAL_EXAMPLES], split.train_y[:TRAIN_EVAL_EXAMPLES]
     result = ModelResult(variant_name(batch_norm, run.norm))
-    result.record(0, *_eval_row(model, eval_x, eval_y, probe, math.nan))
+
+    def record(step: int, loss: float) -> None:
+        acc, percentiles = evaluate(model, eval_x, eval_y, probe)
+        result.record(step, acc, loss, percentiles, train_acc=evaluate(model, fit_x, fit_y)[0])
+        if on_record:
+            on_record(result)
+
+    record(0, math.nan)
     done, train_time = 0, 0.0
     for n_block in eval_blocks(run.steps, run.eval_every):
         tick = time.perf_counter()
@@ -89,7 +102,7 @@ def train_model(run: RunConfig, batch_norm: bool, split: Split, device: torch.de
             if not math.isfinite(value) and result.diverged_step is None:
                 result.diverged_step = done
         train_time += time.perf_counter() - tick
-        result.record(done, *_eval_row(model, eval_x, eval_y, probe, loss_sum / n_block))
+        record(done, loss_sum / n_block)
         if progress:
             progress(n_block)
     result.final_val_acc = (evaluate(model, split.val_x, split.val_y)[0] if on_test
@@ -103,13 +116,16 @@ def train_model(run: RunConfig, batch_norm: bool, split: Split, device: torch.de
     return result
 
 
-def _eval_row(model, x, y, probe, loss: float) -> tuple[float, float, list[float] | None]:
-    acc, percentiles = evaluate(model, x, y, probe)
-    return acc, loss, percentiles
+def _live(on_evaluate: OnEvaluate | None, finished: list[ModelResult]):
+    """on_record for the next model: the run's rows so far are the finished models' and its."""
+    if on_evaluate is None:
+        return None
+    return lambda model: on_evaluate(0, finished + [model])
 
 
 def train_reference(run: RunConfig, split: Split, device: torch.device,
-                    progress: Progress | None = None, keep_states: bool = False) -> RunResult:
+                    progress: Progress | None = None, keep_states: bool = False,
+                    on_evaluate: OnEvaluate | None = None) -> RunResult:
     """Train the variants of one comparison one after another (CPU kernels on one thread,
     so that the numbers do not depend on the thread count or the machine's load)."""
     start = time.perf_counter()
@@ -120,6 +136,7 @@ def train_reference(run: RunConfig, split: Split, device: torch.device,
         # dropout masks: seeded, global RNG untouched
         with torch.random.fork_rng(devices=cuda), single_threaded_kernels(device):
             torch.manual_seed(run.seed)
-            models.append(train_model(run, bn, split, device, progress, keep_states))
+            models.append(train_model(run, bn, split, device, progress, keep_states,
+                                      _live(on_evaluate, list(models))))
     return RunResult(run, str(device), "reference", models, time.perf_counter() - start, 1,
                      train_time_s=sum(m.train_time_s for m in models))
