@@ -33,6 +33,21 @@ app = typer.Typer(
 out_console = Console()
 err_console = Console(stderr=True)
 
+
+def _version(value: bool) -> None:
+    if value:
+        import bnexp
+
+        out_console.print(f"bnexp {bnexp.__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool | None, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Show the version and exit.")] = None,
+          ) -> None:
+    """Paired Batch Normalization experiments: YAML grids in, curves and tables out."""
+
 DEFAULT_GRID = Path("experiments/lesson_grid.yaml")
 
 OutOption = Annotated[Path, typer.Option("--out", help="Results folder.")]
@@ -44,6 +59,16 @@ YesOption = Annotated[bool, typer.Option(
     "--yes", help=f"Allow grids of more than {cfg.LARGE_GRID_RUNS:,} runs.")]
 SetOption = Annotated[list[str] | None, typer.Option(
     "--set", help="Override a setting, KEY=VALUE (YAML value); repeatable, e.g. --set lr=0.5.")]
+ThreadsOption = Annotated[int | None, typer.Option(
+    "--threads", min=1, max=1024, help="CPU threads (default: torch's, i.e. $OMP_NUM_THREADS "
+    "or all cores). Results are the same bytes for any count; only the time changes.")]
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def fail(lines: list[str]) -> None:
@@ -125,7 +150,9 @@ def _execute(planned: list[sweep.Planned], out: Path, data_dir: Path | None, lab
 
         try:
             return sweep.execute(planned, out, folder, force=force, retry_failed=retry_failed,
-                                 fail_fast=fail_fast, progress=advance, splits=splits)
+                                 fail_fast=fail_fast, progress=advance, splits=splits,
+                                 on_notice=lambda text: progress.console.print(
+                                     text, markup=False, highlight=False, soft_wrap=True))
         except sweep.ResultsUnwritable as exc:
             progress.stop()
             fail([str(exc)])
@@ -160,8 +187,10 @@ def run(
     set_: SetOption = None,
     force: Annotated[bool, typer.Option("--force", help="Retrain runs already on disk.")] = False,
     yes: YesOption = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Train the comparisons of one experiment file and write their results."""
+    _set_threads(threads)
     runs = _load_runs([file], _overrides(set_, device=device, engine=engine, steps=steps,
                                          seed=seed), allow_large=yes)
     planned = _plan(runs, out)
@@ -170,7 +199,7 @@ def run(
         if outcome.status == "skipped":
             err_console.print(f"skipped {outcome.planned.run_id}: already complete "
                               "(use --force to retrain)")
-        elif outcome.status in ("locked", "mismatch", "damaged"):
+        elif outcome.status in NOT_TRAINED:
             err_console.print(f"{outcome.status} {outcome.planned.run_id}: {outcome.error}",
                               markup=False, highlight=False, soft_wrap=True)
     if any(o.result for o in outcomes):
@@ -179,8 +208,12 @@ def run(
         for line in _analysis_lines(outcome.analyses or {}):
             out_console.print(line, markup=False, highlight=False, soft_wrap=True)
     out_console.print(f"results in {out / runs[0].experiment}")
-    if _report_failures(outcomes) or any(o.status == "damaged" for o in outcomes):
+    if _report_failures(outcomes) or any(o.status in NOT_TRAINED for o in outcomes):
         raise typer.Exit(1)
+
+
+# Runs asked for but neither trained nor found finished: the command did not do its job.
+NOT_TRAINED = ("locked", "mismatch", "damaged")
 
 
 def _report_failures(outcomes: list[sweep.Outcome]) -> int:
@@ -237,8 +270,10 @@ def sweep_command(
     data_dir: DataDirOption = None,
     set_: SetOption = None,
     yes: YesOption = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Run whole grids: skip finished runs, resume interrupted ones from their checkpoints."""
+    _set_threads(threads)
     runs = _load_runs(files or [DEFAULT_GRID], _overrides(set_, device=device), seeds,
                       allow_large=yes)
     planned = _plan(runs, out)
@@ -267,7 +302,7 @@ def sweep_command(
               for s in ("done", "skipped", "failed", "locked", "mismatch", "damaged")}
     out_console.print(", ".join(f"{n} {s}" for s, n in counts.items() if n or s in
                                 ("done", "skipped", "failed")))
-    if counts["failed"] or counts["damaged"]:
+    if counts["failed"] or any(counts[s] for s in NOT_TRAINED):
         raise typer.Exit(1)
 
 

@@ -37,11 +37,22 @@ SUMMARY_FIELDS = ("run_id", "model", "activation", "lr", "init_scale", "seed", "
                   "final_val_acc", "final_test_acc", "diverged_step")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # read once, at import: os.umask can only be read by setting it
+
+
 def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write to a temporary file beside path, then rename it into place."""
+    """Write to a temporary file beside path, then rename it into place (with the permissions
+    a plain open() would give: 0666 less the umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()

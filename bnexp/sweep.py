@@ -140,6 +140,7 @@ def execute(planned: list[Planned], out: Path, data_dir: Path, *, force: bool = 
             retry_failed: bool = False, fail_fast: bool = False,
             progress: Progress | None = None,
             on_outcome: Callable[[Outcome], None] | None = None,
+            on_notice: Callable[[str], None] | None = None,
             splits: dict[tuple[str, str], Split] | None = None) -> list[Outcome]:
     """Train the runs that need it (see to_train), write their results, report the rest.
 
@@ -149,11 +150,13 @@ def execute(planned: list[Planned], out: Path, data_dir: Path, *, force: bool = 
     chosen = {id(p) for p in todo}
     outcomes = [_set_aside(p) for p in planned if id(p) not in chosen]
     report = on_outcome or (lambda outcome: None)
+    notice = on_notice or (lambda text: None)
     # Data first: a data error is the user's to fix, and must leave results/ untouched.
     splits = splits if splits is not None else load_data(todo, data_dir)
     locks: list[results.RunLock] = []
     try:
-        _lock_and_train(todo, out, splits, force, fail_fast, progress, outcomes, report, locks)
+        _lock_and_train(todo, out, splits, force, fail_fast, progress, outcomes, report, locks,
+                        notice)
         for experiment in sorted({p.run.experiment for p in planned}):
             if results.run_folders(out / experiment):
                 results.write_experiment_summary(out / experiment, str(planned[0].device))
@@ -169,7 +172,7 @@ def execute(planned: list[Planned], out: Path, data_dir: Path, *, force: bool = 
 
 
 def _lock_and_train(todo: list[Planned], out: Path, splits, force: bool, fail_fast: bool,
-                    progress, outcomes: list[Outcome], report, locks: list) -> None:
+                    progress, outcomes: list[Outcome], report, locks: list, notice) -> None:
     """Lock every run to train (the others are outcomes already), then train them."""
     ready = []
     for p in todo:
@@ -188,6 +191,9 @@ def _lock_and_train(todo: list[Planned], out: Path, splits, force: bool, fail_fa
         results.remove_stale_temp_files(folder)
         results.write_config(folder, p.run)
         checkpoint = None if force else _usable_checkpoint(folder, p)
+        if checkpoint:
+            notice(f"resuming {p.run.experiment}/{p.run_id} from step {checkpoint['step']:,} "
+                   f"of {p.run.steps:,} (its last checkpoint)")
         ready.append((p, checkpoint))
     _execute_batches(ready, out, splits, fail_fast, progress, outcomes, report)
 

@@ -187,3 +187,35 @@ def test_help_explains_commands():
     for command in ("run", "sweep", "validate", "plot"):
         assert command in result.stdout
     assert "--set" in invoke("run", "--help").stdout
+
+
+def test_version_threads_and_umask(env):
+    import stat
+
+    import bnexp
+
+    version = invoke("--version")
+    assert version.exit_code == 0 and version.stdout.strip() == f"bnexp {bnexp.__version__}"
+    path = experiment(env, "name: demo\n")
+    result = invoke("run", path, *FAST, "--threads", "1")
+    assert result.exit_code == 0, result.output
+    # Files get what open() would give them, 0666 less the umask (read at import), not 0600.
+    from bnexp.results import UMASK
+    for name in ("summary.json", "metrics.csv", "config.yaml"):
+        mode = stat.S_IMODE(next(env.rglob(name)).stat().st_mode)
+        assert mode == 0o666 & ~UMASK, (name, oct(mode))
+    assert invoke("run", path, *FAST, "--threads", "0").exit_code == 2
+
+
+def test_a_resumed_run_says_so_and_unfinished_work_exits_non_zero(env, monkeypatch):
+    path = experiment(env, "name: demo\ncheckpoint_every: 20\n")
+    assert invoke("run", path, *FAST).exit_code == 0
+    folder = next((env / "results" / "demo").glob("*/summary.json")).parent
+    (folder / "summary.json").unlink()  # as if killed after its last checkpoint
+    again = invoke("run", path, *FAST)
+    assert again.exit_code == 0 and "resuming demo/" in again.stderr
+    assert "from step 40 of 40" in again.stderr
+    config = folder / "config.yaml"
+    config.write_text(config.read_text().replace("lr: 0.01", "lr: 0.02"))
+    mismatch = invoke("run", path, *FAST)
+    assert mismatch.exit_code == 1 and "mismatch" in mismatch.stderr
