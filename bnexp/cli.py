@@ -20,7 +20,7 @@ from rich.progress import (
 from rich.table import Table
 
 from bnexp import config as cfg
-from bnexp import plots, report, results, sweep
+from bnexp import plots, readback, report, sweep
 from bnexp.data import DataError, resolve_data_dir
 from bnexp.engine import effective_engine
 
@@ -360,7 +360,7 @@ def report_command(
         fail([str(exc)])
     except OSError as exc:
         fail([f"{exc.filename or experiment}: cannot write the report ({exc.strerror or exc})"])
-    _warn_damaged(results.damaged_runs(experiment))
+    _warn_damaged(readback.damaged_runs(experiment))
     cells = report.collect_cells(experiment)
     table = Table(title=f"{experiment.name}: comparison over seeds")
     for column in report.TABLE_HEADER:

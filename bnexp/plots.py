@@ -10,13 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bnexp.results import (  # noqa: E402
-    DamagedRun,
-    atomic_write,
-    check_run,
-    read_config,
-    read_metrics,
-)
+from bnexp.readback import DamagedRun, check_run, read_config, read_metrics  # noqa: E402
+from bnexp.results import atomic_write  # noqa: E402
 
 LABELS = {"plain": "Without Batch Norm", "bn": "With Batch Norm", "ln": "With Layer Norm",
           "gn": "With Group Norm"}

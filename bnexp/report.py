@@ -15,7 +15,8 @@ from pathlib import Path
 import yaml
 
 from bnexp import plots, stats
-from bnexp.results import atomic_write, read_config, read_metrics, read_summary, run_folders
+from bnexp.readback import read_config, read_metrics, read_summary, run_folders
+from bnexp.results import atomic_write
 
 CELL_IGNORES = ("seed",)  # runs differing only in these form one comparison (grid cell)
 NORMALISED = ("bn", "ln", "gn")  # variant names with a normaliser; "plain" has none

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from bnexp import plots, results
+from bnexp import plots, readback, results
 from bnexp.analyses import run_analyses
 from bnexp.config import RunConfig
 from bnexp.data import DataError, Split, load_split
@@ -158,7 +158,7 @@ def execute(planned: list[Planned], out: Path, data_dir: Path, *, force: bool = 
         _lock_and_train(todo, out, splits, force, fail_fast, progress, outcomes, report, locks,
                         notice)
         for experiment in sorted({p.run.experiment for p in planned}):
-            if results.run_folders(out / experiment):
+            if readback.run_folders(out / experiment):
                 results.write_experiment_summary(out / experiment, str(planned[0].device))
     except OSError as exc:
         disk = _disk_error(exc)

@@ -13,7 +13,7 @@ from conftest import write_flat_gz_mnist, write_tiny_mnist
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from bnexp import plots, results
+from bnexp import plots, readback, results
 from bnexp.cli import app
 from bnexp.config import RunConfig
 
@@ -217,11 +217,11 @@ def test_run_folders_cannot_leave_the_results_folder(name):
 def test_summary_reads_back_only_intact_runs(grid, tmp_path):
     out = tmp_path / "out"
     assert invoke("sweep", grid, "--out", out).exit_code == 0
-    folders = results.run_folders(out / "f")
-    assert len(folders) == 2 and results.damaged_runs(out / "f") == []
+    folders = readback.run_folders(out / "f")
+    assert len(folders) == 2 and readback.damaged_runs(out / "f") == []
     (folders[0] / "summary.json").write_text(json.dumps({"models": {"plain": {}}}))
-    assert results.run_folders(out / "f") == folders[1:]
-    assert [f for f, _ in results.damaged_runs(out / "f")] == [folders[0]]
+    assert readback.run_folders(out / "f") == folders[1:]
+    assert [f for f, _ in readback.damaged_runs(out / "f")] == [folders[0]]
 
 
 def test_a_run_folder_that_is_a_file_is_set_aside(grid, tmp_path):

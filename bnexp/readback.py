@@ -1,0 +1,111 @@
+"""Reading a run folder back: what plots, reports, tables and sweeps may trust.
+
+A finished run (one with summary.json) is intact when its config.yaml, summary.json and
+metrics.csv all read back with what the readers need; otherwise it is damaged, and every
+reader leaves it out and says so rather than crash on it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from bnexp import safe_yaml
+
+
+class DamagedRun(Exception):
+    """A run folder whose files cannot be read back; the message says which and why."""
+
+
+def read_config(folder: Path) -> dict:
+    """A run's config.yaml as a mapping (bounded, plain values); DamagedRun otherwise."""
+    try:
+        config = safe_yaml.parse(safe_yaml.read_text(folder / "config.yaml"))
+    except safe_yaml.YamlError as exc:
+        raise DamagedRun(f"config.yaml {exc}") from None
+    if not isinstance(config, dict):
+        raise DamagedRun("config.yaml does not hold a configuration")
+    return config
+
+
+def read_summary(folder: Path) -> dict:
+    """A run's summary.json, checked for what the tables need; DamagedRun otherwise."""
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        models = summary["models"]
+        summary["engine"], summary["device"]  # noqa: B018 - the report groups by them
+        for model in models.values():
+            for key in ("final_val_acc", "final_test_acc", "diverged_step"):
+                model[key]  # noqa: B018 - present, or the summary is damaged
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DamagedRun(f"summary.json cannot be read ({type(exc).__name__})") from None
+    return summary
+
+
+def check_run(folder: Path) -> None:
+    """Raise DamagedRun unless a finished run's config, summary and metrics all read back."""
+    config = read_config(folder)
+    summary = read_summary(folder)
+    for key in ("activation", "lr", "init_scale", "seed", "steps"):
+        if key not in config:
+            raise DamagedRun(f"config.yaml has no {key}")
+    curves = read_metrics(folder)
+    missing = set(summary["models"]) - set(curves)
+    if missing:
+        raise DamagedRun(f"metrics.csv has no rows for {', '.join(sorted(missing))}")
+
+
+def read_metrics(folder: Path) -> dict[str, dict[str, list[float]]]:
+    """metrics.csv -> {model: {"step": [...], "val_acc": [...], "train_loss": [...]}}, plus
+    "p15", "p50", "p85" where a unit was tracked; DamagedRun where it does not read back."""
+    try:
+        return _read_metrics(folder)
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError, KeyError, TypeError) as exc:
+        raise DamagedRun(f"metrics.csv cannot be read ({type(exc).__name__})") from None
+
+
+def _read_metrics(folder: Path) -> dict[str, dict[str, list[float]]]:
+    curves: dict[str, dict[str, list[float]]] = {}
+    with open(folder / "metrics.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        extra = [c for c in ("train_acc", "p15", "p50", "p85") if c in (reader.fieldnames or [])]
+        for row in reader:
+            curve = curves.setdefault(row["model"], {k: [] for k in
+                                                     ["step", "val_acc", "train_loss", *extra]})
+            curve["step"].append(int(row["step"]))
+            curve["val_acc"].append(float(row["val_acc"]))
+            for column in ("train_loss", *extra):
+                curve[column].append(float(row[column]) if row[column] else math.nan)
+    if not curves:
+        raise ValueError("no rows")
+    return curves
+
+
+def run_folders(experiment_dir: Path) -> list[Path]:
+    """Finished, intact run folders of one experiment, sorted by name (see damaged_runs)."""
+    return [folder for folder in _finished(experiment_dir) if _intact(folder)]
+
+
+def damaged_runs(experiment_dir: Path) -> list[tuple[Path, str]]:
+    """Finished run folders whose files do not read back, with why."""
+    found = []
+    for folder in _finished(experiment_dir):
+        try:
+            check_run(folder)
+        except DamagedRun as exc:
+            found.append((folder, str(exc)))
+    return found
+
+
+def _finished(experiment_dir: Path) -> list[Path]:
+    return sorted(p.parent for p in experiment_dir.glob("*/summary.json"))
+
+
+def _intact(folder: Path) -> bool:
+    try:
+        check_run(folder)
+    except DamagedRun:
+        return False
+    return True
