@@ -278,15 +278,7 @@ def sweep_command(
                       allow_large=yes)
     planned = _plan(runs, out)
     if dry_run:
-        table = Table(title=f"{len(planned)} runs (dry run)")
-        for column in ("experiment", "run", "device", "engine", "status"):
-            table.add_column(column, overflow="fold")
-        chosen = {id(p) for p in sweep.to_train(planned, force, retry_failed)}
-        for p in planned:
-            status = "would train" if id(p) in chosen else f"{p.status}, would skip"
-            table.add_row(p.run.experiment, p.run_id, str(p.device), effective_engine(p.run),
-                          status)
-        out_console.print(table)
+        _dry_run(planned, force, retry_failed)
         return
     outcomes = _execute(planned, out, data_dir, "sweep", force=force, fail_fast=fail_fast,
                         retry_failed=retry_failed)
@@ -304,6 +296,35 @@ def sweep_command(
                                 ("done", "skipped", "failed")))
     if counts["failed"] or any(counts[s] for s in NOT_TRAINED):
         raise typer.Exit(1)
+
+
+def _dry_run(planned: list[sweep.Planned], force: bool, retry_failed: bool) -> None:
+    """The runs, what would happen to each, and the populations they would train in."""
+    todo = sweep.to_train(planned, force, retry_failed)
+    where = sweep.populations(todo)
+    table = Table(title=f"{len(planned)} runs (dry run)")
+    for column in ("experiment", "run", "device", "engine", "population", "net-steps",
+                   "status"):
+        table.add_column(column, overflow="fold", no_wrap=column in ("net-steps", "status"),
+                         justify="right" if column == "net-steps" else "left")
+    for p in planned:
+        trains = id(p) in where
+        status = "would train" if trains else f"{p.status}, would skip"
+        group = "-"
+        if trains:
+            number, size = where[id(p)]
+            group = f"{number} ({size} networks)"
+        table.add_row(p.run.experiment, p.run_id, str(p.device), effective_engine(p.run),
+                      group, f"{p.run.steps * len(p.run.batch_norm):,}", status)
+    out_console.print(table)
+    n_groups = len({number for number, _ in where.values()})
+    out_console.print(f"{len(todo)} run(s) to train in {n_groups} population(s), "
+                      f"{sweep.network_steps(todo):,} network-steps. Runs share a population "
+                      "when they differ only in learning rate, activation, initial weights' "
+                      "scale or scheme, BN settings or clipping; another seed, dataset, batch "
+                      "size, step count or evaluation schedule needs its own, and runs the "
+                      "population engine cannot express train alone on the reference engine.",
+                      highlight=False)
 
 
 @app.command()

@@ -78,6 +78,17 @@ def to_train(planned: list[Planned], force: bool = False, retry_failed: bool = F
     return [p for p in planned if p.status in ("new", "failed")]
 
 
+def populations(todo: list[Planned]) -> dict[int, tuple[int, int]]:
+    """For each run to train (by id): its population's number (from 1) and network count,
+    grouped as a fresh sweep would train them."""
+    where: dict[int, tuple[int, int]] = {}
+    for number, batch in enumerate(_batches([(p, None) for p in todo]), start=1):
+        size = sum(len(p.run.batch_norm) for p, _ in batch)
+        for p, _ in batch:
+            where[id(p)] = (number, size)
+    return where
+
+
 def network_steps(planned: list[Planned]) -> int:
     """Total network-steps of the given runs (for progress bars)."""
     return sum(p.run.steps * len(p.run.batch_norm) for p in planned)

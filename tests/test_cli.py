@@ -219,3 +219,15 @@ def test_a_resumed_run_says_so_and_unfinished_work_exits_non_zero(env, monkeypat
     config.write_text(config.read_text().replace("lr: 0.01", "lr: 0.02"))
     mismatch = invoke("run", path, *FAST)
     assert mismatch.exit_code == 1 and "mismatch" in mismatch.stderr
+
+
+def test_dry_run_shows_the_populations(env):
+    path = experiment(env, "name: g\ngrid:\n  lr: [0.01, 0.5]\n")
+    dry = invoke("sweep", path, "--dry-run", "--seeds", "2", *FAST)
+    assert dry.exit_code == 0, dry.output
+    text = " ".join(dry.stdout.split())
+    assert "4 run(s) to train in 2 population(s), 320 network-steps" in text
+    from bnexp import config, sweep
+    runs = config.expand_grid(config.load_spec(path, ["steps=40", "device=cpu"], seeds=2))
+    where = sweep.populations(sweep.plan(runs, env / "results"))
+    assert sorted(where.values()) == [(1, 4), (1, 4), (2, 4), (2, 4)]
