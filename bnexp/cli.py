@@ -83,17 +83,25 @@ def _overrides(sets: list[str] | None, **named: object) -> list[str]:
     return list(sets or []) + extra
 
 
+def _labels(**named: object) -> dict[str, str]:
+    """How the named options appear in error messages: "steps=5" -> "--steps 5"."""
+    return {f"{key}={value}": f"--{key} {value}" for key, value in named.items()
+            if value is not None}
+
+
 def _load_runs(files: list[Path], overrides: list[str], seeds: int | None = None,
-               allow_large: bool = False) -> list[cfg.RunConfig]:
+               allow_large: bool = False, labels: dict[str, str] | None = None,
+               ) -> list[cfg.RunConfig]:
     """Load, validate and expand every file, reporting all problems of all files at once."""
     runs, problems = [], []
     for path in files:
         try:
-            runs.extend(cfg.expand_grid(cfg.load_spec(path, overrides, allow_large, seeds)))
+            runs.extend(cfg.expand_grid(cfg.load_spec(path, overrides, allow_large, seeds,
+                                                      labels)))
         except cfg.ConfigError as exc:
             problems.extend(exc.problems)
     if problems:
-        fail(problems)
+        fail(list(dict.fromkeys(problems)))  # an override's problem once, not once per file
     return runs
 
 
@@ -191,8 +199,8 @@ def run(
 ) -> None:
     """Train the comparisons of one experiment file and write their results."""
     _set_threads(threads)
-    runs = _load_runs([file], _overrides(set_, device=device, engine=engine, steps=steps,
-                                         seed=seed), allow_large=yes)
+    named = dict(device=device, engine=engine, steps=steps, seed=seed)
+    runs = _load_runs([file], _overrides(set_, **named), allow_large=yes, labels=_labels(**named))
     planned = _plan(runs, out)
     outcomes = _execute(planned, out, data_dir, f"{runs[0].experiment}", force=force)
     for outcome in outcomes:
@@ -275,7 +283,7 @@ def sweep_command(
     """Run whole grids: skip finished runs, resume interrupted ones from their checkpoints."""
     _set_threads(threads)
     runs = _load_runs(files or [DEFAULT_GRID], _overrides(set_, device=device), seeds,
-                      allow_large=yes)
+                      allow_large=yes, labels=_labels(device=device))
     planned = _plan(runs, out)
     if dry_run:
         _dry_run(planned, force, retry_failed)

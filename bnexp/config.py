@@ -335,15 +335,29 @@ def _conflicts(raw: dict, source: str) -> list[str]:
     return []
 
 
+def _origin(loc: tuple, source: str, origins: list[tuple[tuple, str]]) -> str:
+    """Where a value came from: the command-line override that set it, else the file."""
+    for path, label in reversed(origins):  # the last override of a key is the one in force
+        if tuple(str(p) for p in loc[:len(path)]) == path:
+            return label
+    return source
+
+
 def validate_spec(raw: dict, source: str, allow_large: bool = False, seeds: int | None = None,
-                  ) -> ExperimentSpec:
+                  origins: list[tuple[tuple, str]] = ()) -> ExperimentSpec:
     """Validate a raw mapping (with seeds: repeated over that many seeds), raising ConfigError
-    with every problem at once."""
+    with every problem at once. origins names the command-line overrides, (key path, label),
+    so that their problems are reported as theirs, not the file's."""
     problems = _conflicts(raw, source)
+    origins = list(origins)
+
+    def formatted(errors: list) -> list[str]:
+        return [_format_error(_origin(e["loc"], source, origins), e) for e in errors]
+
     try:
         spec = ExperimentSpec.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(problems + [_format_error(source, e) for e in exc.errors()]) from None
+        raise ConfigError(problems + formatted(exc.errors())) from None
     if problems:
         raise ConfigError(problems)
     n = grid_size(spec)
@@ -360,15 +374,21 @@ def validate_spec(raw: dict, source: str, allow_large: bool = False, seeds: int 
     try:  # combinations of valid values can still be invalid together
         expand_grid(spec)
     except ValidationError as exc:
-        raise ConfigError(sorted({_format_error(source, e) for e in exc.errors()})) from None
+        raise ConfigError(sorted(set(formatted(exc.errors())))) from None
     return spec
 
 
 def load_spec(path: Path, overrides: list[str] = (), allow_large: bool = False,
-              seeds: int | None = None) -> ExperimentSpec:
-    """Read, override and validate one experiment file (repeated over seeds where given)."""
-    return validate_spec(apply_overrides(read_yaml(path), list(overrides)), str(path),
-                         allow_large, seeds)
+              seeds: int | None = None, labels: dict[str, str] | None = None,
+              ) -> ExperimentSpec:
+    """Read, override and validate one experiment file (repeated over seeds where given).
+
+    labels names overrides that came from options other than --set ("steps=5" -> "--steps 5").
+    """
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    origins = [(tuple(parse_override(text)[0]), (labels or {}).get(text, f"--set {text}"))
+               for text in overrides]
+    return validate_spec(raw, str(path), allow_large, seeds, origins)
 
 
 def grid_size(spec: ExperimentSpec) -> int:

@@ -231,3 +231,16 @@ def test_dry_run_shows_the_populations(env):
     runs = config.expand_grid(config.load_spec(path, ["steps=40", "device=cpu"], seeds=2))
     where = sweep.populations(sweep.plan(runs, env / "results"))
     assert sorted(where.values()) == [(1, 4), (1, 4), (2, 4), (2, 4)]
+
+
+def test_command_line_problems_are_named_as_such(env):
+    path = experiment(env, "name: x\nlr: 0\n")
+    other = experiment(env, "name: y\n", "other.yaml")
+    result = invoke("sweep", path, other, "--set", "steps=-5", "--set", "grid.seed=[-1]",
+                    "--device", "tpu")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert f"error: {path}: lr: Input should be greater than 0" in lines
+    assert lines.count("error: --set steps=-5: steps: Input should be greater than 0") == 1
+    assert any(line.startswith("error: --set grid.seed=[-1]: grid.seed.0:") for line in lines)
+    assert any(line.startswith("error: --device tpu: device:") for line in lines)
