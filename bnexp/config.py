@@ -365,10 +365,12 @@ def validate_spec(raw: dict, source: str, allow_large: bool = False, seeds: int 
         n = n // len(spec.grid.seed or [0]) * seeds
         if spec.seed + seeds > 2**63:
             raise ConfigError([f"{source}: seed: {spec.seed} + --seeds {seeds} passes 2^63"])
-    if n > MAX_RUNS or (n > LARGE_GRID_RUNS and not allow_large):
-        limit = f"pass --yes to run up to {MAX_RUNS:,}" if n <= MAX_RUNS else "split the grid"
-        raise ConfigError([f"{source}: grid: {n:,} runs is more than "
-                           f"{LARGE_GRID_RUNS if n <= MAX_RUNS else MAX_RUNS:,}; {limit}"])
+    if n > MAX_RUNS:
+        raise ConfigError([f"{source}: grid: {n:,} runs is more than {MAX_RUNS:,}; "
+                           "split the grid"])
+    if n > LARGE_GRID_RUNS and not allow_large:
+        raise ConfigError([f"{source}: grid: {n:,} runs is more than {LARGE_GRID_RUNS:,}; "
+                           f"pass --yes to run up to {MAX_RUNS:,}"])
     if seeds is not None:
         spec = with_seeds(spec, seeds)
     try:  # combinations of valid values can still be invalid together

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bnexp.readback import DamagedRun, check_run, read_config, read_metrics  # noqa: E402
+from bnexp.readback import read_config, read_metrics, sort_runs  # noqa: E402
 from bnexp.results import atomic_write  # noqa: E402
 
 LABELS = {"plain": "Without Batch Norm", "bn": "With Batch Norm", "ln": "With Layer Norm",
@@ -54,15 +54,8 @@ def plot_run(folder: Path) -> Path:
 
 def plot_tree(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Redraw the figure of every finished run found under root: (figures, damaged runs)."""
-    drawn, damaged = [], []
-    for summary in sorted(root.rglob("summary.json")):
-        try:
-            check_run(summary.parent)
-        except DamagedRun as exc:
-            damaged.append((summary.parent, str(exc)))
-            continue
-        drawn.append(plot_run(summary.parent))
-    return drawn, damaged
+    intact, damaged = sort_runs(sorted(p.parent for p in root.rglob("summary.json")))
+    return [plot_run(folder) for folder in intact], damaged
 
 
 def _save(fig, path: Path) -> Path:

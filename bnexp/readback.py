@@ -83,29 +83,28 @@ def _read_metrics(folder: Path) -> dict[str, dict[str, list[float]]]:
     return curves
 
 
+def sort_runs(folders: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Finished run folders split into the intact ones and the damaged ones, with why."""
+    intact, damaged = [], []
+    for folder in folders:
+        try:
+            check_run(folder)
+        except DamagedRun as exc:
+            damaged.append((folder, str(exc)))
+        else:
+            intact.append(folder)
+    return intact, damaged
+
+
 def run_folders(experiment_dir: Path) -> list[Path]:
     """Finished, intact run folders of one experiment, sorted by name (see damaged_runs)."""
-    return [folder for folder in _finished(experiment_dir) if _intact(folder)]
+    return sort_runs(_finished(experiment_dir))[0]
 
 
 def damaged_runs(experiment_dir: Path) -> list[tuple[Path, str]]:
     """Finished run folders whose files do not read back, with why."""
-    found = []
-    for folder in _finished(experiment_dir):
-        try:
-            check_run(folder)
-        except DamagedRun as exc:
-            found.append((folder, str(exc)))
-    return found
+    return sort_runs(_finished(experiment_dir))[1]
 
 
 def _finished(experiment_dir: Path) -> list[Path]:
     return sorted(p.parent for p in experiment_dir.glob("*/summary.json"))
-
-
-def _intact(folder: Path) -> bool:
-    try:
-        check_run(folder)
-    except DamagedRun:
-        return False
-    return True

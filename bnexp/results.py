@@ -266,9 +266,9 @@ class RunLock:
             self._file = None
 
 
-def summary_rows(experiment_dir: Path) -> list[dict]:
+def summary_rows(folders: list[Path]) -> list[dict]:
     rows = []
-    for folder in run_folders(experiment_dir):
+    for folder in folders:
         summary = read_summary(folder)
         config = read_config(folder)
         for name, model in summary["models"].items():
@@ -283,7 +283,8 @@ def summary_rows(experiment_dir: Path) -> list[dict]:
 
 
 def write_experiment_summary(experiment_dir: Path, device: str) -> None:
-    """Rebuild the experiment's summary table and environment record from its run folders."""
+    """Rebuild the experiment's summary table and environment record from its run folders
+    (nothing, while no run of it has finished intact)."""
     lock = RunLock(experiment_dir)
     lock.acquire(wait=True)  # two sweeps finishing together write one after the other
     try:
@@ -294,7 +295,10 @@ def write_experiment_summary(experiment_dir: Path, device: str) -> None:
 
 
 def _write_experiment_summary(experiment_dir: Path, device: str) -> None:
-    rows = summary_rows(experiment_dir)
+    folders = run_folders(experiment_dir)  # read with the lock held: no sweep writes meanwhile
+    if not folders:
+        return
+    rows = summary_rows(folders)
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=SUMMARY_FIELDS, lineterminator="\n")
     writer.writeheader()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from bnexp import plots, readback, results
+from bnexp import plots, results
 from bnexp.analyses import run_analyses
 from bnexp.config import RunConfig
 from bnexp.data import DataError, Split, load_split
@@ -60,11 +60,12 @@ def plan(runs: list[RunConfig], out: Path) -> list[Planned]:
     planned, seen = [], set()
     for run in runs:
         device = resolve_device(run.device)
-        if (run.experiment, run.run_id(str(device))) in seen:
+        run_id = run.run_id(str(device))
+        if (run.experiment, run_id) in seen:
             continue
-        seen.add((run.experiment, run.run_id(str(device))))
+        seen.add((run.experiment, run_id))
         status, why = results.run_status(out, run, str(device))
-        planned.append(Planned(run, device, run.run_id(str(device)), status, why))
+        planned.append(Planned(run, device, run_id, status, why))
     return planned
 
 
@@ -169,7 +170,7 @@ def execute(planned: list[Planned], out: Path, data_dir: Path, *, force: bool = 
         _lock_and_train(todo, out, splits, force, fail_fast, progress, outcomes, report, locks,
                         notice)
         for experiment in sorted({p.run.experiment for p in planned}):
-            if readback.run_folders(out / experiment):
+            if (out / experiment).is_dir():
                 results.write_experiment_summary(out / experiment, str(planned[0].device))
     except OSError as exc:
         disk = _disk_error(exc)
