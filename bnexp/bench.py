@@ -8,6 +8,7 @@ with batch norm. Divergence on random data does not matter for the timing.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import resource
 import time
@@ -15,11 +16,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bnexp import results
 from bnexp.config import RunConfig
 from bnexp.data import Split
 from bnexp.engine import group_runs, train_population, train_reference
+from bnexp.engine.capture import compiled, sync
+from bnexp.engine.population import one_step
 
 LESSON_AXES = (("relu", "sigmoid"), (0.01, 1.0, 2.0), (0.05, 5.0))
 
@@ -36,6 +40,7 @@ class BenchRow:
     ratio: float | None  # population network-steps/s over the reference loop's
     peak_memory_mib: float
     note: str = ""
+    compile_s: float = 0.0  # compiling and capturing the step, not in seconds
 
 
 def random_split(device: torch.device, n_train: int = 55_000, seed: int = 0) -> Split:
@@ -78,32 +83,88 @@ def bench_reference(split: Split, device: torch.device, steps: int) -> BenchRow:
 
 
 def bench_population(split: Split, device: torch.device, n_models: int, steps: int,
-                     reference: BenchRow | None, cuda_graph: bool = True) -> BenchRow:
+                     reference: BenchRow | None, cuda_graph: bool = True,
+                     compile_step: bool | None = None) -> BenchRow:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     runs = population_runs(n_models, steps, eval_every=steps)
-    result = train_population(runs, split, device, cuda_graph=cuda_graph)[0]
+    result = train_population(runs, split, device, cuda_graph=cuda_graph,
+                              compile_step=compile_step)[0]
     seconds = result.train_time_s
     rate = result.population_size * steps / seconds
     ratio = rate / reference.network_steps_per_s if reference else None
     return BenchRow("population", str(device), result.population_size, steps, seconds,
                     steps / seconds, rate, ratio, _peak_memory_mib(device),
-                    note=result.execution)
+                    note=result.execution, compile_s=result.compile_time_s)
 
 
-def bench_grid(runs: list[RunConfig], split: Split, device: torch.device) -> dict:
-    """Training wall time of a whole grid through the population engine, as `sweep` runs it."""
+def bench_grid(runs: list[RunConfig], split: Split, device: torch.device,
+               compile_step: bool | None = None) -> dict:
+    """Training wall time of a whole grid through the population engine, as `sweep` runs it
+    (wall time includes start-up, compiling, capture and evaluation)."""
     start = time.perf_counter()
-    trained = [train_population(group, split, device) for group in group_runs(runs)]
+    trained = [train_population(group, split, device, compile_step=compile_step)
+               for group in group_runs(runs)]
     wall = time.perf_counter() - start
     return {
         "runs": len(runs),
         "networks": sum(len(r.batch_norm) for r in runs),
+        "seeds": len({r.seed for r in runs}),
+        "populations": len(trained),
         "steps": max(r.steps for r in runs),
         "eval_every": runs[0].eval_every,
         "wall_time_s": wall,
         "train_time_s": sum(group[0].train_time_s for group in trained),
+        "compile_time_s": sum(group[0].compile_time_s for group in trained),
+        "execution": sorted({group[0].execution for group in trained}),
     }
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten operators dispatched inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _cuda_kernels(step) -> int:
+    """CUDA kernels one call of step launches (memory copies and sets not counted)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    sync(torch.device("cuda"))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        sync(torch.device("cuda"))
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.name.startswith(("Memcpy", "Memset")))
+
+
+def ops_per_step(split: Split, device: torch.device) -> dict:
+    """What one training step of the lesson population (its 24 networks) dispatches:
+    aten operators of the eager step (on any device) and, on CUDA, kernels launched by the
+    eager and by the compiled step."""
+    runs = population_runs(24, steps=1, eval_every=1)
+    step = one_step(runs, split, device)
+    step()  # the first call allocates; count a steady step
+    with _CountOps() as counter:
+        step()
+    record = {"networks": 24, "aten_ops": sum(counter.ops.values()),
+              "aten_ops_by_name": dict(counter.ops.most_common())}
+    if device.type == "cuda":
+        record["cuda_kernels_eager"] = _cuda_kernels(step)
+        start = time.perf_counter()
+        fast = compiled(step)
+        fast()
+        sync(device)
+        record["compile_s"] = time.perf_counter() - start
+        record["cuda_kernels_compiled"] = _cuda_kernels(fast)
+    return record
 
 
 def environment(device: torch.device) -> dict:
@@ -111,8 +172,10 @@ def environment(device: torch.device) -> dict:
     return {**results.environment(str(device)), "tf32": torch.backends.cuda.matmul.allow_tf32}
 
 
-def as_record(rows: list[BenchRow], device: torch.device, grid: dict | None) -> dict:
-    return {"rows": [asdict(r) for r in rows], "grid": grid, "environment": environment(device),
+def as_record(rows: list[BenchRow], device: torch.device, grid: dict | None,
+              ops: dict | None = None) -> dict:
+    return {"rows": [asdict(r) for r in rows], "grid": grid, "ops_per_step": ops,
+            "environment": environment(device),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 

@@ -62,6 +62,12 @@ SetOption = Annotated[list[str] | None, typer.Option(
 ThreadsOption = Annotated[int | None, typer.Option(
     "--threads", min=1, max=1024, help="CPU threads (default: torch's, i.e. $OMP_NUM_THREADS "
     "or all cores). Results are the same bytes for any count; only the time changes.")]
+CompileOption = Annotated[bool, typer.Option(
+    "--compile", help="CUDA: compile each population's training step with torch.compile "
+    "before capturing it as a CUDA graph: several times faster on large grids, but the "
+    "compiled kernels depend on the population's size, so a run's last digits then depend on "
+    "which runs shared its population (recorded as execution: compiled+cuda-graph). Off by "
+    "default; populations mixing kinds of normaliser or clipping stay uncompiled.")]
 
 
 def _set_threads(threads: int | None) -> None:
@@ -69,6 +75,13 @@ def _set_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def _check_compile(compile_step: bool | None, planned: list) -> None:
+    """--compile is an error where no run trains on CUDA: it could not take effect."""
+    if compile_step and not any(p.device.type == "cuda" for p in planned):
+        fail(["--compile: only CUDA training steps are compiled; these runs train on the "
+              "CPU (use --device cuda on a machine with a GPU)"])
 
 
 def fail(lines: list[str]) -> None:
@@ -139,7 +152,7 @@ def _check_writable(out: Path, experiments: set[str]) -> None:
 
 def _execute(planned: list[sweep.Planned], out: Path, data_dir: Path | None, label: str,
              force: bool = False, fail_fast: bool = False, retry_failed: bool = False,
-             ) -> list[sweep.Outcome]:
+             compile_step: bool | None = None) -> list[sweep.Outcome]:
     todo = sweep.to_train(planned, force, retry_failed)
     folder = resolve_data_dir(data_dir)
     try:  # loaded here once to fail cleanly before any progress output; cached below
@@ -159,6 +172,7 @@ def _execute(planned: list[sweep.Planned], out: Path, data_dir: Path | None, lab
         try:
             return sweep.execute(planned, out, folder, force=force, retry_failed=retry_failed,
                                  fail_fast=fail_fast, progress=advance, splits=splits,
+                                 compile_step=compile_step,
                                  on_notice=lambda text: progress.console.print(
                                      text, markup=False, highlight=False, soft_wrap=True))
         except sweep.ResultsUnwritable as exc:
@@ -196,13 +210,16 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="Retrain runs already on disk.")] = False,
     yes: YesOption = False,
     threads: ThreadsOption = None,
+    compile_step: CompileOption = False,
 ) -> None:
     """Train the comparisons of one experiment file and write their results."""
     _set_threads(threads)
     named = dict(device=device, engine=engine, steps=steps, seed=seed)
     runs = _load_runs([file], _overrides(set_, **named), allow_large=yes, labels=_labels(**named))
     planned = _plan(runs, out)
-    outcomes = _execute(planned, out, data_dir, f"{runs[0].experiment}", force=force)
+    _check_compile(compile_step, planned)
+    outcomes = _execute(planned, out, data_dir, f"{runs[0].experiment}", force=force,
+                        compile_step=compile_step)
     for outcome in outcomes:
         if outcome.status == "skipped":
             err_console.print(f"skipped {outcome.planned.run_id}: already complete "
@@ -279,6 +296,7 @@ def sweep_command(
     set_: SetOption = None,
     yes: YesOption = False,
     threads: ThreadsOption = None,
+    compile_step: CompileOption = False,
 ) -> None:
     """Run whole grids: skip finished runs, resume interrupted ones from their checkpoints."""
     _set_threads(threads)
@@ -288,8 +306,9 @@ def sweep_command(
     if dry_run:
         _dry_run(planned, force, retry_failed)
         return
+    _check_compile(compile_step, planned)
     outcomes = _execute(planned, out, data_dir, "sweep", force=force, fail_fast=fail_fast,
-                        retry_failed=retry_failed)
+                        retry_failed=retry_failed, compile_step=compile_step)
     table = Table(title="Sweep")
     for column in ("experiment", "run", "status", "detail"):
         table.add_column(column, overflow="fold")
@@ -328,10 +347,12 @@ def _dry_run(planned: list[sweep.Planned], force: bool, retry_failed: bool) -> N
     n_groups = len({number for number, _ in where.values()})
     out_console.print(f"{len(todo)} run(s) to train in {n_groups} population(s), "
                       f"{sweep.network_steps(todo):,} network-steps. Runs share a population "
-                      "when they differ only in learning rate, activation, initial weights' "
-                      "scale or scheme, BN settings or clipping; another seed, dataset, batch "
-                      "size, step count or evaluation schedule needs its own, and runs the "
-                      "population engine cannot express train alone on the reference engine.",
+                      "when they differ only in seed (each seed reads its own batch stream), "
+                      "learning rate, activation, initial weights, normaliser (batch, layer or "
+                      "group norm, before or after the activation) or clipping; another "
+                      "dataset, batch size, step count, evaluation schedule or dtype needs its "
+                      "own, and runs with dropout or the hand-written BN layer, and ConvNets, "
+                      "train alone on the reference engine.",
                       highlight=False)
 
 
@@ -446,13 +467,18 @@ def bench(
     grid: Annotated[Path | None, typer.Option(
         "--grid", help="Also time this whole grid file through the population engine "
         "(real data where found, else random data).")] = None,
+    grid_seeds: Annotated[int | None, typer.Option(
+        "--grid-seeds", min=1, max=1000, help="Repeat the --grid file's comparisons with N "
+        "seeds (they train in one population).")] = None,
     cuda_graph: Annotated[bool, typer.Option(
         "--cuda-graph/--no-cuda-graph", help="Capture the CUDA step as a graph.")] = True,
+    compile_step: CompileOption = False,
     out: Annotated[Path | None, typer.Option(
         "--out", help="JSON file (default results/bench/bench-<time>.json).")] = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Measure network-steps/s of the population engine against the one-at-a-time loop."""
+    """Measure network-steps/s of the population engine against the one-at-a-time loop,
+    compile time, and the operators one training step of the lesson population dispatches."""
     import json
 
     from bnexp import bench as bench_mod
@@ -467,9 +493,11 @@ def bench(
     except cfg.ConfigError as exc:
         fail(exc.problems)
     cuda = dev.type == "cuda"
+    if compile_step and not cuda:
+        fail(["--compile: only CUDA training steps are compiled (this bench runs on the CPU)"])
     counts = _model_counts(models or ("2,32,256,1024" if cuda else "2,32,256"))
     n_steps = steps or (3000 if cuda else 300)
-    grid_runs = _load_runs([grid], [f"device={dev.type}"]) if grid else []
+    grid_runs = _load_runs([grid], [f"device={dev.type}"], grid_seeds) if grid else []
     split = bench_mod.random_split(dev)
     rows = []
     with err_console.status("reference loop (one network at a time)..."):
@@ -477,7 +505,10 @@ def bench(
     rows.append(reference)
     for m in counts:
         with err_console.status(f"population engine, {m} networks..."):
-            rows.append(bench_mod.bench_population(split, dev, m, n_steps, reference, cuda_graph))
+            rows.append(bench_mod.bench_population(
+                split, dev, m, n_steps, reference, cuda_graph, compile_step))
+    with err_console.status("operators per training step..."):
+        ops = bench_mod.ops_per_step(split, dev)
     grid_record = None
     if grid_runs:
         try:
@@ -486,31 +517,39 @@ def bench(
         except DataError:
             grid_split, source = split, "random data"
         with err_console.status(f"grid {grid} ({len(grid_runs)} runs, {source})..."):
-            grid_record = bench_mod.bench_grid(grid_runs, grid_split, dev)
+            grid_record = bench_mod.bench_grid(grid_runs, grid_split, dev, compile_step)
         grid_record.update(file=str(grid), data=source)
     out_console.print(_bench_table(rows))
+    kernels = (f"; CUDA kernels: {ops['cuda_kernels_eager']} eager, "
+               f"{ops['cuda_kernels_compiled']} compiled ({ops['compile_s']:.1f} s to compile)"
+               if "cuda_kernels_compiled" in ops else "")
+    out_console.print(f"one training step of the lesson population ({ops['networks']} "
+                      f"networks): {ops['aten_ops']} aten operators dispatched{kernels}",
+                      highlight=False)
     if grid_record:
         out_console.print(
             f"grid {grid}: {grid_record['networks']} networks x {grid_record['steps']:,} steps "
             f"({grid_record['data']}): {grid_record['train_time_s']:.1f} s training, "
             f"{grid_record['wall_time_s']:.1f} s wall with evaluation every "
-            f"{grid_record['eval_every']} steps", highlight=False)
+            f"{grid_record['eval_every']} steps; {grid_record['populations']} population(s), "
+            f"{grid_record['seeds']} seed(s), {grid_record['compile_time_s']:.1f} s compiling, "
+            f"{', '.join(grid_record['execution'])}", highlight=False)
     path = out or bench_mod.default_out(Path("results"))
-    atomic_write(path, json.dumps(bench_mod.as_record(rows, dev, grid_record), indent=2))
+    atomic_write(path, json.dumps(bench_mod.as_record(rows, dev, grid_record, ops), indent=2))
     out_console.print(f"written {path}")
 
 
 def _bench_table(rows: list) -> Table:
     table = Table(title="bnexp bench")
     for column in ("engine", "device", "M", "steps/s", "network-steps/s", "ratio",
-                   "peak memory", "note"):
+                   "peak memory", "compile", "note"):
         table.add_column(column, justify="left" if column in ("engine", "device", "note")
                          else "right", overflow="fold")
     for r in rows:
         memory = f"{r.peak_memory_mib:,.0f} MiB" + (" RSS" if r.device == "cpu" else "")
         table.add_row(r.engine, r.device, str(r.models), f"{r.steps_per_s:,.0f}",
                       f"{r.network_steps_per_s:,.0f}", f"{r.ratio:.1f}x" if r.ratio else "-",
-                      memory, r.note)
+                      memory, f"{r.compile_s:.1f} s" if r.compile_s else "-", r.note)
     return table
 
 

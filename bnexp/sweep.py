@@ -111,7 +111,8 @@ def _batches(todo: list[tuple[Planned, dict | None]]) -> list[list[tuple[Planned
     return batches
 
 
-def _train(batch, split: Split, out: Path, progress: Progress | None) -> list[RunResult]:
+def _train(batch, split: Split, out: Path, progress: Progress | None,
+           compile_step: bool | None = None) -> list[RunResult]:
     """Train one batch; metrics.csv follows every evaluation, checkpoints go beside it."""
     planned = [p for p, _ in batch]
     device = planned[0].device
@@ -133,7 +134,7 @@ def _train(batch, split: Split, out: Path, progress: Progress | None) -> list[Ru
 
     return train_population([p.run for p in planned], split, device, progress, keep_states=keep,
                             resume=checkpoints if checkpoints[0] else None, on_checkpoint=save,
-                            on_evaluate=live)
+                            on_evaluate=live, compile_step=compile_step)
 
 
 def load_data(todo: list[Planned], data_dir: Path) -> dict[tuple[str, str], Split]:
@@ -153,10 +154,11 @@ def execute(planned: list[Planned], out: Path, data_dir: Path, *, force: bool = 
             progress: Progress | None = None,
             on_outcome: Callable[[Outcome], None] | None = None,
             on_notice: Callable[[str], None] | None = None,
-            splits: dict[tuple[str, str], Split] | None = None) -> list[Outcome]:
+            splits: dict[tuple[str, str], Split] | None = None,
+            compile_step: bool | None = None) -> list[Outcome]:
     """Train the runs that need it (see to_train), write their results, report the rest.
 
-    splits may hold data already loaded by load_data.
+    splits may hold data already loaded by load_data; compile_step as train_population's.
     """
     todo = to_train(planned, force, retry_failed)
     chosen = {id(p) for p in todo}
@@ -168,7 +170,7 @@ def execute(planned: list[Planned], out: Path, data_dir: Path, *, force: bool = 
     locks: list[results.RunLock] = []
     try:
         _lock_and_train(todo, out, splits, force, fail_fast, progress, outcomes, report, locks,
-                        notice)
+                        notice, compile_step)
         for experiment in sorted({p.run.experiment for p in planned}):
             if (out / experiment).is_dir():
                 results.write_experiment_summary(out / experiment, str(planned[0].device))
@@ -184,7 +186,8 @@ def execute(planned: list[Planned], out: Path, data_dir: Path, *, force: bool = 
 
 
 def _lock_and_train(todo: list[Planned], out: Path, splits, force: bool, fail_fast: bool,
-                    progress, outcomes: list[Outcome], report, locks: list, notice) -> None:
+                    progress, outcomes: list[Outcome], report, locks: list, notice,
+                    compile_step: bool | None = None) -> None:
     """Lock every run to train (the others are outcomes already), then train them."""
     ready = []
     for p in todo:
@@ -207,7 +210,7 @@ def _lock_and_train(todo: list[Planned], out: Path, splits, force: bool, fail_fa
             notice(f"resuming {p.run.experiment}/{p.run_id} from step {checkpoint['step']:,} "
                    f"of {p.run.steps:,} (its last checkpoint)")
         ready.append((p, checkpoint))
-    _execute_batches(ready, out, splits, fail_fast, progress, outcomes, report)
+    _execute_batches(ready, out, splits, fail_fast, progress, outcomes, report, compile_step)
 
 
 def _set_aside(p: Planned) -> Outcome:
@@ -255,10 +258,11 @@ def _disk_error(exc: BaseException) -> ResultsUnwritable | None:
 
 
 def _execute_batches(ready, out: Path, splits: dict[tuple[str, str], Split], fail_fast: bool,
-                     progress: Progress | None, outcomes: list[Outcome], report) -> None:
+                     progress: Progress | None, outcomes: list[Outcome], report,
+                     compile_step: bool | None = None) -> None:
     for batch in _batches(ready):
         try:
-            _execute_batch(batch, out, splits, progress, outcomes, report)
+            _execute_batch(batch, out, splits, progress, outcomes, report, compile_step)
         except _BatchFailed:
             if fail_fast:
                 return
@@ -268,12 +272,13 @@ class _BatchFailed(Exception):
     """A population failed to train; its runs were recorded as failed."""
 
 
-def _execute_batch(batch, out: Path, splits, progress, outcomes: list[Outcome], report) -> None:
+def _execute_batch(batch, out: Path, splits, progress, outcomes: list[Outcome], report,
+                   compile_step: bool | None = None) -> None:
     """Train one population and write its runs; _BatchFailed where training failed."""
     first = batch[0][0]
     key = (first.run.dataset, str(first.device))
     try:
-        trained = _train(batch, splits[key], out, progress)
+        trained = _train(batch, splits[key], out, progress, compile_step)
     except Exception as exc:  # one failing population must not stop the others
         if _disk_error(exc):
             raise

@@ -156,12 +156,12 @@ def test_sweep_reports_a_failing_run_and_goes_on(env, monkeypatch):
     real = sweep.train_population
 
     def flaky(runs, *args, **kwargs):
-        if runs[0].seed == 0:
+        if runs[0].batch_size == 50:
             raise RuntimeError("out of memory (simulated)")
         return real(runs, *args, **kwargs)
 
     monkeypatch.setattr(sweep, "train_population", flaky)
-    path = experiment(env, "name: g\ngrid:\n  seed: [0, 1]\n")
+    path = experiment(env, "name: g\ngrid:\n  batch_size: [50, 60]\n")
     result = invoke("sweep", path, *FAST)
     assert result.exit_code == 1
     assert "1 done, 0 skipped, 1 failed" in result.stdout
@@ -226,11 +226,11 @@ def test_dry_run_shows_the_populations(env):
     dry = invoke("sweep", path, "--dry-run", "--seeds", "2", *FAST)
     assert dry.exit_code == 0, dry.output
     text = " ".join(dry.stdout.split())
-    assert "4 run(s) to train in 2 population(s), 320 network-steps" in text
+    assert "4 run(s) to train in 1 population(s), 320 network-steps" in text
     from bnexp import config, sweep
     runs = config.expand_grid(config.load_spec(path, ["steps=40", "device=cpu"], seeds=2))
     where = sweep.populations(sweep.plan(runs, env / "results"))
-    assert sorted(where.values()) == [(1, 4), (1, 4), (2, 4), (2, 4)]
+    assert sorted(where.values()) == [(1, 8)] * 4  # seeds train together
 
 
 def test_command_line_problems_are_named_as_such(env):

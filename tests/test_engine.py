@@ -66,6 +66,53 @@ def test_population_matches_reference_in_float64(split, activation, lr, init_sca
                                    equal_nan=True)
 
 
+# The rest of the catalogue on the population engine: BN after the activation, layer and
+# group norm before or after it (the plain models are the cases above). One step agrees to
+# 3e-17; relu with layer/group norm before it at lr 0.1 is chaotic on this data (gap 2e-12 at
+# 60 steps, 4e-7 / 0.1 at 150), so those run 50 steps; the largest gap measured at each
+# horizon is in the comment.
+CATALOGUE_CASES = [
+    # activation, norm, bn_position, lr, steps
+    ("relu", "batch", "after", 0.1, 300),  # 3e-14
+    ("tanh", "batch", "after", 0.1, 300),  # 9e-15
+    ("relu", "batch", "after", 2.0, 300),  # 6e-13
+    ("relu", "layer", "before", 0.1, 50),  # 1e-12
+    ("relu", "layer", "before", 2.0, 300),  # 8e-16
+    ("sigmoid", "layer", "after", 0.5, 300),  # 4e-15
+    ("relu", "group", "before", 0.1, 50),  # 1e-12
+    ("tanh", "group", "after", 0.5, 300),  # 8e-15
+]
+
+
+@pytest.mark.parametrize("activation, norm, position, lr, steps", CATALOGUE_CASES)
+def test_catalogue_matches_reference_in_float64(split, activation, norm, position, lr, steps):
+    cfg = run(activation=activation, norm=norm, bn_position=position, lr=lr, steps=steps,
+              eval_every=max(steps // 3, 1), dtype="float64", track_unit=5, batch_norm=[True])
+    pop = train_population([cfg], split, CPU, keep_states=True)[0]
+    ref = train_reference(cfg, split, CPU, keep_states=True)
+    assert pop.engine == "population"
+    for p, r in zip(pop.models, ref.models, strict=True):
+        assert p.name == r.name and p.val_acc == r.val_acc, p.name
+        expected = {k: v for k, v in r.state.items() if not k.endswith("num_batches_tracked")}
+        assert_states_close(p.state, expected, rel=1e-9)
+        torch.testing.assert_close(p.unit_percentiles, r.unit_percentiles, rtol=1e-9, atol=1e-9)
+
+
+def test_seeds_train_in_one_population_as_they_would_alone(split):
+    """Three seeds, one population: each run's own stream and weights, the reference's numbers."""
+    runs = [run(seed=s, activation=a, lr=0.1, steps=100, eval_every=50, dtype="float64")
+            for s in (0, 1, 7) for a in ("relu", "sigmoid")]
+    assert len(group_runs(runs)) == 1
+    together = train_population(runs, split, CPU, keep_states=True)
+    assert together[0].population_size == 12
+    for cfg, pop in zip(runs, together):
+        ref = train_reference(cfg, split, CPU, keep_states=True)
+        for p, r in zip(pop.models, ref.models, strict=True):
+            assert p.val_acc == r.val_acc, (cfg.seed, cfg.activation, p.name)
+            expected = {k: v for k, v in r.state.items() if not k.endswith("num_batches_tracked")}
+            assert_states_close(p.state, expected, rel=1e-9)
+
+
 # fp32 over a short, non-chaotic horizon: the largest gap measured here after 100 steps was
 # 8e-7 of a tensor's scale (summation order only); 1e-4 leaves room for other BLAS builds.
 def test_population_matches_reference_in_float32(split):
@@ -108,14 +155,14 @@ def test_single_steps_match_reference_along_trajectory(split, activation, lr, in
             state = {n: t.clone() for n, t in model.state_dict().items()
                      if not n.endswith("num_batches_tracked")}
             stack.load_model_state(0, state)
-            stack.train_step(x, y, step)
+            stack.train_step(x[None], y[None], step)  # one stream's batch
             reference_step(model, lr, x, y)
             expected = {n: model.state_dict()[n] for n in state}
             assert_states_close(stack.model_state(0), expected, rel=1e-12)
             model.eval()
             logits = model(data.val_x).detach()
             model.train()
-            assert_states_close({"logits": stack.forward(data.val_x, train=False)[0]},
+            assert_states_close({"logits": stack.forward(data.val_x[None], train=False)[0]},
                                 {"logits": logits}, rel=1e-12)
         else:
             reference_step(model, lr, x, y)
@@ -136,6 +183,11 @@ MIXED = [dict(activation=a, lr=lr) for a in ("relu", "sigmoid", "tanh", "elu", "
     dict(activation="sigmoid", clip="norm", clip_threshold=0.5, init_scale=2.0),
     dict(activation="relu", bn_decay=0.9, bn_scale=False, lr=0.3),
     dict(activation="relu", lr=1e6, init_scale=5.0),  # diverges
+    dict(activation="relu", seed=1, lr=0.1),  # other seeds: other streams in one population
+    dict(activation="sigmoid", seed=2, norm="layer", lr=0.3),
+    dict(activation="tanh", seed=1, norm="group", bn_position="after"),
+    dict(activation="relu", seed=2, bn_position="after", lr=0.3),
+    dict(activation="elu", norm="layer", bn_position="after"),
 ]
 
 
@@ -153,7 +205,7 @@ def test_a_runs_numbers_do_not_depend_on_its_population_or_threads(split):
         assert together[0].population_size == 2 * len(runs)
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            for i in (0, 3, 10, len(runs) - 1):
+            for i in (0, 3, 10, 14, 16, 17, len(runs) - 1):
                 alone = train_population([runs[i]], split, CPU, keep_states=True)[0]
                 assert fingerprint(alone) == fingerprint(together[i]), (threads, MIXED[i])
         torch.set_num_threads(2)
@@ -232,10 +284,12 @@ def synthetic():
 
 
 def test_grouping_keeps_populations_homogeneous():
-    runs = [run(seed=0), run(seed=1), run(seed=0, lr=0.5), run(seed=0, batch_size=30)]
+    """Seeds share a population (each reads its own stream); batch size and steps cannot."""
+    runs = [run(seed=0), run(seed=1), run(seed=0, lr=0.5), run(seed=0, batch_size=30),
+            run(seed=2, steps=20)]
     groups = group_runs(runs)
-    assert [len(g) for g in groups] == [2, 1, 1]
-    assert groups[0] == [runs[0], runs[2]]
+    assert [len(g) for g in groups] == [3, 1, 1]
+    assert groups[0] == [runs[0], runs[1], runs[2]]
 
 
 def test_bn_learns_at_a_learning_rate_that_stalls_plain(split):
@@ -275,6 +329,36 @@ def test_cuda_graph_equals_eager_bit_for_bit_and_cpu_in_short_fp32(split):
     assert fingerprint(runs[True]) == fingerprint(runs[False])
     for a, b in zip(cpu.models, runs[True].models, strict=True):
         assert_states_close(b.state, a.state, rel=1e-4)
+
+
+@pytest.mark.gpu
+@CUDA
+def test_compiled_cuda_step_matches_cpu_in_float64(split):
+    """The compiled, captured step of a one-stack population (relu and sigmoid, BN on and
+    off, two seeds) against the CPU engine; a population of several stacks stays uncompiled."""
+    runs = [run(activation=a, lr=0.1, seed=s, steps=100, eval_every=50, dtype="float64")
+            for a, s in (("relu", 0), ("sigmoid", 1), ("relu", 1))]
+    cpu = train_population(runs, split, CPU, keep_states=True)
+    gpu = train_population(runs, split.to("cuda"), torch.device("cuda"), keep_states=True,
+                           compile_step=True)
+    assert gpu[0].execution == "compiled+cuda-graph" and gpu[0].compile_time_s > 0
+    for c, g in zip(cpu, gpu, strict=True):
+        for a, b in zip(c.models, g.models, strict=True):
+            assert a.val_acc == b.val_acc, (c.config.activation, a.name)
+            assert_states_close(b.state, a.state, rel=1e-9)
+    mixed = [run(steps=10, eval_every=10, dtype="float64", **kw) for kw in ({}, {"norm": "layer"})]
+    result = train_population(mixed, split.to("cuda"), torch.device("cuda"), compile_step=True)
+    assert result[0].execution == "cuda-graph"
+
+
+def test_only_asked_for_single_stack_cuda_populations_are_compiled():
+    from bnexp.engine.population import should_compile
+
+    cuda = torch.device("cuda")
+    assert not should_compile([run()], CPU, True), "CPU steps are never compiled"
+    assert not should_compile([run()], cuda, None), "off by default"
+    assert should_compile([run(), run(seed=3, activation="sigmoid")], cuda, True)
+    assert not should_compile([run(), run(norm="layer")], cuda, True)
 
 
 def test_large_groups_are_split_into_populations():

@@ -25,9 +25,9 @@ from typer.testing import CliRunner
 from bnexp import plots, results
 from bnexp.cli import app
 
-# Two populations (seeds) of two runs each, three checkpoints per run.
+# Two populations (batch sizes) of two runs each, three checkpoints per run.
 GRID = ("name: k\nsteps: 150\neval_every: 50\ncheckpoint_every: 50\ndevice: cpu\n"
-        "grid:\n  lr: [0.05, 0.5]\n  seed: [0, 1]\n")
+        "grid:\n  lr: [0.05, 0.5]\n  batch_size: [50, 60]\n")
 
 
 def sweep(path: Path, out: Path):

@@ -109,9 +109,10 @@ def test_manual_bn_in_the_reference_engine(split):
     assert effective_engine(run(bn_impl="manual")) == "reference"
 
 
-def test_bn_after_activation_and_dropout_use_the_reference_engine(split):
-    for cfg in (run(bn_position="after"), run(dropout=0.5)):
-        assert effective_engine(cfg) == "reference"
+def test_dropout_uses_the_reference_engine_and_bn_after_the_population_engine(split):
+    assert effective_engine(run(dropout=0.5)) == "reference"
+    assert effective_engine(run(bn_position="after")) == "population"
+    assert effective_engine(run(bn_impl="manual")) == "reference"
     after = MLP(initial_weights((784, 20, 10), 0.05, 0), "relu", True, bn_position="after")
     assert after.linears[0].bias is not None, "BN after the activation keeps the linear bias"
     cfg = run(dropout=0.5, steps=40, eval_every=20)
@@ -164,9 +165,10 @@ def test_examples_set_the_steps():
                                                 ("group", "gn", torch.nn.GroupNorm)])
 def test_batch_independent_normalisers(split, norm, name, module):
     cfg = run(norm=norm, lr=0.2, steps=60, eval_every=30)
-    assert effective_engine(cfg) == "reference"
-    result = train_reference(cfg, split, CPU, keep_states=True)
+    assert effective_engine(cfg) == "population"
+    result = train_population([cfg], split, CPU, keep_states=True)[0]
     assert [m.name for m in result.models] == ["plain", name]
+    assert [m.name for m in train_reference(cfg, split, CPU).models] == ["plain", name]
     from bnexp.engine.reference import build_model
     model = build_model(cfg, True)
     assert all(isinstance(n, module) for n in model.norms)

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from bnexp.cli import app
 
 GRID = ("name: g\nlr: 0.1\nsteps: 3000\neval_every: 100\ncheckpoint_every: 500\n"
-        "device: cpu\ngrid:\n  seed: [0, 1]\n")
+        "device: cpu\ngrid:\n  batch_size: [50, 60]\n")  # two populations
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ def test_retry_failed_trains_only_failed_runs(grid, tmp_path, monkeypatch):
     real = sweep.train_population
 
     def flaky(runs, *args, **kwargs):
-        if runs[0].seed == 1:
+        if runs[0].batch_size == 60:
             raise RuntimeError("simulated crash")
         return real(runs, *args, **kwargs)
 
@@ -192,7 +192,7 @@ def test_metrics_grow_at_every_evaluation_and_are_cut_back_on_resume(grid, tmp_p
             raise KeyboardInterrupt  # dies after this write, before the step's checkpoint
 
     monkeypatch.setattr(results, "write_metrics", watch)
-    fast = ["--set", "steps=300", "--set", "grid.seed=[0]", "--set", "checkpoint_every=100"]
+    fast = ["--set", "steps=300", "--set", "grid.batch_size=[50]", "--set", "checkpoint_every=100"]
     whole = tmp_path / "whole"
     assert sweep_in_process(grid, whole, *fast).exit_code == 0
     assert rows == [0, 100, 200, 300, 300], "a write per evaluation, then the finished run's"

@@ -1,10 +1,15 @@
-"""CUDA-graph capture of the population's training step, with an eager fallback."""
+"""The population's training step on CUDA: compiled with torch.compile (Inductor) where asked,
+then captured as one CUDA graph, with fallbacks to the uncompiled graph and to eager steps."""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def sync(device: torch.device) -> None:
@@ -14,34 +19,65 @@ def sync(device: torch.device) -> None:
 
 
 def _capture(step_all: Callable[[], None], device: torch.device):
-    """Record one training step as a CUDA graph; None where capture is not possible."""
-    if device.type != "cuda":
-        return None
-    try:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
-            for _ in range(3):
-                step_all()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+    """Record one training step as a CUDA graph (after warm-up steps, which compile it)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+        for _ in range(3):
             step_all()
-        return graph
-    except Exception:  # fall back to eager steps; the result records which path ran
-        return None
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step_all()
+    return graph
+
+
+# Inductor settings for the step: no kernel chosen by timing where that changes numerics
+# (deterministic), and kernels that do not change with the population's size where the
+# installed torch offers that (batch_invariant). Settings a torch version lacks are skipped.
+INDUCTOR_OPTIONS: dict[str, object] = {"deterministic": True, "batch_invariant": True}
+# Retried without loop reordering: torch 2.11's scheduler asserts on layer norm's kernels there.
+FALLBACK_OPTIONS: dict[str, object] = {"loop_ordering_after_fusion": False}
+
+
+def compiled(step_all: Callable[[], None], options: dict[str, object] | None = None,
+             ) -> Callable[[], None]:
+    """step_all through Inductor as one graph (no graph breaks), compiled afresh for each
+    population: its shapes are fixed, so earlier populations' entries would only be guards."""
+    import torch._inductor.config as inductor
+
+    wanted = INDUCTOR_OPTIONS if options is None else options
+    known = {k: v for k, v in wanted.items() if hasattr(inductor, k)}
+    torch.compiler.reset()
+    return torch.compile(step_all, fullgraph=True, dynamic=False, options=known)
 
 
 def capture_step(step_all: Callable[[], None], state: list[torch.Tensor],
-                 device: torch.device):
-    """Capture step_all as a CUDA graph, undoing the warm-up steps that capture needs.
+                 device: torch.device, compile_step: bool = False,
+                 ) -> tuple[torch.cuda.CUDAGraph | None, str, float]:
+    """(graph, execution, seconds spent compiling and capturing) for step_all on CUDA.
 
-    state lists every tensor a step changes; each is restored after capture.
+    state lists every tensor a step changes; each is restored after the warm-up steps that
+    compiling and capture need. Where compiling fails the uncompiled step is captured, and
+    where capture fails the steps run eagerly; execution names the path that runs.
     """
-    if device.type != "cuda":
-        return None
     saved = [t.detach().clone() for t in state]
-    graph = _capture(step_all, device)
+    start = time.perf_counter()
+    attempts = ([(compiled(step_all), "compiled+cuda-graph"),
+                 (compiled(step_all, {**INDUCTOR_OPTIONS, **FALLBACK_OPTIONS}),
+                  "compiled+cuda-graph")] if compile_step else []) + [(step_all, "cuda-graph")]
+    graph, execution = None, "eager"
+    for fn, name in attempts:
+        try:
+            graph, execution = _capture(fn, device), name
+            break
+        except Exception as exc:  # the result records the path that ran
+            log.warning("training step: %s failed (%s: %s); falling back", name,
+                        type(exc).__name__, exc)
+            for t, v in zip(state, saved):
+                t.copy_(v)
+    sync(device)
+    seconds = time.perf_counter() - start
     for t, v in zip(state, saved):
         t.copy_(v)
-    return graph
+    return graph, execution, seconds

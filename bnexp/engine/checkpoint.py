@@ -23,13 +23,13 @@ def remaining_blocks(run: RunConfig, done: int) -> list[int]:
     return blocks[passed:]
 
 
-def make_checkpoints(runs, stacks, where, results, stream: BatchStream, done: int,
-                     train_time: float) -> list[dict]:
-    """One checkpoint per run: its models' states and metrics, the stream, the step."""
+def make_checkpoints(runs, stacks, where, results, streams: dict[int, BatchStream],
+                     done: int, train_time: float) -> list[dict]:
+    """One checkpoint per run: its models' states and metrics, its seed's stream, the step."""
     diverged = {id(s): s.diverged_at.tolist() for s in stacks}
-    stream_state = stream.state()
+    states = {seed: stream.state() for seed, stream in streams.items()}
     out = [{"format": CHECKPOINT_FORMAT, "step": done, "train_time_s": train_time,
-            "stream": stream_state, "models": {}} for _ in runs]
+            "stream": states[run.seed], "models": {}} for run in runs]
     for (r, bn), (stack, i) in where.items():
         model = results[r][run_variant(runs[r], bn)]
         out[r]["models"][model.name] = {
@@ -41,15 +41,16 @@ def make_checkpoints(runs, stacks, where, results, stream: BatchStream, done: in
     return out
 
 
-def restore(resume: list[dict], runs, stacks, where, results, stream: BatchStream,
-            ) -> tuple[int, float]:
-    """Load checkpoints (one per run, one step) into stacks, results and stream."""
+def restore(resume: list[dict], runs, stacks, where, results,
+            streams: dict[int, BatchStream]) -> tuple[int, float]:
+    """Load checkpoints (one per run, one step) into stacks, results and streams."""
     steps = {c["step"] for c in resume}
     if len(steps) != 1 or any(c.get("format") != CHECKPOINT_FORMAT for c in resume):
         raise ValueError("runs of one population must resume from one step and format")
-    stream.load_state(resume[0]["stream"])
+    for seed, stream in streams.items():  # runs of one seed share one stream and its state
+        stream.load_state(next(c for c, run in zip(resume, runs) if run.seed == seed)["stream"])
     for (r, bn), (stack, i) in where.items():
-        saved = resume[r]["models"][variant_name(bn)]
+        saved = resume[r]["models"][variant_name(bn, runs[r].norm)]
         stack.load_model_state(i, saved["state"])
         stack.diverged_at[i] = saved["diverged_at"]
         model = results[r][run_variant(runs[r], bn)]

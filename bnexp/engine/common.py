@@ -70,8 +70,9 @@ class RunResult:
     models: list[ModelResult]
     wall_time_s: float
     population_size: int  # networks trained together (they share the wall time)
-    execution: str = "eager"  # or "cuda-graph"
+    execution: str = "eager"  # or "cuda-graph", or "compiled+cuda-graph"
     train_time_s: float | None = None  # training steps alone, without evaluation and set-up
+    compile_time_s: float = 0.0  # compiling and capturing the step (inside wall_time_s)
 
 
 def eval_blocks(steps: int, eval_every: int) -> list[int]:
@@ -88,8 +89,9 @@ def tracked_unit(run: RunConfig) -> tuple[int, int] | None:
 
 
 def population_key(run: RunConfig) -> tuple:
-    """Runs with equal keys can train together on one mini-batch stream."""
-    return (run.dataset, run.layers, run.batch_size, run.steps, run.eval_every, run.seed,
+    """Runs with equal keys can train together: one step count and evaluation schedule, one
+    batch shape; each seed reads its own batch stream within the population."""
+    return (run.dataset, run.layers, run.batch_size, run.steps, run.eval_every,
             run.eval_split, run.track_unit, run.track_layer, run.checkpoint_every, run.dtype)
 
 

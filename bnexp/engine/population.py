@@ -28,48 +28,52 @@ from bnexp.engine.common import (
     tracked_unit,
     variant_name,
 )
-from bnexp.engine.stack import Stack, StackKind
+from bnexp.engine.stack import Member, Stack, StackKind
 from bnexp.engine.threads import shard_pool, single_threaded_kernels
 from bnexp.models import initial_weights
 
 
 def population_can_train(run: RunConfig) -> bool:
     """What the stacked engine expresses; the rest trains on the reference engine."""
-    return (run.arch == "mlp" and run.norm == "batch" and run.bn_position == "before"
-            and run.dropout == 0 and run.bn_impl == "torch")
+    return run.arch == "mlp" and run.dropout == 0 and run.bn_impl == "torch"
 
 
-def _kind(run: RunConfig, batch_norm: bool) -> StackKind:
-    return StackKind(run.activation, batch_norm, run.bn_scale, run.clip, run.clip_threshold)
+def _kind(run: RunConfig) -> StackKind:
+    return StackKind(run.norm, run.bn_position, run.group_norm_groups, run.bn_scale, run.clip,
+                     run.clip_threshold)
+
+
+def stream_seeds(runs: list[RunConfig]) -> list[int]:
+    """The population's batch streams: one per seed, in order of first appearance."""
+    return list(dict.fromkeys(run.seed for run in runs))
 
 
 def _build_stacks(runs: list[RunConfig], device: torch.device, shards: int = 1):
     """Stacks by shard and StackKind, and each model's (stack, index) by (run index, batch_norm).
 
-    The models, ordered by kind, are dealt into shards of nearly equal size; a shard holds one
-    stack per kind among its models. A model's numbers do not depend on its shard or stack.
+    The models, ordered by kind and activation, are dealt into shards of nearly equal size; a
+    shard holds one stack per kind among its models. A model's numbers do not depend on its
+    shard, its stack or its neighbours.
     """
-    by_kind: dict[StackKind, list[tuple[int, RunConfig]]] = {}
-    for r, run in enumerate(runs):
-        for bn in run.batch_norm:
-            by_kind.setdefault(_kind(run, bn), []).append((r, run))
-    models = [(kind, r, run) for kind, group in by_kind.items() for r, run in group]
+    slot = {seed: i for i, seed in enumerate(stream_seeds(runs))}
+    weights = [initial_weights(run.layers, run.init_scale, run.seed, run.init) for run in runs]
+    models = sorted(((_kind(run), run.activation, r, bn) for r, run in enumerate(runs)
+                     for bn in run.batch_norm), key=lambda m: (repr(m[0]), m[1]))
     shards = max(1, min(shards, len(models)))
     bounds = [len(models) * s // shards for s in range(shards + 1)]
     dtype = DTYPES[runs[0].dtype]
     groups, where = [], {}
     for lo, hi in zip(bounds, bounds[1:]):
-        members: dict[StackKind, list[tuple[int, RunConfig]]] = {}
-        for kind, r, run in models[lo:hi]:
-            members.setdefault(kind, []).append((r, run))
+        members: dict[StackKind, list[tuple[int, bool]]] = {}
+        for kind, _, r, bn in models[lo:hi]:
+            members.setdefault(kind, []).append((r, bn))
         group = []
         for kind, part in members.items():
-            weights = [initial_weights(run.layers, run.init_scale, run.seed, run.init)
-                       for _, run in part]
-            stack = Stack(weights, [run.lr for _, run in part], kind, device,
-                          [run.bn_decay for _, run in part], dtype)
-            for i, (r, _) in enumerate(part):
-                where[(r, kind.batch_norm)] = (stack, i)
+            stack = Stack([Member(runs[r].activation, bn, runs[r].lr, weights[r],
+                                  slot[runs[r].seed], runs[r].bn_decay) for r, bn in part],
+                          kind, device, dtype)
+            for i, (r, bn) in enumerate(part):
+                where[(r, bn)] = (stack, i)
             group.append(stack)
         groups.append(group)
     return groups, where
@@ -79,22 +83,27 @@ class _Shard:
     """Stacks trained by one thread (CPU) or one captured graph (CUDA), with their own counters.
 
     step_all runs one training step of every stack, reading batch k of the block of batch
-    indices; k and step live on the device, so a captured step replays unchanged.
+    indices (one batch per stream); k and step live on the device, so a captured step replays
+    unchanged.
     """
 
-    def __init__(self, stacks: list[Stack], split: Split, block: torch.Tensor,
-                 device: torch.device, cuda_graph: bool):
+    def __init__(self, stacks: list[Stack], split: Split, block: torch.Tensor, n_streams: int,
+                 device: torch.device, cuda_graph: bool, compile_step: bool):
         self.stacks = stacks
         self.k = torch.zeros(1, dtype=torch.long, device=device)
         self.step = torch.zeros((), dtype=torch.long, device=device)
-        self._split, self._block = split, block
+        self._split, self._block, self._n_streams = split, block, n_streams
         state = [t for stack in stacks for t in stack.state_tensors()] + [self.k, self.step]
-        self.graph = capture_step(self.step_all, state, device) if cuda_graph else None
+        self.graph, self.execution, self.compile_s = None, "eager", 0.0
+        if cuda_graph and device.type == "cuda":
+            self.graph, self.execution, self.compile_s = capture_step(
+                self.step_all, state, device, compile_step)
 
     def step_all(self) -> None:
         batch_idx = self._block.index_select(0, self.k).view(-1)
-        x = self._split.train_x.index_select(0, batch_idx)
-        y = self._split.train_y.index_select(0, batch_idx)
+        x = self._split.train_x.index_select(0, batch_idx).view(self._n_streams, -1,
+                                                                 self._split.train_x.shape[1])
+        y = self._split.train_y.index_select(0, batch_idx).view(self._n_streams, -1)
         self.k.add_(1)
         self.step.add_(1)
         for stack in self.stacks:
@@ -109,18 +118,54 @@ class _Shard:
                 self.step_all()
 
 
+def one_step(runs: list[RunConfig], split: Split, device: torch.device,
+             ) -> Callable[[], None]:
+    """One training step of every model of runs, as a function (for counting and profiling
+    what a step dispatches); it reads the first batch of each seed's stream, every call."""
+    groups, _ = _build_stacks(runs, device, 1)
+    seeds = stream_seeds(runs)
+    block = torch.cat([BatchStream(split.train_x.shape[0], runs[0].batch_size, seed, device)
+                       .next_indices(1) for seed in seeds], dim=1)
+    shard = _Shard(groups[0], split.astype(DTYPES[runs[0].dtype]), block, len(seeds), device,
+                   cuda_graph=False, compile_step=False)
+
+    def step() -> None:
+        shard.k.zero_()
+        shard.step_all()
+
+    return step
+
+
+def should_compile(runs: list[RunConfig], device: torch.device, compile_step: bool | None,
+                   ) -> bool:
+    """Compile only when asked (compile_step True), on CUDA, for a population of one stack.
+
+    Not by default: Inductor picks kernels by the tensors' sizes, so a compiled run's rounding
+    depends on how many networks share its population (measured on an H100: a run's bytes
+    alone and among 24 networks agree, among 240 they differ), which would break "same
+    config, same numbers". Populations of several stacks (clipping, BN after the activation,
+    layer or group norm beside batch norm) stay uncompiled: only single-stack populations
+    were measured to agree with the uncompiled step (float64, 2e-15 over 100 steps).
+    """
+    return (bool(compile_step) and device.type == "cuda"
+            and len({_kind(run) for run in runs}) == 1)
+
+
 def train_population(runs: list[RunConfig], split: Split, device: torch.device,
                      progress: Progress | None = None, keep_states: bool = False,
                      cuda_graph: bool = True, resume: list[dict] | None = None,
                      on_checkpoint: Callable[[int, dict], None] | None = None,
-                     on_evaluate: OnEvaluate | None = None) -> list[RunResult]:
+                     on_evaluate: OnEvaluate | None = None,
+                     compile_step: bool = False) -> list[RunResult]:
     """Train every model of runs (which share a population key) together.
 
     resume holds one checkpoint per run, all taken at the same step; on_checkpoint(r, data)
     receives run r's checkpoint at the first evaluation after every checkpoint_every steps
     and at the end; on_evaluate(r, models) follows every evaluation (and a resume).
-    On the CPU the models are spread over torch.get_num_threads() threads.
-    A run's numbers are the same alone, in any population, resumed or not, with any threads.
+    On the CPU the models are spread over torch.get_num_threads() threads; on CUDA the step
+    is captured as a CUDA graph, compiled first where compile_step and should_compile say so
+    (the result's execution says which path ran). A run's numbers are the same alone, in any
+    population, resumed or not, with any threads (on CUDA: unless compiled).
     """
     with single_threaded_kernels(device) as threads:
         n_models = sum(len(run.batch_norm) for run in runs)
@@ -128,24 +173,27 @@ def train_population(runs: list[RunConfig], split: Split, device: torch.device,
         with shard_pool(shards) as pool:
             return _train(runs, split.astype(DTYPES[runs[0].dtype]), device, shards, pool,
                           progress, keep_states, cuda_graph, resume, on_checkpoint,
-                          on_evaluate or (lambda r, models: None))
+                          on_evaluate or (lambda r, models: None),
+                          should_compile(runs, device, compile_step))
 
 
 def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progress,
            keep_states: bool, cuda_graph: bool, resume, on_checkpoint,
-           on_evaluate: OnEvaluate) -> list[RunResult]:
+           on_evaluate: OnEvaluate, compile_step: bool) -> list[RunResult]:
     first = runs[0]
     start = time.perf_counter()
     groups, where = _build_stacks(runs, device, n_shards)
     stacks = [stack for group in groups for stack in group]
     n_models = sum(s.m for s in stacks)
-    stream = BatchStream(split.train_x.shape[0], first.batch_size, first.seed, device)
-    block = torch.zeros(min(first.eval_every, first.steps), first.batch_size, dtype=torch.long,
-                        device=device)
-    shards = [_Shard(group, split, block, device, cuda_graph) for group in groups]
+    streams = {seed: BatchStream(split.train_x.shape[0], first.batch_size, seed, device)
+               for seed in stream_seeds(runs)}
+    block = torch.zeros(min(first.eval_every, first.steps), len(streams) * first.batch_size,
+                        dtype=torch.long, device=device)
+    shards = [_Shard(group, split, block, len(streams), device, cuda_graph, compile_step)
+              for group in groups]
     each = pool.map if pool else map
-    results = [[ModelResult(variant_name(bn)) for bn in run.batch_norm] for run in runs]
-
+    results = [[ModelResult(variant_name(bn, run.norm)) for bn in run.batch_norm]
+               for run in runs]
     on_test = first.eval_split == "test"
     eval_x, eval_y = (split.test_x, split.test_y) if on_test else (split.val_x, split.val_y)
     probe = tracked_unit(first)
@@ -172,7 +220,7 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
 
     done, train_time = 0, 0.0
     if resume:
-        done, train_time = restore(resume, runs, stacks, where, results, stream)
+        done, train_time = restore(resume, runs, stacks, where, results, streams)
         for shard in shards:
             shard.step.fill_(done)
         for r in range(len(runs)):  # the live metrics go back to the checkpoint's step
@@ -181,7 +229,8 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
         evaluate(0, 0)
     next_checkpoint = done + first.checkpoint_every
     for n_block in remaining_blocks(first, done):
-        block[:n_block].copy_(stream.next_indices(n_block))
+        block[:n_block].copy_(torch.cat([s.next_indices(n_block) for s in streams.values()],
+                                        dim=1))
         tick = time.perf_counter()
         list(each(lambda shard, n=n_block: shard.train_block(n), shards))
         sync(device)
@@ -189,7 +238,7 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
         done += n_block
         evaluate(done, n_block)
         if on_checkpoint and (done >= next_checkpoint or done == first.steps):
-            for r, data in enumerate(make_checkpoints(runs, stacks, where, results, stream,
+            for r, data in enumerate(make_checkpoints(runs, stacks, where, results, streams,
                                                       done, train_time)):
                 on_checkpoint(r, data)
             next_checkpoint = done + first.checkpoint_every
@@ -197,9 +246,9 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
             progress(n_block * n_models)
     _finish(runs, stacks, where, results, split, keep_states)
     wall = time.perf_counter() - start
-    execution = "cuda-graph" if shards[0].graph is not None else "eager"
-    return [RunResult(run, str(device), "population", results[r], wall, n_models, execution,
-                      train_time_s=train_time)
+    return [RunResult(run, str(device), "population", results[r], wall, n_models,
+                      shards[0].execution, train_time_s=train_time,
+                      compile_time_s=sum(shard.compile_s for shard in shards))
             for r, run in enumerate(runs)]
 
 

@@ -1,192 +1,305 @@
 """A stack of MLPs: the population engine's math, forward and backward written out.
 
-Models that share activation, BN flag and clipping form a ``Stack``: their parameters are
-stacked along a leading model dimension, so one batched matrix product runs a layer of every
-model.
+All models of a population that share a StackKind (normaliser, its place, clipping) form one
+``Stack``: their parameters are stacked along a leading model dimension, so one batched matrix
+product runs a layer of every model. Within a stack each model has its own activation, its
+own normaliser on/off flag, learning rate, BN decay and batch stream (seed): models are
+ordered by activation so that each activation is one contiguous slice, and a per-model mask
+picks the normalised or the plain branch (both are computed; ``torch.where`` selects exactly,
+so the branch a model does not take never reaches its numbers, even when it holds NaN).
 
-Shapes: M models, B examples, layer l maps n_in -> n_out.
+Shapes: M models, S batch streams, B examples, layer l maps n_in -> n_out.
   weights                                (M, n_in, n_out)   torch.bmm over the model dimension
   biases, gamma, beta, running mean/var  (M, 1, n_out)
-  learning rates, BN momenta             (M, 1, 1)
+  learning rates, BN momenta, masks      (M, 1, 1)
+  a step's batch                         (S, B, n_in), read by each model through its stream
 
 A model's numbers must not depend on how many others share its stack (see README,
 "Same config, same numbers"). So on the CPU, where the engine runs its math on one thread:
-every activation tensor is contiguous per model (a reduction over the batch then sums each
-model's values in one fixed order); every product is a per-model matrix of fixed shape, also
-in the first layer, whose shared batch is broadcast rather than multiplied as one wide GEMM;
-and the activations whose vectorised and scalar kernels round differently (sigmoid, tanh, elu)
-are applied to each model's block alone, so that no model's values fall into the scalar tail
-of a population-sized tensor. Evaluation uses a fixed number of rows per product.
+every product is a per-model matrix of fixed shape (the first layer's batch is broadcast or
+gathered per model, never multiplied as one wide GEMM); reductions run over contiguous
+per-model blocks; softmax is row-wise; and activations are written into a *canvas*, a buffer
+whose per-model rows are padded, so that an elementwise kernel walks each model's block as a
+row of its own (vectorised body, scalar tail) instead of one population-sized run whose
+scalar tail would fall on whichever models come last. Evaluation uses a fixed row count.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from torch.nn import functional as F
 
-from bnexp.models import ACTIVATION_FNS, ACTIVATION_GRADS, BN_DECAY, BN_EPS, bn_momentum
+from bnexp.models import ACTIVATION_GRADS, BN_DECAY, BN_EPS, LEAKY_SLOPE, bn_momentum
 
 EVAL_ELEMENTS = 1 << 25  # activations per evaluation chunk (128 MiB of fp32)
 EVAL_ROWS = 1000  # examples per evaluation product: fixed, so a model's logits never depend on M
-# Activations whose CPU kernels round the vectorised body and the scalar tail differently.
-PER_MODEL_ACTIVATIONS = {"sigmoid": torch.sigmoid_, "tanh": torch.tanh_,
-                         "elu": torch.nn.functional.elu_}
+CANVAS_PAD = 64  # elements after each model's block in a CPU canvas (keeps rows apart, aligned)
 PERCENTILES = (0.15, 0.50, 0.85)  # of a tracked unit's input, as in the BN paper's Figure 1
+
+ACTIVATIONS_INPLACE = {
+    "relu": F.relu_,
+    "sigmoid": torch.sigmoid_,
+    "tanh": torch.tanh_,
+    "elu": F.elu_,  # alpha = 1
+    "leaky_relu": lambda t: F.leaky_relu_(t, LEAKY_SLOPE),
+}
 
 
 @dataclass(frozen=True)
 class StackKind:
     """What the models of one stack share (everything else may differ per model)."""
 
-    activation: str
-    batch_norm: bool
+    norm: str = "batch"  # the normaliser of the models that have one: batch, layer or group
+    position: str = "before"  # the normaliser before or after the activation
+    groups: int = 10  # group norm's groups
     bn_scale: bool = True  # False: gamma stays 1
     clip: str = "none"
     clip_threshold: float = 1.0
 
 
+@dataclass(frozen=True)
+class Member:
+    """One model of a stack."""
+
+    activation: str
+    normalized: bool
+    lr: float
+    weights: list[torch.Tensor] = field(compare=False)  # nn.Linear layout (out, in)
+    stream: int = 0  # which of the population's batch streams the model reads
+    bn_decay: float = BN_DECAY
+
+
+def _pick(mask, a: torch.Tensor, b) -> torch.Tensor:
+    """a where the model's mask is set, else b; mask True/False means every model alike."""
+    if mask is True:
+        return a
+    if mask is False:
+        return b if isinstance(b, torch.Tensor) else torch.full_like(a, b)
+    return torch.where(mask, a, b)
+
+
 class Stack:
     """Models of one StackKind; parameter tensors carry a model dimension."""
 
-    def __init__(self, weights: list[list[torch.Tensor]], lrs: list[float], kind: StackKind,
-                 device: torch.device, bn_decays: list[float] | None = None,
+    def __init__(self, members: list[Member], kind: StackKind, device: torch.device,
                  dtype: torch.dtype = torch.float32):
-        self.m = len(weights)
+        self.m = len(members)
         self.kind = kind
-        self.activation = ACTIVATION_FNS[kind.activation]
-        self.activation_grad = ACTIVATION_GRADS[kind.activation]
-        self.batch_norm = kind.batch_norm
-        self.n_hidden = len(weights[0]) - 1
+        self.device = torch.device(device)
+        self.canvas_pad = CANVAS_PAD if self.device.type == "cpu" else 0
+        self.n_hidden = len(members[0].weights) - 1
+        self.slices = _activation_slices([m.activation for m in members])
+        flags = [m.normalized for m in members]
+        self.norm_mask = _mask(flags, device)
+        # The hidden bias is redundant only where batch norm directly follows the linear.
+        bias_free = kind.norm == "batch" and kind.position == "before"
+        self.bias_mask = _mask([not (f and bias_free) for f in flags], device)
+        streams = [m.stream for m in members]
+        self.one_stream = streams[0] if len(set(streams)) == 1 else None
+        self.streams = torch.tensor(streams, dtype=torch.long, device=device)
         # nn.Linear stores (out, in); the stack stores (in, out) so that x @ w needs no transpose.
-        self.w = [torch.stack([w[l].t() for w in weights]).to(device, dtype)
+        self.w = [torch.stack([m.weights[l].t() for m in members]).to(device, dtype)
                   for l in range(self.n_hidden + 1)]
-        widths = [w.shape[-1] for w in self.w]
-        self.per_model_activation = (PER_MODEL_ACTIVATIONS.get(kind.activation)
-                                     if torch.device(device).type == "cpu" else None)
+        hidden = [w.shape[-1] for w in self.w[:-1]]
 
-        def zeros(width: int) -> torch.Tensor:
-            return torch.zeros(self.m, 1, width, device=device, dtype=dtype)
+        def full(width: int, value: float) -> torch.Tensor:
+            return torch.full((self.m, 1, width), value, device=device, dtype=dtype)
 
-        hidden = widths[:-1]
-        bn = self.batch_norm
-        # BN models have no hidden-layer bias: beta takes its place.
-        self.b = ([] if bn else [zeros(n) for n in hidden]) + [zeros(widths[-1])]
-        self.gamma = [torch.ones(self.m, 1, n, device=device, dtype=dtype)
-                      for n in hidden] if bn else []
-        self.beta = [zeros(n) for n in hidden] if bn else []
-        self.running_mean = [zeros(n) for n in hidden] if bn else []
-        self.running_var = [torch.ones_like(m) for m in self.running_mean]
-        learned_gamma = self.gamma if kind.bn_scale else []
-        self.params = self.w + self.b + learned_gamma + self.beta
-        self.lr = torch.tensor(lrs, dtype=dtype, device=device).view(self.m, 1, 1)
-        decays = bn_decays or [BN_DECAY] * self.m
+        self.b = [full(n, 0.0) for n in hidden] + [full(self.w[-1].shape[-1], 0.0)]
+        normed = self.norm_mask is not False
+        self.gamma = [full(n, 1.0) for n in hidden] if normed else []
+        self.beta = [full(n, 0.0) for n in hidden] if normed else []
+        running = normed and kind.norm == "batch"
+        self.running_mean = [full(n, 0.0) for n in hidden] if running else []
+        self.running_var = [full(n, 1.0) for n in hidden] if running else []
+        hidden_b = self.b[:-1] if self.bias_mask is not False else []
+        self.params = (self.w + hidden_b + self.b[-1:] + (self.gamma if kind.bn_scale else [])
+                       + self.beta)
+        self.lr = torch.tensor([m.lr for m in members], dtype=dtype,
+                               device=device).view(self.m, 1, 1)
         # Running averages move by 1 - decay toward each batch's statistics.
-        self.momentum = torch.tensor([bn_momentum(d) for d in decays], dtype=dtype,
+        self.momentum = torch.tensor([bn_momentum(m.bn_decay) for m in members], dtype=dtype,
                                      device=device).view(self.m, 1, 1)
         self.loss_sum = torch.zeros(self.m, device=device, dtype=dtype)
         self.diverged_at = torch.full((self.m,), -1, dtype=torch.long, device=device)
 
-    def _norm(self, z: torch.Tensor, l: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch norm over the example dimension, per model and unit: (z_hat, 1/std)."""
-        if train:
-            mean = z.mean(dim=1, keepdim=True)
-            centred = z - mean
-            var = (centred * centred).mean(dim=1, keepdim=True)  # biased, for normalising
-            n = z.shape[1]
+    # -- pieces of a layer --------------------------------------------------------------
+
+    def _canvas(self, like: torch.Tensor) -> torch.Tensor:
+        """An empty (M, B, n) tensor; on the CPU each model's block is a padded row."""
+        m, b, n = like.shape
+        buf = torch.empty(m, b * n + self.canvas_pad, dtype=like.dtype, device=like.device)
+        return buf[:, :b * n].unflatten(1, (b, n))
+
+    def _activate_(self, a: torch.Tensor) -> torch.Tensor:
+        for name, lo, hi in self.slices:
+            ACTIVATIONS_INPLACE[name](a[lo:hi])
+        return a
+
+    def _activation_grad(self, g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        if len(self.slices) == 1:
+            return ACTIVATION_GRADS[self.slices[0][0]](g, a)
+        out = torch.empty_like(g)
+        for name, lo, hi in self.slices:
+            out[lo:hi] = ACTIVATION_GRADS[name](g[lo:hi], a[lo:hi])
+        return out
+
+    def _groups(self, v: torch.Tensor) -> torch.Tensor:
+        """v viewed so that the normaliser's statistics are means over the last dim but one
+        (batch norm: the examples) or the last dim (layer, group norm: a group's units)."""
+        if self.kind.norm == "group":
+            return v.unflatten(2, (self.kind.groups, -1))
+        return v
+
+    def _stat_dim(self) -> int:
+        return 1 if self.kind.norm == "batch" else -1
+
+    def _normalize(self, v: torch.Tensor, l: int, train: bool,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(v_hat, 1/std): v normalised per model by the stack's normaliser."""
+        dim = self._stat_dim()
+        if self.kind.norm == "batch" and not train:
+            centred, var = v - self.running_mean[l], self.running_var[l]
+            inv_std = torch.rsqrt(var + BN_EPS)
+            return centred * inv_std, inv_std
+        g = self._groups(v)
+        mean = g.mean(dim=dim, keepdim=True)
+        centred = g - mean
+        var = (centred * centred).mean(dim=dim, keepdim=True)  # biased, for normalising
+        if self.kind.norm == "batch":
+            n = v.shape[1]
             # Running averages use the unbiased variance, as nn.BatchNorm1d does.
             self.running_mean[l].lerp_(mean, self.momentum)
             self.running_var[l].lerp_(var * (n / (n - 1)), self.momentum)
-        else:
-            centred, var = z - self.running_mean[l], self.running_var[l]
         inv_std = torch.rsqrt(var + BN_EPS)
-        return centred * inv_std, inv_std
+        return (centred * inv_std).reshape(v.shape), inv_std
 
-    def _linear(self, h: torch.Tensor, l: int) -> torch.Tensor:
-        if l > 0:
-            return torch.bmm(h, self.w[l])
-        # The first layer reads the same batch (B, n_in) for every model: broadcast, not copied.
-        return torch.bmm(h.expand(self.m, -1, -1), self.w[0])
+    def _normalize_grad(self, d_hat: torch.Tensor, v_hat: torch.Tensor, inv_std: torch.Tensor,
+                        ) -> torch.Tensor:
+        """d loss / d v from d loss / d v_hat, with the statistics differentiated."""
+        dim = self._stat_dim()
+        d, h = self._groups(d_hat), self._groups(v_hat)
+        out = inv_std * (d - d.mean(dim=dim, keepdim=True)
+                         - h * (d * h).mean(dim=dim, keepdim=True))
+        return out.reshape(d_hat.shape)
 
-    def _activate(self, z: torch.Tensor) -> torch.Tensor:
-        if self.per_model_activation is None:
-            return self.activation(z)
-        a = z.clone()
-        for block in a.unbind(0):  # each model's (B, n) block alone: same rounding for any M
-            self.per_model_activation(block)
-        return a
+    def _affine(self, v_hat: torch.Tensor, l: int) -> torch.Tensor:
+        return v_hat * self.gamma[l] + self.beta[l]
+
+    # -- forward and backward -----------------------------------------------------------
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The step's batches (S, B, n) as each model's own (M, B, n)."""
+        if self.one_stream is not None:  # broadcast, not copied (the same bytes, see tests)
+            return x[self.one_stream:self.one_stream + 1].expand(self.m, -1, -1)
+        return x.index_select(0, self.streams)
 
     def forward(self, x: torch.Tensor, train: bool, saved: list | None = None,
                 probe: tuple[int, int] | None = None, probed: list | None = None,
                 ) -> torch.Tensor:
-        """x (B, n_in) shared by all models -> logits (M, B, n_classes).
+        """x (S, B, n_in), the batch of each stream -> logits (M, B, n_classes).
 
         With saved, each hidden layer appends what the backward pass needs:
-        (layer input, z_hat, 1/std, activation output). With probe=(layer, unit), probed
+        (layer input, v_hat, 1/std, activation output). With probe=(layer, unit), probed
         receives that unit's activation input, shape (M, B).
         """
-        h = x
+        h = self._inputs(x)
+        before = self.kind.position == "before"
+        normed = self.norm_mask is not False
         for l in range(self.n_hidden):
-            z = self._linear(h, l)
-            z_hat = inv_std = None
-            if self.batch_norm:
-                z_hat, inv_std = self._norm(z, l, train)
-                z = z_hat * self.gamma[l] + self.beta[l]
+            z = torch.bmm(h, self.w[l])
+            a = self._canvas(z)
+            v_hat = inv_std = None
+            # Every model adds its bias; it stays zero where BN follows (its gradient is zero).
+            if before and normed:
+                biased = z + self.b[l]
+                v_hat, inv_std = self._normalize(biased, l, train)
+                scaled = v_hat * self.gamma[l]
+                if self.norm_mask is True:
+                    torch.add(scaled, self.beta[l], out=a)
+                else:
+                    torch.where(self.norm_mask, scaled + self.beta[l], biased, out=a)
             else:
-                z = z + self.b[l]
+                torch.add(z, self.b[l], out=a)
             if probe is not None and probe[0] == l:
-                probed.append(z[:, :, probe[1]])
-            a = self._activate(z)
+                probed.append(a[:, :, probe[1]].clone())
+            self._activate_(a)
+            out = a
+            if not before and normed:
+                v_hat, inv_std = self._normalize(a, l, train)
+                out = _pick(self.norm_mask, self._affine(v_hat, l), a)
             if saved is not None:
-                saved.append((h, z_hat, inv_std, a))
-            h = a
+                saved.append((h, v_hat, inv_std, a))
+            h = out
         if saved is not None:
             saved.append((h, None, None, None))
         return torch.baddbmm(self.b[-1], h, self.w[-1])
+
+    def _targets(self, y: torch.Tensor) -> torch.Tensor:
+        if self.one_stream is not None:
+            return y[self.one_stream].view(1, -1, 1).expand(self.m, -1, 1)
+        return y.index_select(0, self.streams).unsqueeze(2)
 
     def gradients(self, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor | None = None,
                   ) -> tuple[torch.Tensor, list]:
         """Per-model mean cross-entropy (M,) and its gradients, in the order of self.params.
 
         The backward pass is written out: softmax cross-entropy, linear layers, activations
-        and batch norm (with batch statistics, so the mean and variance are differentiated).
-        Every gradient is linear in d loss / d logits, so a per-model scale (M, 1, 1), such as
-        the learning rate, applied there scales all of that model's gradients.
+        and the normaliser (with batch statistics, so the mean and variance are
+        differentiated). Every gradient is linear in d loss / d logits, so a per-model scale
+        (M, 1, 1), such as the learning rate, applied there scales all of that model's
+        gradients.
         """
         saved: list = []
         logits = self.forward(x, train=True, saved=saved)
         log_p = torch.log_softmax(logits, dim=2)
-        target = y.view(1, -1, 1).expand(self.m, -1, 1)
+        target = self._targets(y)
         loss = -log_p.gather(2, target).squeeze(2).mean(dim=1)
         # softmax row by row (not exp over the whole tensor): each model's rows alike for any M
         g = torch.softmax(logits, dim=2).scatter_add_(2, target,
                                                        torch.full_like(log_p[..., :1], -1.0))
-        g = g / x.shape[0] if scale is None else g * (scale / x.shape[0])  # d loss / d logits
-        h_last = saved[-1][0]
+        n = x.shape[1]
+        g = g / n if scale is None else g * (scale / n)  # d loss / d logits
         dw = [None] * (self.n_hidden + 1)
-        dw[-1] = torch.bmm(h_last.transpose(1, 2), g)
-        db_out = g.sum(dim=1, keepdim=True)
-        db, dgamma, dbeta = [], [], []
+        dw[-1] = torch.bmm(saved[-1][0].transpose(1, 2), g)
+        db = [None] * self.n_hidden + [g.sum(dim=1, keepdim=True)]
+        dgamma, dbeta = [None] * len(self.gamma), [None] * len(self.beta)
         dh = torch.bmm(g, self.w[-1].transpose(1, 2))
         for l in reversed(range(self.n_hidden)):
-            h_in, z_hat, inv_std, a = saved[l]
-            dz = self.activation_grad(dh, a)
-            if self.batch_norm:
-                if self.kind.bn_scale:
-                    dgamma.insert(0, (dz * z_hat).sum(dim=1, keepdim=True))
-                dbeta.insert(0, dz.sum(dim=1, keepdim=True))
-                dz_hat = dz * self.gamma[l]
-                dz = inv_std * (dz_hat - dz_hat.mean(dim=1, keepdim=True)
-                                - z_hat * (dz_hat * z_hat).mean(dim=1, keepdim=True))
-            else:
-                db.insert(0, dz.sum(dim=1, keepdim=True))
+            dz = self._layer_grads(l, saved[l], dh, db, dgamma, dbeta)
+            h_in = saved[l][0]
+            dw[l] = torch.bmm(h_in.transpose(1, 2), dz)
             if l > 0:
-                dw[l] = torch.bmm(h_in.transpose(1, 2), dz)
                 dh = torch.bmm(dz, self.w[l].transpose(1, 2))
-            else:
-                dw[0] = torch.bmm(x.t().expand(self.m, -1, -1), dz)
-        return loss, dw + db + [db_out] + dgamma + dbeta
+        hidden_db = db[:-1] if self.bias_mask is not False else []
+        return loss, (dw + hidden_db + db[-1:] + (dgamma if self.kind.bn_scale else [])
+                      + dbeta)
+
+    def _layer_grads(self, l: int, saved: tuple, dh: torch.Tensor, db: list, dgamma: list,
+                     dbeta: list) -> torch.Tensor:
+        """Hidden layer l's backward pass from d loss / d output: fills db, dgamma, dbeta
+        and returns d loss / d (linear output)."""
+        _, v_hat, inv_std, a = saved
+        mask = self.norm_mask
+        normed = mask is not False
+
+        def affine_grads(d: torch.Tensor) -> torch.Tensor:
+            dgamma[l] = _pick(mask, (d * v_hat).sum(dim=1, keepdim=True), 0.0)
+            dbeta[l] = _pick(mask, d.sum(dim=1, keepdim=True), 0.0)
+            return self._normalize_grad(d * self.gamma[l], v_hat, inv_std)
+
+        if self.kind.position == "before":
+            dz = self._activation_grad(dh, a)
+            if normed:
+                dz = _pick(mask, affine_grads(dz), dz)
+        else:
+            da = _pick(mask, affine_grads(dh), dh) if normed else dh
+            dz = self._activation_grad(da, a)
+        db[l] = _pick(self.bias_mask, dz.sum(dim=1, keepdim=True), 0.0)
+        return dz
 
     @torch.no_grad()
     def train_step(self, x: torch.Tensor, y: torch.Tensor, step: torch.Tensor) -> None:
@@ -214,14 +327,17 @@ class Stack:
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Every tensor a training step changes."""
-        return (self.params + self.running_mean + self.running_var
-                + [self.loss_sum, self.diverged_at])
+        return (self.w + self.b + self.gamma + self.beta + self.running_mean
+                + self.running_var + [self.loss_sum, self.diverged_at])
+
+    # -- evaluation and per-model state ---------------------------------------------------
 
     @torch.no_grad()
     def correct(self, x: torch.Tensor, y: torch.Tensor, probe: tuple[int, int] | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Inference-mode correct predictions per model, batched over the population; with a
-        probe, also the 15/50/85th percentiles of that unit's activation input, (M, 3)."""
+        """Inference-mode correct predictions per model of x (N, n_in) shared by all, batched
+        over the population; with a probe, also the 15/50/85th percentiles of that unit's
+        activation input, (M, 3)."""
         widest = max([x.shape[1]] + [w.shape[-1] for w in self.w])
         per_chunk = max(1, EVAL_ELEMENTS // (EVAL_ROWS * widest))
         counts, percentiles = [], []
@@ -231,7 +347,7 @@ class Stack:
             probed: list[torch.Tensor] = []
             for start in range(0, x.shape[0], EVAL_ROWS):
                 rows = slice(start, start + EVAL_ROWS)
-                logits = part.forward(x[rows], train=False, probe=probe, probed=probed)
+                logits = part.forward(x[None, rows], train=False, probe=probe, probed=probed)
                 correct += (logits.argmax(dim=2) == y[rows]).sum(dim=1)
             counts.append(correct)
             if probed:
@@ -240,11 +356,18 @@ class Stack:
         return torch.cat(counts), (torch.cat(percentiles) if percentiles else None)
 
     def _models(self, lo: int, hi: int) -> Stack:
-        """Models lo..hi-1 as a stack of their own, sharing this stack's tensors (for inference)."""
+        """Models lo..hi-1 reading one shared batch, as a stack of their own that shares
+        this stack's tensors (for inference)."""
         part = copy.copy(self)
         part.m = hi - lo
         for name in ("w", "b", "gamma", "beta", "running_mean", "running_var"):
             setattr(part, name, [t[lo:hi] for t in getattr(self, name)])
+        for name in ("norm_mask", "bias_mask"):
+            mask = getattr(self, name)
+            setattr(part, name, mask[lo:hi] if isinstance(mask, torch.Tensor) else mask)
+        part.slices = [(a, max(s, lo) - lo, min(e, hi) - lo) for a, s, e in self.slices
+                       if s < hi and e > lo]
+        part.one_stream = 0
         return part
 
     def model_state(self, i: int) -> dict[str, torch.Tensor]:
@@ -257,13 +380,42 @@ class Stack:
         for key, target in self._named_views(i).items():
             target.copy_(state[key])
 
+    def _has(self, mask, i: int) -> bool:
+        return bool(mask[i]) if isinstance(mask, torch.Tensor) else mask
+
     def _named_views(self, i: int) -> dict[str, torch.Tensor]:
         views = {f"linears.{l}.weight": w[i].t() for l, w in enumerate(self.w)}
-        biases = self.b if not self.batch_norm else [None] * self.n_hidden + self.b
-        views.update({f"linears.{l}.bias": b[i, 0] for l, b in enumerate(biases) if b is not None})
-        for l in range(len(self.gamma)):
+        has_bias = [self._has(self.bias_mask, i)] * self.n_hidden + [True]
+        views.update({f"linears.{l}.bias": b[i, 0] for l, b in enumerate(self.b)
+                      if has_bias[l]})
+        if not self._has(self.norm_mask, i):
+            return views
+        for l in range(self.n_hidden):
             views[f"norms.{l}.weight"] = self.gamma[l][i, 0]
             views[f"norms.{l}.bias"] = self.beta[l][i, 0]
-            views[f"norms.{l}.running_mean"] = self.running_mean[l][i, 0]
-            views[f"norms.{l}.running_var"] = self.running_var[l][i, 0]
+            if self.running_mean:
+                views[f"norms.{l}.running_mean"] = self.running_mean[l][i, 0]
+                views[f"norms.{l}.running_var"] = self.running_var[l][i, 0]
         return views
+
+
+def _activation_slices(names: list[str]) -> list[tuple[str, int, int]]:
+    """(activation, lo, hi) for each run of equal activations; each must occur in one run."""
+    slices: list[tuple[str, int, int]] = []
+    for i, name in enumerate(names):
+        if slices and slices[-1][0] == name:
+            slices[-1] = (name, slices[-1][1], i + 1)
+        else:
+            slices.append((name, i, i + 1))
+    if len({s[0] for s in slices}) != len(slices):
+        raise ValueError("models of one activation must be contiguous in a stack")
+    return slices
+
+
+def _mask(flags: list[bool], device: torch.device):
+    """True or False where every model agrees, else a (M, 1, 1) bool tensor."""
+    if all(flags):
+        return True
+    if not any(flags):
+        return False
+    return torch.tensor(flags, device=device).view(-1, 1, 1)
