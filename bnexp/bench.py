@@ -126,9 +126,11 @@ class _CountOps(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops: collections.Counter[str] = collections.Counter()
+        self.views = 0  # of them, views: no kernel, no memory traffic
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[func.overloadpacket.__name__] += 1
+        self.views += func.is_view
         return func(*args, **(kwargs or {}))
 
 
@@ -154,7 +156,8 @@ def ops_per_step(split: Split, device: torch.device) -> dict:
     step()  # the first call allocates; count a steady step
     with _CountOps() as counter:
         step()
-    record = {"networks": 24, "aten_ops": sum(counter.ops.values()),
+    total = sum(counter.ops.values())
+    record = {"networks": 24, "aten_ops": total, "aten_ops_without_views": total - counter.views,
               "aten_ops_by_name": dict(counter.ops.most_common())}
     if device.type == "cuda":
         record["cuda_kernels_eager"] = _cuda_kernels(step)

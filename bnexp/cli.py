@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import os
+import signal
+import sys
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -20,14 +26,17 @@ from rich.progress import (
 from rich.table import Table
 
 from bnexp import config as cfg
-from bnexp import plots, readback, report, sweep
-from bnexp.data import DataError, resolve_data_dir
-from bnexp.engine import effective_engine
+
+# torch, matplotlib and the modules that use them are imported inside the commands that need
+# them, so that --help, validate, runs and completion start in a fraction of a second.
+if TYPE_CHECKING:
+    from bnexp import sweep
 
 app = typer.Typer(
     help="Paired Batch Normalization experiments: YAML grids in, curves and tables out.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
+    rich_markup_mode=None,  # plain help: flags without type labels such as <bool>
     pretty_exceptions_enable=False,
 )
 out_console = Console()
@@ -50,18 +59,25 @@ def _main(version: Annotated[bool | None, typer.Option(
 
 DEFAULT_GRID = Path("experiments/lesson_grid.yaml")
 
-OutOption = Annotated[Path, typer.Option("--out", help="Results folder.")]
+OutOption = Annotated[Path, typer.Option("--out", metavar="PATH", help="Results folder.")]
 DataDirOption = Annotated[Path | None, typer.Option(
-    "--data-dir", help="Dataset folder (else $BNEXP_DATA_DIR, else ./data).")]
+    "--data-dir", metavar="DIR", help="Dataset folder (else $BNEXP_DATA_DIR, else ./data).")]
 DeviceOption = Annotated[str | None, typer.Option(
-    "--device", help="auto | cpu | cuda (overrides the file).")]
+    "--device", metavar="NAME", help="auto | cpu | cuda (overrides the file).")]
 YesOption = Annotated[bool, typer.Option(
     "--yes", help=f"Allow grids of more than {cfg.LARGE_GRID_RUNS:,} runs.")]
 SetOption = Annotated[list[str] | None, typer.Option(
-    "--set", help="Override a setting, KEY=VALUE (YAML value); repeatable, e.g. --set lr=0.5.")]
+    "--set", metavar="KEY=VALUE",
+    help="Override a setting (YAML value); repeatable, e.g. --set lr=0.5.")]
 ThreadsOption = Annotated[int | None, typer.Option(
-    "--threads", min=1, max=1024, help="CPU threads (default: torch's, i.e. $OMP_NUM_THREADS "
+    "--threads", metavar="N", min=1, max=1024,
+    help="CPU threads (default: torch's, i.e. $OMP_NUM_THREADS "
     "or all cores). Results are the same bytes for any count; only the time changes.")]
+TensorBoardOption = Annotated[bool, typer.Option(
+    "--tensorboard", help="Also write TensorBoard events (per-model scalars at every "
+    "evaluation, the settings in the HParams view) into each run folder's tb/; view with "
+    "`tensorboard --logdir results`. Needs the optional extra: pip install "
+    "'bnexp[tensorboard]'.")]
 CompileOption = Annotated[bool, typer.Option(
     "--compile", help="CUDA: compile each population's training step with torch.compile "
     "before capturing it as a CUDA graph: several times faster on large grids, but the "
@@ -82,6 +98,14 @@ def _check_compile(compile_step: bool | None, planned: list) -> None:
     if compile_step and not any(p.device.type == "cuda" for p in planned):
         fail(["--compile: only CUDA training steps are compiled; these runs train on the "
               "CPU (use --device cuda on a machine with a GPU)"])
+
+
+def _check_tensorboard(wanted: bool) -> None:
+    from bnexp import tensorboard_log
+
+    if wanted and not tensorboard_log.available():
+        fail(["--tensorboard: the tensorboard package is not installed "
+              f"({tensorboard_log.INSTALL_HINT})"])
 
 
 def fail(lines: list[str]) -> None:
@@ -152,7 +176,12 @@ def _check_writable(out: Path, experiments: set[str]) -> None:
 
 def _execute(planned: list[sweep.Planned], out: Path, data_dir: Path | None, label: str,
              force: bool = False, fail_fast: bool = False, retry_failed: bool = False,
-             compile_step: bool | None = None) -> list[sweep.Outcome]:
+             compile_step: bool = False, tensorboard: bool = False,
+             ) -> list[sweep.Outcome]:
+    from bnexp import sweep
+    from bnexp.data import DataError, resolve_data_dir
+    from bnexp.engine.common import Interrupted
+
     todo = sweep.to_train(planned, force, retry_failed)
     folder = resolve_data_dir(data_dir)
     try:  # loaded here once to fail cleanly before any progress output; cached below
@@ -169,16 +198,49 @@ def _execute(planned: list[sweep.Planned], out: Path, data_dir: Path | None, lab
             if speed:
                 progress.update(task, rate=f"{speed:,.0f} net-steps/s")
 
+        def notice(text: str) -> None:
+            progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+        options = sweep.TrainOptions(compile_step, threading.Event(), tensorboard)
         try:
-            return sweep.execute(planned, out, folder, force=force, retry_failed=retry_failed,
-                                 fail_fast=fail_fast, progress=advance, splits=splits,
-                                 compile_step=compile_step,
-                                 on_notice=lambda text: progress.console.print(
-                                     text, markup=False, highlight=False, soft_wrap=True))
+            with _stop_on_ctrl_c(options.stop, notice):
+                return sweep.execute(planned, out, folder, force=force,
+                                     retry_failed=retry_failed, fail_fast=fail_fast,
+                                     progress=advance, splits=splits, on_notice=notice,
+                                     options=options)
         except sweep.ResultsUnwritable as exc:
             progress.stop()
             fail([str(exc)])
+        except Interrupted as exc:
+            progress.stop()
+            kept = ("its checkpoint is written" if exc.checkpointed else
+                    "the reference engine keeps no checkpoint: that run starts over")
+            err_console.print(f"interrupted at step {exc.step:,}: {kept}; finished runs are "
+                              "kept. Run the same command again to resume.", highlight=False,
+                              soft_wrap=True)
+            raise typer.Exit(130) from None
     raise AssertionError("unreachable")
+
+
+@contextmanager
+def _stop_on_ctrl_c(stop: threading.Event, notice) -> Iterator[None]:
+    """First Ctrl-C: set stop (training ends at its next evaluation, checkpointed); a second
+    Ctrl-C stops at once, as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def first(signum, frame) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        notice("Ctrl-C: stopping at the next evaluation to checkpoint it (Ctrl-C again "
+               "stops at once and loses the steps since the last checkpoint)")
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _accuracy_table(outcomes: list[sweep.Outcome]) -> Table:
@@ -201,9 +263,11 @@ def run(
     file: Annotated[Path, typer.Argument(help="Experiment YAML file.")],
     device: DeviceOption = None,
     engine: Annotated[str | None, typer.Option(
-        "--engine", help="population (default) | reference.")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Training steps.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed of weights and batches.")] = None,
+        "--engine", metavar="NAME", help="population (default) | reference.")] = None,
+    steps: Annotated[int | None, typer.Option(
+        "--steps", metavar="N", help="Training steps.")] = None,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", metavar="S", help="Seed of weights and batches.")] = None,
     out: OutOption = Path("results"),
     data_dir: DataDirOption = None,
     set_: SetOption = None,
@@ -211,6 +275,7 @@ def run(
     yes: YesOption = False,
     threads: ThreadsOption = None,
     compile_step: CompileOption = False,
+    tensorboard: TensorBoardOption = False,
 ) -> None:
     """Train the comparisons of one experiment file and write their results."""
     _set_threads(threads)
@@ -218,8 +283,9 @@ def run(
     runs = _load_runs([file], _overrides(set_, **named), allow_large=yes, labels=_labels(**named))
     planned = _plan(runs, out)
     _check_compile(compile_step, planned)
+    _check_tensorboard(tensorboard)
     outcomes = _execute(planned, out, data_dir, f"{runs[0].experiment}", force=force,
-                        compile_step=compile_step)
+                        compile_step=compile_step, tensorboard=tensorboard)
     for outcome in outcomes:
         if outcome.status == "skipped":
             err_console.print(f"skipped {outcome.planned.run_id}: already complete "
@@ -268,6 +334,8 @@ def _analysis_lines(analyses: dict[str, dict]) -> list[str]:
 
 
 def _plan(runs: list[cfg.RunConfig], out: Path) -> list[sweep.Planned]:
+    from bnexp import sweep
+
     try:
         return sweep.plan(runs, out)
     except cfg.ConfigError as exc:
@@ -280,7 +348,7 @@ def sweep_command(
     files: Annotated[list[Path] | None, typer.Argument(
         help=f"Experiment YAML files (default: {DEFAULT_GRID}).")] = None,
     seeds: Annotated[int | None, typer.Option(
-        "--seeds", min=1, max=cfg.MAX_RUNS,
+        "--seeds", metavar="N", min=1, max=cfg.MAX_RUNS,
         help="Repeat every comparison with N seeds (seed .. seed+N-1).")] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="List the runs, train nothing.")] = False,
@@ -297,6 +365,7 @@ def sweep_command(
     yes: YesOption = False,
     threads: ThreadsOption = None,
     compile_step: CompileOption = False,
+    tensorboard: TensorBoardOption = False,
 ) -> None:
     """Run whole grids: skip finished runs, resume interrupted ones from their checkpoints."""
     _set_threads(threads)
@@ -304,11 +373,13 @@ def sweep_command(
                       allow_large=yes, labels=_labels(device=device))
     planned = _plan(runs, out)
     if dry_run:
-        _dry_run(planned, force, retry_failed)
+        _dry_run(planned, force, retry_failed, out)
         return
     _check_compile(compile_step, planned)
+    _check_tensorboard(tensorboard)
     outcomes = _execute(planned, out, data_dir, "sweep", force=force, fail_fast=fail_fast,
-                        retry_failed=retry_failed, compile_step=compile_step)
+                        retry_failed=retry_failed, compile_step=compile_step,
+                        tensorboard=tensorboard)
     table = Table(title="Sweep")
     for column in ("experiment", "run", "status", "detail"):
         table.add_column(column, overflow="fold")
@@ -325,8 +396,12 @@ def sweep_command(
         raise typer.Exit(1)
 
 
-def _dry_run(planned: list[sweep.Planned], force: bool, retry_failed: bool) -> None:
+def _dry_run(planned: list[sweep.Planned], force: bool, retry_failed: bool, out: Path,
+             ) -> None:
     """The runs, what would happen to each, and the populations they would train in."""
+    from bnexp import sweep
+    from bnexp.engine import effective_engine
+
     todo = sweep.to_train(planned, force, retry_failed)
     where = sweep.populations(todo)
     table = Table(title=f"{len(planned)} runs (dry run)")
@@ -344,6 +419,7 @@ def _dry_run(planned: list[sweep.Planned], force: bool, retry_failed: bool) -> N
         table.add_row(p.run.experiment, p.run_id, str(p.device), effective_engine(p.run),
                       group, f"{p.run.steps * len(p.run.batch_norm):,}", status)
     out_console.print(table)
+    out_console.print(_estimate(todo, where, out), highlight=False)
     n_groups = len({number for number, _ in where.values()})
     out_console.print(f"{len(todo)} run(s) to train in {n_groups} population(s), "
                       f"{sweep.network_steps(todo):,} network-steps. Runs share a population "
@@ -354,6 +430,29 @@ def _dry_run(planned: list[sweep.Planned], force: bool, retry_failed: bool) -> N
                       "own, and runs with dropout or the hand-written BN layer, and ConvNets, "
                       "train alone on the reference engine.",
                       highlight=False)
+
+
+def _estimate(todo: list[sweep.Planned], where: dict, out: Path) -> str:
+    """How long training would take, from the newest bench record of the device."""
+    from bnexp import estimate
+    from bnexp.engine import effective_engine
+
+    if not todo:
+        return "nothing to train"
+    device = str(todo[0].device)
+    found = estimate.bench_rates(out / "bench", device)
+    if found is None:
+        return (f"no time estimate: no `bnexp bench` record for {device} in {out / 'bench'} "
+                f"(run `bnexp bench --device {device.split(':')[0]}` once to calibrate)")
+    path, population, reference = found
+    work: dict[int, tuple[int, int, bool]] = {}
+    for p in todo:
+        number, size = where[id(p)]
+        stacked = effective_engine(p.run) == "population"
+        work[number] = (size if stacked else len(p.run.batch_norm), p.run.steps, stacked)
+    total = estimate.seconds(list(work.values()), population, reference)
+    return (f"estimated training time: {estimate.describe(total)} on {device} (rates from "
+            f"{path}; evaluation, start-up and compiling not included)")
 
 
 @app.command()
@@ -372,9 +471,62 @@ def validate(files: Annotated[list[Path], typer.Argument(help="Experiment YAML f
 
 
 @app.command()
+def runs(
+    root: Annotated[Path, typer.Argument(
+        help="Results folder, or one experiment's folder in it.")] = Path("results"),
+    where: Annotated[list[str] | None, typer.Option(
+        "--where", metavar="KEY=VALUE",
+        help="Only runs with KEY=VALUE (a setting, or status); repeatable, e.g. "
+        "--where activation=relu --where status=done.")] = None,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV on stdout instead of a table.")
+                      ] = False,
+) -> None:
+    """List the runs on disk: status (done, partial at step N, failed, damaged, mismatch),
+    the settings that vary between them, and their final accuracies."""
+    from bnexp import inventory
+
+    if not root.is_dir():
+        fail([f"{root}: no such results folder"])
+    conditions, problems = [], []
+    for text in where or []:
+        try:
+            key, value = cfg.parse_override(text)
+        except cfg.ConfigError:
+            problems.append(f"--where {text}: expected KEY=VALUE, e.g. --where lr=0.1")
+            continue
+        if ".".join(key) not in cfg.RunConfig.model_fields and key != ["status"]:
+            problems.append(f"--where {text}: {'.'.join(key)} is not a run setting")
+        conditions.append((".".join(key), value))
+    if problems:
+        fail(problems)
+    rows = [r for r in inventory.find_runs(root) if inventory.matches(r, conditions)]
+    if as_csv:
+        sys.stdout.write(inventory.as_csv(rows))
+        return
+    out_console.print(_runs_table(rows, inventory.varied_settings(rows),
+                                  inventory.model_names(rows), root))
+
+
+def _runs_table(rows: list, varied: list[str], models: list[str], root: Path) -> Table:
+    table = Table(title=f"runs under {root}: {len(rows)}")
+    for column in ("experiment", "run", "status", *varied, *[f"{m} val/test" for m in models]):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        accs = []
+        for m in models:
+            val, test = row.accuracies.get(m, (math.nan, math.nan))
+            accs.append("-" if math.isnan(val) else
+                        f"{val:.4f}" + ("" if math.isnan(test) else f" / {test:.4f}"))
+        table.add_row(row.experiment, row.run_id, row.status_text,
+                      *[str(row.config.get(k, "")) for k in varied], *accs)
+    return table
+
+
+@app.command()
 def plot(root: Annotated[Path, typer.Argument(help="Results folder to redraw.")] = Path("results"),
          ) -> None:
     """Redraw every figure under a results folder from the files on disk."""
+    from bnexp import plots, report
     if not root.is_dir():
         fail([f"{root}: no such results folder"])
     try:
@@ -402,6 +554,8 @@ def report_command(
         help="An experiment folder, e.g. results/lesson_grid.")],
 ) -> None:
     """Write report.md and a self-contained report.html: statistics over seeds and figures."""
+    from bnexp import readback, report
+
     if not experiment.is_dir():
         fail([f"{experiment}: no such experiment folder"])
     try:
@@ -425,7 +579,7 @@ def report_command(
 def bn_check(
     batch: Annotated[int, typer.Option("--batch", min=2, help="Batch size.")] = 60,
     features: Annotated[int, typer.Option("--features", min=1, help="Units.")] = 100,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps.")] = 5,
+    steps: Annotated[int, typer.Option("--steps", metavar="N", min=1, help="Training steps.")] = 5,
     decay: Annotated[float, typer.Option("--decay", min=0.0, max=1.0,
                                          help="Running-average decay.")] = 0.99,
 ) -> None:
@@ -456,25 +610,32 @@ def _model_counts(text: str) -> list[int]:
 
 @app.command()
 def bench(
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
+    device: Annotated[str, typer.Option(
+        "--device", metavar="NAME", help="auto | cpu | cuda.")] = "auto",
     models: Annotated[str | None, typer.Option(
-        "--models", help="Population sizes, comma-separated (default 2,32,256 on CPU, "
+        "--models", metavar="M,M,...",
+        help="Population sizes, comma-separated (default 2,32,256 on CPU, "
         "2,32,256,1024 on CUDA).")] = None,
     steps: Annotated[int | None, typer.Option(
-        "--steps", min=1, help="Population steps per size (default 300 CPU, 3000 CUDA).")] = None,
+        "--steps", metavar="N", min=1,
+        help="Population steps per size (default 300 CPU, 3000 CUDA).")] = None,
     reference_steps: Annotated[int, typer.Option(
-        "--reference-steps", min=1, help="Steps per network of the reference loop.")] = 300,
+        "--reference-steps", metavar="N", min=1,
+        help="Steps per network of the reference loop.")] = 300,
     grid: Annotated[Path | None, typer.Option(
-        "--grid", help="Also time this whole grid file through the population engine "
+        "--grid", metavar="FILE",
+        help="Also time this whole grid file through the population engine "
         "(real data where found, else random data).")] = None,
     grid_seeds: Annotated[int | None, typer.Option(
-        "--grid-seeds", min=1, max=1000, help="Repeat the --grid file's comparisons with N "
+        "--grid-seeds", metavar="N", min=1, max=1000,
+        help="Repeat the --grid file's comparisons with N "
         "seeds (they train in one population).")] = None,
     cuda_graph: Annotated[bool, typer.Option(
         "--cuda-graph/--no-cuda-graph", help="Capture the CUDA step as a graph.")] = True,
     compile_step: CompileOption = False,
     out: Annotated[Path | None, typer.Option(
-        "--out", help="JSON file (default results/bench/bench-<time>.json).")] = None,
+        "--out", metavar="PATH",
+        help="JSON file (default results/bench/bench-<time>.json).")] = None,
     data_dir: DataDirOption = None,
 ) -> None:
     """Measure network-steps/s of the population engine against the one-at-a-time loop,
@@ -482,7 +643,7 @@ def bench(
     import json
 
     from bnexp import bench as bench_mod
-    from bnexp.data import load_split
+    from bnexp.data import DataError, load_split, resolve_data_dir
     from bnexp.engine import resolve_device
     from bnexp.results import atomic_write
 
@@ -524,7 +685,8 @@ def bench(
                f"{ops['cuda_kernels_compiled']} compiled ({ops['compile_s']:.1f} s to compile)"
                if "cuda_kernels_compiled" in ops else "")
     out_console.print(f"one training step of the lesson population ({ops['networks']} "
-                      f"networks): {ops['aten_ops']} aten operators dispatched{kernels}",
+                      f"networks): {ops['aten_ops']} aten operators dispatched "
+                      f"({ops['aten_ops_without_views']} without views){kernels}",
                       highlight=False)
     if grid_record:
         out_console.print(

@@ -387,10 +387,30 @@ def load_spec(path: Path, overrides: list[str] = (), allow_large: bool = False,
 
     labels names overrides that came from options other than --set ("steps=5" -> "--steps 5").
     """
-    raw = apply_overrides(read_yaml(path), list(overrides))
+    file = read_yaml(path)
+    raw = follow_shortened_steps(file, apply_overrides(file, list(overrides)), list(overrides))
     origins = [(tuple(parse_override(text)[0]), (labels or {}).get(text, f"--set {text}"))
                for text in overrides]
     return validate_spec(raw, str(path), allow_large, seeds, origins)
+
+
+# A run shortened on the command line is evaluated at least this many times (when neither the
+# file nor an override sets eval_every): 300 steps at the default 500 would give two points.
+MIN_EVALUATIONS = 10
+
+
+def follow_shortened_steps(file: dict, raw: dict, overrides: list[str]) -> dict:
+    """raw with eval_every = min(default, ceil(steps / MIN_EVALUATIONS)) where an override set
+    the base steps and nothing set eval_every explicitly."""
+    steps = raw.get("steps")
+    shortened = any(parse_override(text)[0] == ["steps"] for text in overrides)
+    explicit = any(parse_override(text)[0] == ["eval_every"] for text in overrides) or (
+        "eval_every" in file
+        or (isinstance(file.get("grid"), dict) and "eval_every" in file["grid"]))
+    if not shortened or explicit or type(steps) is not int or steps < 1:
+        return raw
+    default = RunConfig.model_fields["eval_every"].default
+    return {**raw, "eval_every": min(default, -(-steps // MIN_EVALUATIONS))}
 
 
 def grid_size(spec: ExperimentSpec) -> int:

@@ -7,6 +7,7 @@ or write the same run; a killed sweep leaves only complete files and checkpoints
 from __future__ import annotations
 
 import errno
+import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bnexp import plots, results
+from bnexp import plots, results, tensorboard_log
 from bnexp.analyses import run_analyses
 from bnexp.config import RunConfig
 from bnexp.data import DataError, Split, load_split
@@ -25,7 +26,7 @@ from bnexp.engine import (
     train_population,
     train_reference,
 )
-from bnexp.engine.common import Progress, group_runs
+from bnexp.engine.common import Interrupted, Progress, group_runs
 
 
 @dataclass
@@ -111,30 +112,48 @@ def _batches(todo: list[tuple[Planned, dict | None]]) -> list[list[tuple[Planned
     return batches
 
 
+@dataclass(frozen=True)
+class TrainOptions:
+    """How to train (not what): never part of a run's config."""
+
+    compile_step: bool = False  # CUDA: compile the population step (see train_population)
+    stop: threading.Event | None = None  # set (on Ctrl-C): stop at the next evaluation
+    tensorboard: bool = False  # also write TensorBoard events into each run folder's tb/
+
+
 def _train(batch, split: Split, out: Path, progress: Progress | None,
-           compile_step: bool | None = None) -> list[RunResult]:
+           options: TrainOptions) -> list[RunResult]:
     """Train one batch; metrics.csv follows every evaluation, checkpoints go beside it."""
     planned = [p for p, _ in batch]
     device = planned[0].device
     keep = any(p.run.analyses for p in planned)  # analyses need the final weights
     folders = [results.run_folder(out, p.run, str(device)) for p in planned]
 
+    logs = ([tensorboard_log.RunLog(folder, p.run) for folder, p in zip(folders, planned)]
+            if options.tensorboard else [])
+
     def live(r: int, models) -> None:
         results.write_metrics(folders[r], models)
-
-    if effective_engine(planned[0].run) == "reference":
-        return [train_reference(planned[0].run, split, device, progress, keep_states=keep,
-                                on_evaluate=live)]
-    checkpoints = [c for _, c in batch]
-    if progress and checkpoints[0]:  # resumed steps count as done
-        progress(checkpoints[0]["step"] * sum(len(p.run.batch_norm) for p in planned))
+        if logs:
+            logs[r].log(models)
 
     def save(r: int, data: dict) -> None:
         results.write_checkpoint(folders[r], data)
 
-    return train_population([p.run for p in planned], split, device, progress, keep_states=keep,
-                            resume=checkpoints if checkpoints[0] else None, on_checkpoint=save,
-                            on_evaluate=live, compile_step=compile_step)
+    checkpoints = [c for _, c in batch]
+    try:
+        if effective_engine(planned[0].run) == "reference":
+            return [train_reference(planned[0].run, split, device, progress, keep_states=keep,
+                                    on_evaluate=live, stop=options.stop)]
+        if progress and checkpoints[0]:  # resumed steps count as done
+            progress(checkpoints[0]["step"] * sum(len(p.run.batch_norm) for p in planned))
+        return train_population([p.run for p in planned], split, device, progress,
+                                keep_states=keep, on_evaluate=live, on_checkpoint=save,
+                                resume=checkpoints if checkpoints[0] else None,
+                                compile_step=options.compile_step, stop=options.stop)
+    finally:
+        for log in logs:
+            log.close()
 
 
 def load_data(todo: list[Planned], data_dir: Path) -> dict[tuple[str, str], Split]:
@@ -155,10 +174,11 @@ def execute(planned: list[Planned], out: Path, data_dir: Path, *, force: bool = 
             on_outcome: Callable[[Outcome], None] | None = None,
             on_notice: Callable[[str], None] | None = None,
             splits: dict[tuple[str, str], Split] | None = None,
-            compile_step: bool | None = None) -> list[Outcome]:
+            options: TrainOptions | None = None) -> list[Outcome]:
     """Train the runs that need it (see to_train), write their results, report the rest.
 
-    splits may hold data already loaded by load_data; compile_step as train_population's.
+    splits may hold data already loaded by load_data. With options.stop set, training ends at
+    the next evaluation (checkpointed) and Interrupted is raised once the locks are released.
     """
     todo = to_train(planned, force, retry_failed)
     chosen = {id(p) for p in todo}
@@ -170,7 +190,7 @@ def execute(planned: list[Planned], out: Path, data_dir: Path, *, force: bool = 
     locks: list[results.RunLock] = []
     try:
         _lock_and_train(todo, out, splits, force, fail_fast, progress, outcomes, report, locks,
-                        notice, compile_step)
+                        notice, options or TrainOptions())
         for experiment in sorted({p.run.experiment for p in planned}):
             if (out / experiment).is_dir():
                 results.write_experiment_summary(out / experiment, str(planned[0].device))
@@ -187,7 +207,7 @@ def execute(planned: list[Planned], out: Path, data_dir: Path, *, force: bool = 
 
 def _lock_and_train(todo: list[Planned], out: Path, splits, force: bool, fail_fast: bool,
                     progress, outcomes: list[Outcome], report, locks: list, notice,
-                    compile_step: bool | None = None) -> None:
+                    options: TrainOptions) -> None:
     """Lock every run to train (the others are outcomes already), then train them."""
     ready = []
     for p in todo:
@@ -210,7 +230,7 @@ def _lock_and_train(todo: list[Planned], out: Path, splits, force: bool, fail_fa
             notice(f"resuming {p.run.experiment}/{p.run_id} from step {checkpoint['step']:,} "
                    f"of {p.run.steps:,} (its last checkpoint)")
         ready.append((p, checkpoint))
-    _execute_batches(ready, out, splits, fail_fast, progress, outcomes, report, compile_step)
+    _execute_batches(ready, out, splits, fail_fast, progress, outcomes, report, options)
 
 
 def _set_aside(p: Planned) -> Outcome:
@@ -259,10 +279,10 @@ def _disk_error(exc: BaseException) -> ResultsUnwritable | None:
 
 def _execute_batches(ready, out: Path, splits: dict[tuple[str, str], Split], fail_fast: bool,
                      progress: Progress | None, outcomes: list[Outcome], report,
-                     compile_step: bool | None = None) -> None:
+                     options: TrainOptions) -> None:
     for batch in _batches(ready):
         try:
-            _execute_batch(batch, out, splits, progress, outcomes, report, compile_step)
+            _execute_batch(batch, out, splits, progress, outcomes, report, options)
         except _BatchFailed:
             if fail_fast:
                 return
@@ -273,12 +293,14 @@ class _BatchFailed(Exception):
 
 
 def _execute_batch(batch, out: Path, splits, progress, outcomes: list[Outcome], report,
-                   compile_step: bool | None = None) -> None:
+                   options: TrainOptions) -> None:
     """Train one population and write its runs; _BatchFailed where training failed."""
     first = batch[0][0]
     key = (first.run.dataset, str(first.device))
     try:
-        trained = _train(batch, splits[key], out, progress, compile_step)
+        trained = _train(batch, splits[key], out, progress, options)
+    except Interrupted:
+        raise
     except Exception as exc:  # one failing population must not stop the others
         if _disk_error(exc):
             raise

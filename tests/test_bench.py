@@ -1,9 +1,12 @@
 import json
 
+import torch
 from typer.testing import CliRunner
 
 from bnexp import bench
 from bnexp.cli import app
+
+CPU = torch.device("cpu")
 
 
 def test_population_runs_mix_the_lesson_grid():
@@ -28,6 +31,18 @@ def test_bench_command_writes_its_table(tmp_path):
         assert row["network_steps_per_s"] > 0 and row["peak_memory_mib"] > 0
     assert record["rows"][1]["ratio"] > 0
     assert record["environment"]["cpu_count"] >= 1 and record["environment"]["torch"]
+    ops = record["ops_per_step"]
+    assert ops["networks"] == 24 and 0 < ops["aten_ops_without_views"] < ops["aten_ops"]
+    assert ops["aten_ops_by_name"]["bmm"] >= 7, "one product per layer and direction, one stack"
+
+
+def test_one_step_of_the_lesson_population_is_one_stack():
+    """The lesson grid's 24 networks (two activations, BN on and off) share one stack, so a
+    step runs each layer's product once for all of them."""
+    from bnexp.engine.population import _build_stacks
+
+    groups, _ = _build_stacks(bench.population_runs(24, steps=1, eval_every=1), CPU)
+    assert [[s.m for s in group] for group in groups] == [[24]]
 
 
 def test_bench_rejects_bad_model_counts():

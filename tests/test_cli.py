@@ -184,9 +184,29 @@ def test_plot_redraws_from_disk_only(env):
 
 def test_help_explains_commands():
     result = invoke("--help")
-    for command in ("run", "sweep", "validate", "plot"):
+    for command in ("run", "sweep", "validate", "runs", "plot", "report", "bench"):
         assert command in result.stdout
-    assert "--set" in invoke("run", "--help").stdout
+    assert "--install-completion" in result.stdout, "shell completion is offered"
+    sweep_help = invoke("sweep", "--help").stdout
+    assert "--set KEY=VALUE" in invoke("run", "--help").stdout
+    assert "<bool>" not in sweep_help and "--force " in sweep_help, "flags shown as flags"
+
+
+def test_light_commands_do_not_import_torch(tmp_path):
+    """--help, validate and runs start without torch or matplotlib (they cost seconds)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "e.yaml"
+    path.write_text("name: e\n")
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom bnexp.cli import app\n"
+            "r = CliRunner()\n"
+            f"for args in (['--help'], ['validate', {str(path)!r}], ['runs', {str(tmp_path)!r}]):\n"
+            "    assert r.invoke(app, args).exit_code == 0, args\n"
+            "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_version_threads_and_umask(env):
@@ -227,6 +247,18 @@ def test_dry_run_shows_the_populations(env):
     assert dry.exit_code == 0, dry.output
     text = " ".join(dry.stdout.split())
     assert "4 run(s) to train in 1 population(s), 320 network-steps" in text
+    assert "no time estimate: no `bnexp bench` record for cpu" in text
+    bench = env / "results" / "bench"
+    bench.mkdir(parents=True)
+    rows = [{"engine": "reference", "device": "cpu", "models": 1, "network_steps_per_s": 2.0},
+            {"engine": "population", "device": "cpu", "models": 4, "network_steps_per_s": 1.0},
+            {"engine": "population", "device": "cpu", "models": 64, "network_steps_per_s": 8.0},
+            {"engine": "population", "device": "cuda", "models": 8, "network_steps_per_s": 1e6}]
+    (bench / "bench-1.json").write_text(json.dumps({"rows": rows}))
+    text = " ".join(invoke("sweep", path, "--dry-run", "--seeds", "2", *FAST).stdout.split())
+    # one population of 8 networks x 40 steps at the rate of the nearest size (4, on a log
+    # scale): 320 network-steps at 1 per second
+    assert "estimated training time: 5 min on cpu" in text and "bench-1.json" in text
     from bnexp import config, sweep
     runs = config.expand_grid(config.load_spec(path, ["steps=40", "device=cpu"], seeds=2))
     where = sweep.populations(sweep.plan(runs, env / "results"))
@@ -244,3 +276,45 @@ def test_command_line_problems_are_named_as_such(env):
     assert lines.count("error: --set steps=-5: steps: Input should be greater than 0") == 1
     assert any(line.startswith("error: --set grid.seed=[-1]: grid.seed.0:") for line in lines)
     assert any(line.startswith("error: --device tpu: device:") for line in lines)
+
+
+def test_runs_lists_what_is_on_disk(env):
+    path = experiment(env, "name: g\ngrid:\n  lr: [0.01, 0.5]\n  seed: [0, 1]\n")
+    assert invoke("sweep", path, *FAST).exit_code == 0
+    folders = sorted(p.parent for p in (env / "results" / "g").glob("*/summary.json"))
+    assert len(folders) == 4
+    # one run stopped part-way (no summary yet), one with a hand-edited config, one failed
+    (folders[0] / "summary.json").unlink()
+    config = folders[1] / "config.yaml"
+    config.write_text(config.read_text().replace("steps: 40", "steps: 41"))
+    failed = env / "results" / "g" / "relu-lr9-init0.05-seed0-00000000"
+    failed.mkdir()
+    (failed / "config.yaml").write_text((folders[2] / "config.yaml").read_text())
+
+    table = invoke("runs", "results")
+    assert table.exit_code == 0, table.output
+    assert "runs under results: 5" in table.stdout
+    listed = list(csv.DictReader(invoke("runs", "results", "--csv").stdout.splitlines()))
+    assert len(listed) == 5
+    assert {"lr", "seed"} <= set(listed[0]) and "plain_val_acc" in listed[0]
+    by_folder = {Path(r["folder"]).name: r for r in listed}
+    summary = json.loads((folders[3] / "summary.json").read_text())
+    assert by_folder[folders[3].name]["status"] == "done"
+    assert by_folder[folders[3].name]["bn_test_acc"] == (
+        f"{summary['models']['bn']['final_test_acc']:.4f}")
+    assert by_folder[failed.name]["status"] == "mismatch", "its name is not its config's"
+    assert by_folder[folders[1].name]["status"] == "mismatch", "edited after training"
+    partial = by_folder[folders[0].name]
+    assert (partial["status"], partial["step"], partial["bn_test_acc"]) == ("partial", "40", "")
+    from bnexp import inventory
+    assert inventory.read_row(folders[0]).status_text == "partial at step 40"
+
+    done = invoke("runs", "results", "--csv", "--where", "status=done", "--where", "lr=0.5")
+    rows = list(csv.DictReader(done.stdout.splitlines()))
+    assert [r["status"] for r in rows] == ["done"] * len(rows) and rows
+    assert all(r["run_id"].startswith("relu-lr0.5") for r in rows)
+    bad = invoke("runs", "results", "--where", "colour=red", "--where", "nonsense")
+    assert bad.exit_code == 2
+    assert bad.stderr.splitlines() == [
+        "error: --where colour=red: colour is not a run setting",
+        "error: --where nonsense: expected KEY=VALUE, e.g. --where lr=0.1"]

@@ -139,3 +139,15 @@ def test_dtype_is_a_result_setting_that_keeps_float32_run_ids():
     assert result_fields_of(f64.model_dump(mode="json")) != f32.result_fields()
     with pytest.raises(ValidationError):
         RunConfig(experiment="x", dtype="float16")
+
+
+def test_eval_every_follows_steps_shortened_on_the_command_line(tmp_path):
+    """300 steps at the default eval_every of 500 would draw two points as a 'curve'."""
+    plain = write(tmp_path, "name: e\nsteps: 50000\n")
+    assert load_spec(plain, ["steps=300"]).eval_every == 30
+    assert load_spec(plain, ["steps=7"]).eval_every == 1
+    assert load_spec(plain, ["steps=20000"]).eval_every == 500, "never coarser than the default"
+    assert load_spec(plain, []).eval_every == 500
+    assert load_spec(plain, ["steps=300", "eval_every=100"]).eval_every == 100
+    explicit = write(tmp_path, "name: e\nsteps: 50000\neval_every: 250\n")
+    assert load_spec(explicit, ["steps=300"]).eval_every == 250, "the file's choice stands"

@@ -210,3 +210,35 @@ def test_metrics_grow_at_every_evaluation_and_are_cut_back_on_resume(grid, tmp_p
     assert sweep_in_process(grid, out, *fast).exit_code == 0
     assert rows[0] == 100, "resuming first cuts metrics.csv back to the checkpoint's step"
     assert results_of(out) == results_of(whole)
+
+
+def metrics_steps(out: Path) -> list[int]:
+    steps = []
+    for path in out.rglob("metrics.csv"):
+        try:
+            rows = path.read_text().splitlines()[1:]
+            steps.append(max(int(row.split(",")[0]) for row in rows))
+        except (OSError, ValueError):  # not written yet
+            pass
+    return steps
+
+
+def test_ctrl_c_checkpoints_the_current_step_and_the_rerun_resumes_from_it(grid, tmp_path):
+    """No regular checkpoint before the end: what Ctrl-C saves is all a resume can use."""
+    args = ["--set", "checkpoint_every=100000", "--set", "grid.batch_size=[50]"]
+    whole = tmp_path / "whole"
+    assert sweep_in_process(grid, whole, *args).exit_code == 0
+    out = tmp_path / "stopped"
+    proc = start_sweep(grid, out, *args, capture=True)
+    assert wait_for(lambda: max(metrics_steps(out), default=0) >= 200, proc)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 130, stderr
+    (step,) = set(checkpoint_steps(out))
+    assert 200 <= step < 3000 and step % 100 == 0
+    assert f"interrupted at step {step:,}: its checkpoint is written" in " ".join(stderr.split())
+    again = start_sweep(grid, out, *args, capture=True)
+    stderr = again.communicate(timeout=300)[1].decode()
+    assert again.returncode == 0
+    assert f"from step {step:,} of 3,000" in " ".join(stderr.split())
+    assert results_of(out) == results_of(whole), "resumed bytes equal an uninterrupted run"

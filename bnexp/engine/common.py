@@ -75,6 +75,15 @@ class RunResult:
     compile_time_s: float = 0.0  # compiling and capturing the step (inside wall_time_s)
 
 
+class Interrupted(Exception):
+    """Training stopped on request (Ctrl-C) at an evaluation step; checkpoints for that step
+    were handed to on_checkpoint first where the engine keeps them."""
+
+    def __init__(self, step: int, checkpointed: bool):
+        super().__init__(f"interrupted at step {step:,}")
+        self.step, self.checkpointed = step, checkpointed
+
+
 def eval_blocks(steps: int, eval_every: int) -> list[int]:
     """Lengths of the training blocks between evaluations (the last may be shorter)."""
     full, rest = divmod(steps, eval_every)

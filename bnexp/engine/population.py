@@ -8,6 +8,7 @@ and the running loss sum stay on the device and are read at evaluation time only
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -20,6 +21,7 @@ from bnexp.engine.checkpoint import make_checkpoints, remaining_blocks, restore
 from bnexp.engine.common import (
     DTYPES,
     TRAIN_EVAL_EXAMPLES,
+    Interrupted,
     ModelResult,
     OnEvaluate,
     Progress,
@@ -52,23 +54,28 @@ def _build_stacks(runs: list[RunConfig], device: torch.device, shards: int = 1):
     """Stacks by shard and StackKind, and each model's (stack, index) by (run index, batch_norm).
 
     The models, ordered by kind and activation, are dealt into shards of nearly equal size; a
-    shard holds one stack per kind among its models. A model's numbers do not depend on its
-    shard, its stack or its neighbours.
+    shard holds one stack per kind among its models (on the CPU, per kind and BN flag). A
+    model's numbers do not depend on its shard, its stack or its neighbours.
     """
     slot = {seed: i for i, seed in enumerate(stream_seeds(runs))}
     weights = [initial_weights(run.layers, run.init_scale, run.seed, run.init) for run in runs]
-    models = sorted(((_kind(run), run.activation, r, bn) for r, run in enumerate(runs)
-                     for bn in run.batch_norm), key=lambda m: (repr(m[0]), m[1]))
+    # On the CPU, plain and normalised networks get stacks of their own: computing both
+    # branches for every network costs more there than a second stack does (a network's
+    # numbers are the same either way). On CUDA one stack means fewer kernels per step.
+    split_plain = device.type == "cpu"
+    models = sorted(((_kind(run), bn if split_plain else None, run.activation, r, bn)
+                     for r, run in enumerate(runs) for bn in run.batch_norm),
+                    key=lambda m: (repr(m[0]), repr(m[1]), m[2]))
     shards = max(1, min(shards, len(models)))
     bounds = [len(models) * s // shards for s in range(shards + 1)]
     dtype = DTYPES[runs[0].dtype]
     groups, where = [], {}
     for lo, hi in zip(bounds, bounds[1:]):
-        members: dict[StackKind, list[tuple[int, bool]]] = {}
-        for kind, _, r, bn in models[lo:hi]:
-            members.setdefault(kind, []).append((r, bn))
+        members: dict[tuple, list[tuple[int, bool]]] = {}
+        for kind, apart, _, r, bn in models[lo:hi]:
+            members.setdefault((kind, apart), []).append((r, bn))
         group = []
-        for kind, part in members.items():
+        for (kind, _), part in members.items():
             stack = Stack([Member(runs[r].activation, bn, runs[r].lr, weights[r],
                                   slot[runs[r].seed], runs[r].bn_decay) for r, bn in part],
                           kind, device, dtype)
@@ -156,7 +163,8 @@ def train_population(runs: list[RunConfig], split: Split, device: torch.device,
                      cuda_graph: bool = True, resume: list[dict] | None = None,
                      on_checkpoint: Callable[[int, dict], None] | None = None,
                      on_evaluate: OnEvaluate | None = None,
-                     compile_step: bool = False) -> list[RunResult]:
+                     compile_step: bool = False,
+                     stop: threading.Event | None = None) -> list[RunResult]:
     """Train every model of runs (which share a population key) together.
 
     resume holds one checkpoint per run, all taken at the same step; on_checkpoint(r, data)
@@ -174,12 +182,13 @@ def train_population(runs: list[RunConfig], split: Split, device: torch.device,
             return _train(runs, split.astype(DTYPES[runs[0].dtype]), device, shards, pool,
                           progress, keep_states, cuda_graph, resume, on_checkpoint,
                           on_evaluate or (lambda r, models: None),
-                          should_compile(runs, device, compile_step))
+                          should_compile(runs, device, compile_step), stop)
 
 
 def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progress,
            keep_states: bool, cuda_graph: bool, resume, on_checkpoint,
-           on_evaluate: OnEvaluate, compile_step: bool) -> list[RunResult]:
+           on_evaluate: OnEvaluate, compile_step: bool,
+           stop: threading.Event | None) -> list[RunResult]:
     first = runs[0]
     start = time.perf_counter()
     groups, where = _build_stacks(runs, device, n_shards)
@@ -237,13 +246,16 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
         train_time += time.perf_counter() - tick
         done += n_block
         evaluate(done, n_block)
-        if on_checkpoint and (done >= next_checkpoint or done == first.steps):
+        stopping = stop is not None and stop.is_set() and done < first.steps
+        if on_checkpoint and (done >= next_checkpoint or done == first.steps or stopping):
             for r, data in enumerate(make_checkpoints(runs, stacks, where, results, streams,
                                                       done, train_time)):
                 on_checkpoint(r, data)
             next_checkpoint = done + first.checkpoint_every
         if progress:
             progress(n_block * n_models)
+        if stopping:
+            raise Interrupted(done, checkpointed=on_checkpoint is not None)
     _finish(runs, stacks, where, results, split, keep_states)
     wall = time.perf_counter() - start
     return [RunResult(run, str(device), "population", results[r], wall, n_models,

@@ -8,6 +8,7 @@ hand-written BN layer).
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ from bnexp.data import BatchStream, Split
 from bnexp.engine.common import (
     DTYPES,
     TRAIN_EVAL_EXAMPLES,
+    Interrupted,
     ModelResult,
     OnEvaluate,
     Progress,
@@ -66,9 +68,11 @@ def _clip(model: MLP, run: RunConfig) -> None:
 
 def train_model(run: RunConfig, batch_norm: bool, split: Split, device: torch.device,
                 progress: Progress | None = None, keep_state: bool = False,
-                on_record: Callable[[ModelResult], None] | None = None) -> ModelResult:
+                on_record: Callable[[ModelResult], None] | None = None,
+                stop: threading.Event | None = None) -> ModelResult:
     """Train one network of a comparison from the shared initial weights and batch stream;
-    on_record(result) follows every evaluation."""
+    on_record(result) follows every evaluation; Interrupted at the evaluation after stop is
+    set (the reference engine keeps no checkpoints: such a run starts over)."""
     model = build_model(run, batch_norm).to(device, DTYPES[run.dtype])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=run.lr)
@@ -105,6 +109,8 @@ def train_model(run: RunConfig, batch_norm: bool, split: Split, device: torch.de
         record(done, loss_sum / n_block)
         if progress:
             progress(n_block)
+        if stop is not None and stop.is_set() and done < run.steps:
+            raise Interrupted(done, checkpointed=False)
     result.final_val_acc = (evaluate(model, split.val_x, split.val_y)[0] if on_test
                             else result.val_acc[-1])
     result.final_test_acc = evaluate(model, split.test_x, split.test_y)[0]
@@ -125,7 +131,8 @@ def _live(on_evaluate: OnEvaluate | None, finished: list[ModelResult]):
 
 def train_reference(run: RunConfig, split: Split, device: torch.device,
                     progress: Progress | None = None, keep_states: bool = False,
-                    on_evaluate: OnEvaluate | None = None) -> RunResult:
+                    on_evaluate: OnEvaluate | None = None,
+                    stop: threading.Event | None = None) -> RunResult:
     """Train the variants of one comparison one after another (CPU kernels on one thread,
     so that the numbers do not depend on the thread count or the machine's load)."""
     start = time.perf_counter()
@@ -137,6 +144,6 @@ def train_reference(run: RunConfig, split: Split, device: torch.device,
         with torch.random.fork_rng(devices=cuda), single_threaded_kernels(device):
             torch.manual_seed(run.seed)
             models.append(train_model(run, bn, split, device, progress, keep_states,
-                                      _live(on_evaluate, list(models))))
+                                      _live(on_evaluate, list(models)), stop))
     return RunResult(run, str(device), "reference", models, time.perf_counter() - start, 1,
                      train_time_s=sum(m.train_time_s for m in models))

@@ -213,9 +213,9 @@ class Stack:
             z = torch.bmm(h, self.w[l])
             a = self._canvas(z)
             v_hat = inv_std = None
-            # Every model adds its bias; it stays zero where BN follows (its gradient is zero).
+            # Models add their bias; it stays zero where BN follows (its gradient is zero).
             if before and normed:
-                biased = z + self.b[l]
+                biased = z if self.bias_mask is False else z + self.b[l]
                 v_hat, inv_std = self._normalize(biased, l, train)
                 scaled = v_hat * self.gamma[l]
                 if self.norm_mask is True:
@@ -298,7 +298,8 @@ class Stack:
         else:
             da = _pick(mask, affine_grads(dh), dh) if normed else dh
             dz = self._activation_grad(da, a)
-        db[l] = _pick(self.bias_mask, dz.sum(dim=1, keepdim=True), 0.0)
+        if self.bias_mask is not False:  # else no network of the stack has this bias
+            db[l] = _pick(self.bias_mask, dz.sum(dim=1, keepdim=True), 0.0)
         return dz
 
     @torch.no_grad()
