@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch and torchvision are pinned to the builds that pip finds on this kind of machine.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-threads test-all lint validate sweep extras seeds plot bench clean
+.PHONY: install demo test test-threads test-all test-browser browser lint validate sweep extras seeds plot bench clean
 
 $(BIN)/bnexp: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ test: install
 test-threads: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto
 	OMP_NUM_THREADS=4 $(BIN)/python -m pytest -q -n 2
+
+# Headless Chromium for the report's browser test (Debian's package; needs root or sudo).
+browser:
+	command -v chromium >/dev/null || (apt-get install -y -q chromium || sudo apt-get install -y -q chromium)
+
+test-browser: install browser
+	$(BIN)/python -m pytest -q tests/test_browser.py
 
 test-all: install
 	$(BIN)/python -m pytest -m ''

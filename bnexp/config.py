@@ -41,7 +41,7 @@ TRAIN_EXAMPLES = 55_000  # MNIST and Fashion-MNIST: 60,000 training images less 
 MAX_WIDTH = 65_536
 MAX_PARAMETERS = 50_000_000  # per network
 IMAGE_PIXELS, CLASSES = 784, 10
-NON_RESULT_FIELDS = ("checkpoint_every",)
+NON_RESULT_FIELDS = ("checkpoint_every", "description")
 
 # Strict: true is not 1 and 1.5 is not a step count (YAML and pydantic would both convert).
 PositiveFloat = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
@@ -183,6 +183,7 @@ class RunConfig(Settings):
     """One fully resolved comparison: the unit that gets a results folder."""
 
     experiment: PlainName
+    description: str = ""  # the experiment file's, kept for reports (not a result setting)
 
     @model_validator(mode="before")
     @classmethod
@@ -428,7 +429,7 @@ def expand_grid(spec: ExperimentSpec) -> list[RunConfig]:
     The batch_norm axis does not multiply runs: its values are the paired variants trained
     inside every run from the same initial weights and mini-batches.
     """
-    base = spec.model_dump(exclude={"name", "description", "grid"})
+    base = spec.model_dump(exclude={"name", "grid"})
     if spec.grid.batch_norm is not None:
         base["batch_norm"] = tuple(spec.grid.batch_norm)
     axes = [a for a in GRID_AXES if a != "batch_norm" and getattr(spec.grid, a) is not None]

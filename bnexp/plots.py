@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import matplotlib
@@ -25,10 +26,11 @@ def plot_run(folder: Path) -> Path:
     config = read_config(folder)
     tracked = all("p50" in c for c in curves.values())
     fig, axes = plt.subplots(1, 1 + len(curves) * tracked, squeeze=False,
-                             figsize=(8 + 4 * len(curves) * tracked, 4.5))
+                             figsize=(9 + 4 * len(curves) * tracked, 4.5))
     ax = axes[0][0]
     for name, curve in curves.items():
-        ax.plot(curve["step"], curve["val_acc"], label=LABELS.get(name, name))
+        _curve(ax, curve["step"], curve["val_acc"], LABELS.get(name, name),
+               _diverged_at(curve))
     split = "Test" if config.get("eval_split") == "test" else "Validation"
     ax.set_ylim(0, 1)
     ax.set_xlabel("Training steps")
@@ -36,20 +38,56 @@ def plot_run(folder: Path) -> Path:
     init = (f"N(0, {config['init_scale']:g}²)" if config.get("init", "normal") == "normal"
             else config["init"])
     ax.set_title(f"{config['activation']}, learning rate {config['lr']:g}, "
-                 f"weights {init}, seed {config['seed']}")
+                 f"weights {init}\nseed {config['seed']}, {config['steps']:,} steps")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    _legend_outside(ax)
     if tracked:
-        for panel, (name, curve) in zip(axes[0][1:], curves.items()):
+        panels = axes[0][1:]
+        for panel, (name, curve) in zip(panels, curves.items()):
             panel.plot(curve["step"], curve["p50"], color="black", label="50th")
             panel.fill_between(curve["step"], curve["p15"], curve["p85"], alpha=0.3,
                                label="15th to 85th")
             panel.set_xlabel("Training steps")
             panel.set_title(f"{LABELS.get(name, name)}: unit {config['track_unit']} input")
             panel.grid(alpha=0.3)
-            panel.legend(loc="best")
+            _legend_outside(panel)
+        panels[0].set_ylabel("input to the activation (percentiles)")
+        _share_y(panels)
     fig.tight_layout()
     return _save(fig, folder / "curves.png")
+
+
+def _diverged_at(curve: dict) -> int | None:
+    """The first evaluation step whose mean loss since the last one is not finite."""
+    for step, loss in zip(curve["step"], curve["train_loss"]):
+        if step > 0 and not math.isfinite(loss):
+            return step
+    return None
+
+
+def _curve(ax, steps, values, label: str, diverged: int | None = None, **kw):
+    """A curve with a marker at every evaluation (none beyond 60 points, where they would
+    merge) and a cross where the model diverged."""
+    line, = ax.plot(steps, values, label=label, marker="o" if len(steps) <= 60 else None,
+                    markersize=3, **kw)
+    if diverged is not None:
+        y = values[steps.index(diverged)] if diverged in steps else 0.0
+        ax.plot([diverged], [0.0 if not math.isfinite(y) else y], marker="x", markersize=10,
+                markeredgewidth=2, color=line.get_color(), linestyle="none",
+                label=f"{label}: diverged by step {diverged:,}")
+    return line
+
+
+def _legend_outside(ax) -> None:
+    """The legend beside the axes, where it cannot cover a curve."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
+
+
+def _share_y(panels) -> None:
+    """One y-range for panels meant to be compared."""
+    lows, highs = zip(*(p.get_ylim() for p in panels))
+    for p in panels:
+        p.set_ylim(min(lows), max(highs))
 
 
 def plot_tree(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -58,10 +96,11 @@ def plot_tree(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     return [plot_run(folder) for folder in intact], damaged
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, close: bool = True) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
+    if close:
+        plt.close(fig)
     atomic_write(path, buffer.getvalue())
     return path
 
@@ -72,29 +111,67 @@ def plot_seed_bands(curves: dict[str, list[tuple[list[int], list[float]]]], titl
 
     curves maps a variant to one (steps, accuracies) pair per seed; seeds share steps.
     """
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, per_seed in curves.items():
-        steps = per_seed[0][0]
-        accs = np.array([acc for _, acc in per_seed])
-        line, = ax.plot(steps, np.median(accs, axis=0),
-                        label=f"{LABELS.get(name, name)} (median of {len(per_seed)})")
-        if len(per_seed) > 1:
-            lo, hi = np.percentile(accs, [25, 75], axis=0)
-            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.25, linewidth=0)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    _bands(ax, curves)
     ax.set_ylim(0, 1)
     ax.set_xlabel("Training steps")
     ax.set_ylabel("Validation accuracy")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    _legend_outside(ax)
     fig.tight_layout()
     return _save(fig, path)
 
 
+def _bands(ax, curves: dict[str, list[tuple[list[int], list[float]]]],
+           legend: bool = True) -> None:
+    import numpy as np
+
+    for name, per_seed in curves.items():
+        steps = per_seed[0][0]
+        accs = np.array([acc for _, acc in per_seed])
+        label = LABELS.get(name, name) + (" (median)" if len(per_seed) > 1 else "")
+        line = _curve(ax, steps, list(np.median(accs, axis=0)), label if legend else None)
+        if len(per_seed) > 1:
+            lo, hi = np.percentile(accs, [25, 75], axis=0)
+            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.25, linewidth=0,
+                            label=(f"{SHORT_LABELS.get(name, name)}: middle 50% of "
+                                   f"{len(per_seed)} seeds") if legend else None)
+
+
+def plot_small_multiples(panels: list[tuple[str, dict]], columns: int, title: str,
+                         stem: Path) -> list[Path]:
+    """The paper figure: one panel per grid cell (its title) with every variant's median
+    curve and inter-quartile band over seeds, a shared y-axis and one legend; PNG and SVG."""
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, squeeze=False, sharex=True, sharey=True,
+                             figsize=(3.2 * columns, 2.5 * rows + 0.9))
+    for ax, (label, curves) in zip(axes.flat, panels):
+        _bands(ax, curves)
+        ax.set_title(label, fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("Validation accuracy")
+    for ax in axes[-1]:
+        ax.set_xlabel("Training steps")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8,
+               frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.07 + 0.02 * (len(labels) > 4), 1, 1))
+    paths = [_save(fig, stem.with_suffix(".png"), close=False)]
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="svg")
+    plt.close(fig)
+    atomic_write(stem.with_suffix(".svg"), buffer.getvalue())
+    return [*paths, stem.with_suffix(".svg")]
+
+
 def plot_overview(labels: list[str], variants: list[str], values: list[list[float]],
-                  path: Path) -> Path:
+                  path: Path, title: str = "Grid overview") -> Path:
     """Heatmap of median final test accuracy: one row per grid cell, one column per variant."""
     import numpy as np
 
@@ -109,24 +186,27 @@ def plot_overview(labels: list[str], variants: list[str], values: list[list[floa
         ax.text(j, i, "nan" if np.isnan(value) else f"{value:.3f}", ha="center", va="center",
                 color="white" if np.isnan(value) or value < 0.6 else "black", fontsize=9)
     fig.colorbar(image, ax=ax, label="median final test accuracy")
-    ax.set_title("Grid overview")
+    ax.set_title(title)
     fig.tight_layout()
     return _save(fig, path)
 
 
-def plot_batch_sizes(series: dict[str, list[tuple[int, float]]], path: Path) -> Path:
-    """Final test accuracy against batch size (log scale), one line per normaliser."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def plot_batch_sizes(series: dict[str, list[tuple[int, float]]], path: Path,
+                     budget: str) -> Path:
+    """Final test accuracy against batch size (log2 scale), one line per normaliser; every
+    point of the figure trained on the same budget (examples seen), named in the title."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    sizes = sorted({b for points in series.values() for b, _ in points})
     for name, points in series.items():
-        sizes, accs = zip(*points)
-        ax.plot(sizes, accs, marker="o", label=LABELS.get(name, name))
+        xs, accs = zip(*points)
+        ax.plot(xs, accs, marker="o", label=LABELS.get(name, name))
     ax.set_xscale("log", base=2)
-    ax.set_xticks([b for b, _ in next(iter(series.values()))],
-                  [str(b) for b, _ in next(iter(series.values()))])
+    ax.set_xticks(sizes, [str(b) for b in sizes])
     ax.set_ylim(0, 1)
-    ax.set_xlabel("Batch size (equal numbers of examples seen)")
+    ax.set_xlabel("Batch size (log2 scale)")
     ax.set_ylabel("Median final test accuracy")
+    ax.set_title(f"Final accuracy against batch size, {budget}")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    _legend_outside(ax)
     fig.tight_layout()
     return _save(fig, path)

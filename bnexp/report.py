@@ -113,40 +113,103 @@ def _fill_stats(cell: Cell, loaded: dict, failure_threshold: float) -> None:
 
 
 def draw_figures(experiment_dir: Path, cells: list[Cell] | None = None) -> list[Path]:
-    """Seed-band curves per cell and the grid overview, under <experiment>/plots/."""
+    """Every figure of the experiment under <experiment>/plots/ (see captioned_figures)."""
+    return [path for path, _ in captioned_figures(experiment_dir, cells)]
+
+
+def captioned_figures(experiment_dir: Path, cells: list[Cell] | None = None,
+                      ) -> list[tuple[Path, str]]:
+    """(figure, caption): the paper figure (PNG, with an SVG beside it), the grid overview,
+    seed-band curves per cell and, where batch size varies, accuracy against batch size."""
     cells = cells if cells is not None else collect_cells(experiment_dir)
     if not cells:
         return []
     out = experiment_dir / "plots"
-    paths = []
-    for cell in cells:
-        curves: dict[str, list] = {}
-        for folder in sorted(cell.folders):
-            for name, curve in read_metrics(folder).items():
-                curves.setdefault(name, []).append((curve["step"], curve["val_acc"]))
-        title = f"{cell.label} ({len(cell.folders)} seed{'s' * (len(cell.folders) > 1)})"
-        paths.append(plots.plot_seed_bands(curves, title, out / f"curves-{cell.slug}.png"))
+    seeds, steps = _seeds_and_steps(cells)
+    band = ("Lines: median over seeds; bands: the middle 50% of seeds (inter-quartile range)"
+            if max(len(c.folders) for c in cells) > 1 else "One seed per cell: no band")
+    curves = {c.key: _cell_curves(c) for c in cells}
+    paper = plots.plot_small_multiples(
+        [(c.label, curves[c.key]) for c in cells], _columns(cells),
+        f"{experiment_dir.name}: validation accuracy, {steps}, {seeds}", out / "paper")
+    figures = [(paper[0], f"Validation accuracy during training, one panel per grid cell "
+                          f"({steps}, {seeds}; the same y-scale in every panel). {band}. "
+                          f"Also as {paper[1].name} (vector).")]
     variants = sorted({v for c in cells for v in c.variants}, key=VARIANT_ORDER.index)
     values = [[c.stats[v].median_test if v in c.stats else math.nan for v in variants]
               for c in cells]
-    paths.append(plots.plot_overview([c.label for c in cells], variants, values,
-                                     out / "overview.png"))
-    if "batch_size" in cells[0].varying:
-        paths.append(_batch_size_figure(cells, out / "batch_size.png"))
-    return paths
-
-
-def _batch_size_figure(cells: list[Cell], path: Path) -> Path:
-    """Median final test accuracy against batch size, one line per normaliser."""
-    points: dict[str, dict[int, list[float]]] = {}
+    overview = plots.plot_overview([c.label for c in cells], variants, values,
+                                   out / "overview.png",
+                                   f"Median final test accuracy ({steps}, {seeds})")
+    figures.append((overview, f"Median final test accuracy of every cell and variant over "
+                              f"{seeds} ({steps})."))
     for cell in cells:
+        n = len(cell.folders)
+        title = f"{cell.label}\n{_steps_text(cell)}, {n} seed{'s' * (n > 1)}"
+        path = plots.plot_seed_bands(curves[cell.key], title, out / f"curves-{cell.slug}.png")
+        figures.append((path, f"{cell.label}: validation accuracy during training "
+                              f"({_steps_text(cell)}, {n} seed{'s' * (n > 1)}). {band}; "
+                              "crosses mark divergence."))
+    if "batch_size" in cells[0].varying:
+        figures += _batch_size_figures(cells, out)
+    return figures
+
+
+def _cell_curves(cell: Cell) -> dict[str, list]:
+    curves: dict[str, list] = {}
+    for folder in sorted(cell.folders):
+        for name, curve in read_metrics(folder).items():
+            curves.setdefault(name, []).append((curve["step"], curve["val_acc"]))
+    return curves
+
+
+def _steps_text(cell: Cell) -> str:
+    examples = cell.config.get("examples")
+    text = f"{cell.config['steps']:,} steps"
+    return text + (f" ({examples:,} examples)" if examples else "")
+
+
+def _seeds_and_steps(cells: list[Cell]) -> tuple[str, str]:
+    counts = sorted({len(c.folders) for c in cells})
+    seeds = (f"{counts[0]} seed{'s' * (counts[0] > 1)} per cell" if len(counts) == 1
+             else f"{counts[0]}–{counts[-1]} seeds per cell")
+    steps = sorted({c.config["steps"] for c in cells})
+    steps_text = (f"{steps[0]:,} steps" if len(steps) == 1
+                  else f"{steps[0]:,}–{steps[-1]:,} steps")
+    return seeds, steps_text
+
+
+def _columns(cells: list[Cell]) -> int:
+    """Panels per row: one per learning rate where the grid varies it (the lesson's layout),
+    else about a square."""
+    lrs = {c.config["lr"] for c in cells}
+    if 1 < len(lrs) <= 6 and len(cells) % len(lrs) == 0:
+        return len(lrs)
+    return max(1, math.ceil(math.sqrt(len(cells))))
+
+
+def _batch_size_figures(cells: list[Cell], out: Path) -> list[tuple[Path, str]]:
+    """Median final test accuracy against batch size, one line per normaliser, one figure
+    per training budget: runs of different budgets are never drawn together."""
+    budgets: dict[str, dict[str, dict[int, list[float]]]] = {}
+    for cell in cells:
+        examples = cell.config.get("examples")
+        budget = (f"{examples:,} examples seen" if examples
+                  else f"{cell.config['steps']:,} steps")
         for variant, v in cell.stats.items():
-            points.setdefault(variant, {}).setdefault(cell.config["batch_size"], []).append(
-                v.median_test)
-    # plain appears once per normaliser cell; the copies are the same runs' numbers.
-    series = {v: sorted((b, sum(a) / len(a)) for b, a in by_size.items())
-              for v, by_size in sorted(points.items(), key=lambda i: VARIANT_ORDER.index(i[0]))}
-    return plots.plot_batch_sizes(series, path)
+            budgets.setdefault(budget, {}).setdefault(variant, {}).setdefault(
+                cell.config["batch_size"], []).append(v.median_test)
+    figures = []
+    for i, (budget, points) in enumerate(sorted(budgets.items())):
+        # plain appears once per normaliser cell; the copies are the same runs' numbers.
+        series = {v: sorted((b, sum(a) / len(a)) for b, a in by_size.items())
+                  for v, by_size in sorted(points.items(),
+                                           key=lambda item: VARIANT_ORDER.index(item[0]))}
+        name = "batch_size.png" if len(budgets) == 1 else f"batch_size-{i + 1}.png"
+        path = plots.plot_batch_sizes(series, out / name, budget)
+        figures.append((path, f"Median final test accuracy against batch size ({budget} "
+                              "for every point; log2 axis)."))
+    return figures
 
 
 def _pct(x: float | None) -> str:
@@ -167,11 +230,15 @@ TABLE_HEADER = ["cell", "seeds", "plain median test % [IQR]", "BN median test % 
                 "BN steps→90%"]
 
 
+ONE_SEED = "n/a (1 seed)"  # a spread or interval of one value would look like a finding
+
+
 def _variant_cells(v: stats.VariantStats | None) -> tuple[str, str, str]:
     """(median test % [IQR], failure rate, steps to 90%) of one variant, '-' where absent."""
     if v is None:
         return "-", "-", "-"
-    spread = f"{_pct(v.median_test)} [{_pct(v.iqr_test[0])}, {_pct(v.iqr_test[1])}]"
+    spread = (f"{_pct(v.median_test)} [{ONE_SEED}]" if v.n == 1 else
+              f"{_pct(v.median_test)} [{_pct(v.iqr_test[0])}, {_pct(v.iqr_test[1])}]")
     return spread, f"{_pct(v.failure_rate)}%", _steps(v, 0.90)
 
 
@@ -182,7 +249,9 @@ def table_rows(cells: list[Cell]) -> list[list[str]]:
         normed = [v for v in NORMALISED if v in c.stats]
         bn = _variant_cells(c.stats.get(normed[0]) if normed else None)
         diff = "-"
-        if c.paired:
+        if c.paired and len(c.folders) == 1:
+            diff = f"{100 * c.paired.mean_diff_test:+.1f} [{ONE_SEED}]"
+        elif c.paired:
             lo, hi = c.paired.ci_test
             diff = f"{100 * c.paired.mean_diff_test:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
         rows.append([c.label, str(len(c.folders)), plain[0], bn[0], diff, plain[1], bn[1],
@@ -195,10 +264,61 @@ def _environment(experiment_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+# Settings a reader of the configuration block does not need: bookkeeping, or settings that
+# do not apply to the runs shown (ConvNet channels for MLPs, MLP layers for ConvNets).
+NOT_SHOWN = ("experiment", "description", "seed", "device", "checkpoint_every")
+
+
 def _shared_config(cells: list[Cell]) -> dict:
-    """Settings equal in every cell (what the grid does not vary)."""
+    """Settings equal in every cell that apply to its runs (what the grid does not vary)."""
     configs = [{k: v for k, v in c.config.items() if not k.startswith("_")} for c in cells]
-    return {k: v for k, v in configs[0].items() if all(c.get(k) == v for c in configs)}
+    shared = {k: v for k, v in configs[0].items() if all(c.get(k) == v for c in configs)
+              and k not in NOT_SHOWN and v is not None}
+    arch = shared.get("arch", "mlp")
+    shared.pop("conv_channels" if arch == "mlp" else "layers", None)
+    if shared.get("track_unit") is None:
+        shared.pop("track_layer", None)
+    if shared.get("clip", "none") == "none":
+        shared.pop("clip_threshold", None)
+    if shared.get("norm", "batch") != "group":
+        shared.pop("group_norm_groups", None)
+    return shared
+
+
+def _grid_axes(cells: list[Cell]) -> dict:
+    """The settings the grid varies, each with its values in order."""
+    axes = {}
+    for key in cells[0].varying:
+        values = sorted({json.dumps(c.config.get(key)) for c in cells},
+                        key=lambda v: _sort_key(json.loads(v)))
+        axes[key] = [json.loads(v) for v in values]
+    return axes
+
+
+def _header(experiment_dir: Path, cells: list[Cell]) -> list[tuple[str, str]]:
+    """What a reader needs first: how many runs, seeds and steps, where, how long."""
+    folders = [f for c in cells for f in c.folders]
+    summaries = [read_summary(f) for f in folders]
+    seeds = sorted({read_config(f)["seed"] for f in folders})
+    seeds_text = (f"{len(seeds)} ({seeds[0]}–{seeds[-1]})" if len(seeds) > 1
+                  else f"1 (seed {seeds[0]})")
+    # networks of a population share its wall time: each run's share is its networks' part
+    wall = sum(s["wall_time_s"] * len(s["models"]) / max(s.get("population_size", 1),
+                                                         len(s["models"]))
+               for s in summaries)
+    rows = [("experiment", experiment_dir.name)]
+    description = cells[0].config.get("description")
+    if description:
+        rows.append(("description", description))
+    per_cell, steps = _seeds_and_steps(cells)
+    rows += [("runs", f"{len(folders)} in {len(cells)} grid cell(s)"),
+             ("seeds", f"{seeds_text}; {per_cell}"),
+             ("steps", steps),
+             ("device", ", ".join(sorted({f"{s['device']} ({s['engine']} engine, "
+                                         f"{s.get('execution', 'eager')})" for s in summaries}))),
+             ("training time", f"{wall:,.0f} s of wall time (a population's time shared "
+                               "among its networks)")]
+    return rows
 
 
 def write_report(experiment_dir: Path) -> tuple[Path, Path]:
@@ -206,43 +326,59 @@ def write_report(experiment_dir: Path) -> tuple[Path, Path]:
     cells = collect_cells(experiment_dir)
     if not cells:
         raise FileNotFoundError(f"{experiment_dir}: no finished runs to report on")
-    figures = draw_figures(experiment_dir, cells)
+    figures = captioned_figures(experiment_dir, cells)
     rows = table_rows(cells)
+    header = _header(experiment_dir, cells)
+    axes = yaml.safe_dump(_grid_axes(cells), sort_keys=False, default_flow_style=None).strip()
     shared = yaml.safe_dump(_shared_config(cells), sort_keys=False).strip()
     env = _environment(experiment_dir)
     name = experiment_dir.name
-    md = [f"# {name}", "", "## Configuration", "", "```yaml", shared, "```", "",
-          "## Comparison", "",
-          "Medians over seeds; BN − plain is the mean paired difference of final test accuracy "
-          f"(percentile bootstrap, {stats.BOOTSTRAP_SAMPLES:,} resamples); a failure is a final "
-          f"validation accuracy below {stats.FAILURE_THRESHOLD:.0%}.", "",
+    md = [f"# {name}", ""] + [f"- **{k}**: {v}" for k, v in header] + [
+          "", "## Configuration", "", "Grid axes:", "", "```yaml",
+          axes if _grid_axes(cells) else "# none: one cell", "```", "",
+          "Settings shared by every run:", "", "```yaml", shared, "```", "",
+          "## Comparison", "", COMPARISON_NOTE, "",
           "| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     md += ["", "## Figures", ""]
-    md += [f"![{p.stem}](plots/{p.name})" for p in [figures[-1], *figures[:-1]]]
-    md += ["", "## Environment", "", "```json", json.dumps(env, indent=2), "```", ""]
+    for path, caption in figures:
+        md += [f"![{caption}](plots/{path.name})", "", f"*{caption}*", ""]
+    md += ["## Environment", "", "```json", json.dumps(env, indent=2), "```", ""]
     md_path = experiment_dir / "report.md"
     atomic_write(md_path, "\n".join(md))
     html_path = experiment_dir / "report.html"
-    atomic_write(html_path, _html(name, shared, rows, [figures[-1], *figures[:-1]], env))
+    atomic_write(html_path, _html(name, header, axes, shared, rows, figures, env))
     return md_path, html_path
 
 
-def _html(name: str, shared: str, rows: list[list[str]], figures: list[Path], env: dict) -> str:
+COMPARISON_NOTE = (
+    "Medians over seeds; BN − plain is the mean paired difference of final test accuracy "
+    f"(percentile bootstrap, {stats.BOOTSTRAP_SAMPLES:,} resamples; {ONE_SEED} where a cell "
+    f"has one seed); a failure is a final validation accuracy below "
+    f"{stats.FAILURE_THRESHOLD:.0%}.")
+
+
+def _html(name: str, header: list[tuple[str, str]], axes: str, shared: str,
+          rows: list[list[str]], figures: list[tuple[Path, str]], env: dict) -> str:
     e = html.escape
+    facts = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in header)
     head = "".join(f"<th>{e(h)}</th>" for h in TABLE_HEADER)
     body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
     images = "".join(
-        f'<figure><img alt="{e(p.stem)}" src="data:image/png;base64,'
-        f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{e(p.stem)}</figcaption>'
-        "</figure>" for p in figures)
+        f'<figure><img alt="{e(caption)}" src="data:image/png;base64,'
+        f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{e(caption)}</figcaption>'
+        "</figure>" for p, caption in figures)
     style = ("body{font-family:sans-serif;margin:2em;max-width:75em}table{border-collapse:"
              "collapse}td,th{border:1px solid #bbb;padding:.3em .6em;text-align:right}"
-             "td:first-child{text-align:left}img{max-width:100%}pre{background:#f4f4f4;"
-             "padding:1em}")
+             "td:first-child{text-align:left}.facts th,.facts td{text-align:left}"
+             "img{max-width:100%}pre{background:#f4f4f4;padding:1em}figure{margin:2em 0}"
+             "figcaption{font-style:italic;margin-top:.4em}")
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{e(name)} report</title><style>{style}</style></head><body>"
-            f"<h1>{e(name)}</h1><h2>Configuration</h2><pre>{e(shared)}</pre>"
-            f"<h2>Comparison</h2><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
+            f"<h1>{e(name)}</h1><table class=\"facts\">{facts}</table>"
+            f"<h2>Configuration</h2><p>Grid axes:</p><pre>{e(axes)}</pre>"
+            f"<p>Settings shared by every run:</p><pre>{e(shared)}</pre>"
+            f"<h2>Comparison</h2><p>{e(COMPARISON_NOTE)}</p>"
+            f"<table id=\"comparison\"><thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
             f"</table><h2>Figures</h2>{images}<h2>Environment</h2>"
             f"<pre>{e(json.dumps(env, indent=2))}</pre></body></html>\n")

@@ -36,13 +36,17 @@ def test_bench_command_writes_its_table(tmp_path):
     assert ops["aten_ops_by_name"]["bmm"] >= 7, "one product per layer and direction, one stack"
 
 
-def test_one_step_of_the_lesson_population_is_one_stack():
-    """The lesson grid's 24 networks (two activations, BN on and off) share one stack, so a
-    step runs each layer's product once for all of them."""
+def test_the_lesson_population_needs_one_stack_on_cuda_and_two_on_the_cpu():
+    """The lesson grid's 24 networks (two activations, BN on and off) share one stack on CUDA
+    (each layer's product once for all of them); the CPU gives plain and BN their own."""
     from bnexp.engine.population import _build_stacks
 
-    groups, _ = _build_stacks(bench.population_runs(24, steps=1, eval_every=1), CPU)
+    runs = bench.population_runs(24, steps=1, eval_every=1)
+    groups, _ = _build_stacks(runs, torch.device("meta"))  # the CUDA layout, without a GPU
     assert [[s.m for s in group] for group in groups] == [[24]]
+    assert [len(s.slices) for s in groups[0]] == [2], "relu and sigmoid: one slice each"
+    groups, _ = _build_stacks(runs, CPU)
+    assert [[s.m for s in group] for group in groups] == [[12, 12]]
 
 
 def test_bench_rejects_bad_model_counts():

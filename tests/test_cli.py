@@ -176,8 +176,8 @@ def test_plot_redraws_from_disk_only(env):
     png = next((env / "results").rglob("curves.png"))
     png.unlink()
     result = invoke("plot", env / "results")
-    # the run's curves, the experiment's seed-band curves and its overview
-    assert result.exit_code == 0 and "drew 3 figure" in result.stdout
+    # the run's curves; the experiment's paper figure (PNG, SVG), overview, seed-band curves
+    assert result.exit_code == 0 and "drew 5 figure" in result.stdout
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert invoke("plot", env / "nothing-here").exit_code == 2
 

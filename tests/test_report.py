@@ -47,6 +47,34 @@ def test_report_files_and_table(experiment):
     assert (experiment / "plots" / "overview.png").read_bytes()[:4] == b"\x89PNG"
     assert len(list((experiment / "plots").glob("curves-*.png"))) == 2
     assert '"torch"' in md
+    # the header, the grid's axes, only the settings that matter
+    assert "- **runs**: 6 in 2 grid cell(s)" in md
+    assert "- **seeds**: 3 (0–2); 3 seeds per cell" in md and "- **steps**: 60 steps" in md
+    assert "- **device**: cpu (population engine, eager)" in md
+    axes = md.split("Grid axes:")[1].split("```")[1]
+    assert "lr: [0.05, 0.5]" in axes
+    shared = md.split("Settings shared by every run:")[1].split("```")[1]
+    assert "conv_channels" not in shared and "seed:" not in shared and "layers:" in shared
+    # every figure has a caption; the paper figure comes first, also as SVG
+    figures = md.split("## Figures")[1].split("## Environment")[0]
+    assert figures.count("![") == 4 == figures.count("\n*")
+    assert figures.index("plots/paper.png") < figures.index("plots/overview.png")
+    assert "middle 50% of seeds" in figures
+    svg = (experiment / "plots" / "paper.svg").read_text()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+
+
+def test_one_seed_prints_no_interval(tiny_mnist, tmp_path):
+    path = tmp_path / "one.yaml"
+    path.write_text("name: one\nsteps: 40\neval_every: 20\ndevice: cpu\n")
+    out = tmp_path / "results"
+    assert CliRunner().invoke(app, ["sweep", str(path), "--out", str(out), "--data-dir",
+                                    str(tiny_mnist)]).exit_code == 0
+    assert CliRunner().invoke(app, ["report", str(out / "one")]).exit_code == 0
+    md = (out / "one" / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| relu lr=0.01"))
+    assert row.count("[n/a (1 seed)]") == 3, row
+    assert "One seed per cell: no band" in md
 
 
 def test_html_is_valid_and_self_contained(experiment):
@@ -57,7 +85,7 @@ def test_html_is_valid_and_self_contained(experiment):
     parser.feed(page)
     parser.close()
     assert parser.stack == [], "every element is closed"
-    assert parser.tags.count("img") == 3
+    assert parser.tags.count("img") == 4 == parser.tags.count("figcaption")
     assert parser.urls and all(u.startswith("data:image/png;base64,") for u in parser.urls)
     assert "http://" not in page and "https://" not in page and "<script" not in page
 
