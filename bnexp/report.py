@@ -113,8 +113,10 @@ def _fill_stats(cell: Cell, loaded: dict, failure_threshold: float) -> None:
 
 
 def draw_figures(experiment_dir: Path, cells: list[Cell] | None = None) -> list[Path]:
-    """Every figure of the experiment under <experiment>/plots/ (see captioned_figures)."""
-    return [path for path, _ in captioned_figures(experiment_dir, cells)]
+    """Every figure file of the experiment under <experiment>/plots/ (see captioned_figures;
+    the paper figure's SVG included)."""
+    paths = [path for path, _ in captioned_figures(experiment_dir, cells)]
+    return paths + [p.with_suffix(".svg") for p in paths if p.name == "paper.png"]
 
 
 def captioned_figures(experiment_dir: Path, cells: list[Cell] | None = None,
