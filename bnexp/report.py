@@ -150,8 +150,7 @@ def captioned_figures(experiment_dir: Path, cells: list[Cell] | None = None,
         title = f"{cell.label}\n{_steps_text(cell)}, {n} seed{'s' * (n > 1)}"
         path = plots.plot_seed_bands(curves[cell.key], title, out / f"curves-{cell.slug}.png")
         figures.append((path, f"{cell.label}: validation accuracy during training "
-                              f"({_steps_text(cell)}, {n} seed{'s' * (n > 1)}). {band}; "
-                              "crosses mark divergence."))
+                              f"({_steps_text(cell)}, {n} seed{'s' * (n > 1)}). {band}."))
     if "batch_size" in cells[0].varying:
         figures += _batch_size_figures(cells, out)
     return figures
