@@ -11,7 +11,7 @@ $(BIN)/bnexp: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PINS)
-	$(BIN)/python -m pip install -q -e '.[dev,tensorboard]'
+	$(BIN)/python -m pip install -q -e '.[dev,tensorboard,ray]'
 	touch $(BIN)/bnexp
 
 install: $(BIN)/bnexp

@@ -100,6 +100,17 @@ def _check_compile(compile_step: bool | None, planned: list) -> None:
               "CPU (use --device cuda on a machine with a GPU)"])
 
 
+def _check_executor(executor: str, address: str | None) -> None:
+    from bnexp import ray_executor
+
+    if executor not in ("local", "ray"):
+        fail([f"--executor {executor}: expected local or ray"])
+    if executor == "ray" and not ray_executor.available():
+        fail([f"--executor ray: ray is not installed ({ray_executor.INSTALL_HINT})"])
+    if address is not None and executor != "ray":
+        fail([f"--address {address}: only with --executor ray"])
+
+
 def _check_tensorboard(wanted: bool) -> None:
     from bnexp import tensorboard_log
 
@@ -177,7 +188,7 @@ def _check_writable(out: Path, experiments: set[str]) -> None:
 def _execute(planned: list[sweep.Planned], out: Path, data_dir: Path | None, label: str,
              force: bool = False, fail_fast: bool = False, retry_failed: bool = False,
              compile_step: bool = False, tensorboard: bool = False,
-             ) -> list[sweep.Outcome]:
+             executor: str = "local", address: str | None = None) -> list[sweep.Outcome]:
     from bnexp import sweep
     from bnexp.data import DataError, resolve_data_dir
     from bnexp.engine.common import Interrupted
@@ -201,7 +212,8 @@ def _execute(planned: list[sweep.Planned], out: Path, data_dir: Path | None, lab
         def notice(text: str) -> None:
             progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
-        options = sweep.TrainOptions(compile_step, threading.Event(), tensorboard)
+        options = sweep.TrainOptions(compile_step, threading.Event(), tensorboard, executor,
+                                     address)
         try:
             with _stop_on_ctrl_c(options.stop, notice):
                 return sweep.execute(planned, out, folder, force=force,
@@ -215,9 +227,11 @@ def _execute(planned: list[sweep.Planned], out: Path, data_dir: Path | None, lab
             progress.stop()
             kept = ("its checkpoint is written" if exc.checkpointed else
                     "the reference engine keeps no checkpoint: that run starts over")
-            err_console.print(f"interrupted at step {exc.step:,}: {kept}; finished runs are "
-                              "kept. Run the same command again to resume.", highlight=False,
-                              soft_wrap=True)
+            if exc.step is None:  # Ray: populations were cancelled wherever they were
+                kept = "cancelled populations keep their last checkpoints"
+            where = f"interrupted at step {exc.step:,}" if exc.step is not None else "interrupted"
+            err_console.print(f"{where}: {kept}; finished runs are kept. Run the same command "
+                              "again to resume.", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
     raise AssertionError("unreachable")
 
@@ -366,9 +380,17 @@ def sweep_command(
     threads: ThreadsOption = None,
     compile_step: CompileOption = False,
     tensorboard: TensorBoardOption = False,
+    executor: Annotated[str, typer.Option(
+        "--executor", metavar="NAME", help="local (default): populations one after another in "
+        "this process; ray: each population a Ray task on a Ray cluster (needs the optional "
+        "extra: pip install 'bnexp[ray]'; --out must be a folder every node sees).")] = "local",
+    address: Annotated[str | None, typer.Option(
+        "--address", metavar="ADDR", help="With --executor ray: the cluster to join (auto, or "
+        "host:port of `ray start --head`); without it a local Ray instance is started.")] = None,
 ) -> None:
     """Run whole grids: skip finished runs, resume interrupted ones from their checkpoints."""
     _set_threads(threads)
+    _check_executor(executor, address)
     runs = _load_runs(files or [DEFAULT_GRID], _overrides(set_, device=device), seeds,
                       allow_large=yes, labels=_labels(device=device))
     planned = _plan(runs, out)
@@ -379,7 +401,7 @@ def sweep_command(
     _check_tensorboard(tensorboard)
     outcomes = _execute(planned, out, data_dir, "sweep", force=force, fail_fast=fail_fast,
                         retry_failed=retry_failed, compile_step=compile_step,
-                        tensorboard=tensorboard)
+                        tensorboard=tensorboard, executor=executor, address=address)
     table = Table(title="Sweep")
     for column in ("experiment", "run", "status", "detail"):
         table.add_column(column, overflow="fold")

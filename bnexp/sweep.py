@@ -84,7 +84,7 @@ def populations(todo: list[Planned]) -> dict[int, tuple[int, int]]:
     """For each run to train (by id): its population's number (from 1) and network count,
     grouped as a fresh sweep would train them."""
     where: dict[int, tuple[int, int]] = {}
-    for number, batch in enumerate(_batches([(p, None) for p in todo]), start=1):
+    for number, batch in enumerate(batches([(p, None) for p in todo]), start=1):
         size = sum(len(p.run.batch_norm) for p, _ in batch)
         for p, _ in batch:
             where[id(p)] = (number, size)
@@ -96,7 +96,7 @@ def network_steps(planned: list[Planned]) -> int:
     return sum(p.run.steps * len(p.run.batch_norm) for p in planned)
 
 
-def _batches(todo: list[tuple[Planned, dict | None]]) -> list[list[tuple[Planned, dict | None]]]:
+def batches(todo: list[tuple[Planned, dict | None]]) -> list[list[tuple[Planned, dict | None]]]:
     """Runs trained in one call: a population resuming from one step, or one reference run."""
     batches, by_start = [], {}
     for p, checkpoint in todo:
@@ -119,6 +119,8 @@ class TrainOptions:
     compile_step: bool = False  # CUDA: compile the population step (see train_population)
     stop: threading.Event | None = None  # set (on Ctrl-C): stop at the next evaluation
     tensorboard: bool = False  # also write TensorBoard events into each run folder's tb/
+    executor: str = "local"  # or "ray": populations as Ray tasks (bnexp/ray_executor.py)
+    address: str | None = None  # Ray: a cluster to join ("auto", "host:port"); else local
 
 
 def _train(batch, split: Split, out: Path, progress: Progress | None,
@@ -189,7 +191,8 @@ def execute(planned: list[Planned], out: Path, data_dir: Path, *, force: bool = 
     splits = splits if splits is not None else load_data(todo, data_dir)
     locks: list[results.RunLock] = []
     try:
-        _lock_and_train(todo, out, splits, force, fail_fast, progress, outcomes, report, locks,
+        _lock_and_train(todo, out, data_dir, splits, force, fail_fast, progress, outcomes,
+                        report, locks,
                         notice, options or TrainOptions())
         for experiment in sorted({p.run.experiment for p in planned}):
             if (out / experiment).is_dir():
@@ -205,7 +208,8 @@ def execute(planned: list[Planned], out: Path, data_dir: Path, *, force: bool = 
     return outcomes
 
 
-def _lock_and_train(todo: list[Planned], out: Path, splits, force: bool, fail_fast: bool,
+def _lock_and_train(todo: list[Planned], out: Path, data_dir: Path, splits, force: bool,
+                    fail_fast: bool,
                     progress, outcomes: list[Outcome], report, locks: list, notice,
                     options: TrainOptions) -> None:
     """Lock every run to train (the others are outcomes already), then train them."""
@@ -225,11 +229,17 @@ def _lock_and_train(todo: list[Planned], out: Path, splits, force: bool, fail_fa
         locks.append(lock)
         results.remove_stale_temp_files(folder)
         results.write_config(folder, p.run)
-        checkpoint = None if force else _usable_checkpoint(folder, p)
+        checkpoint = None if force else usable_checkpoint(folder, p)
         if checkpoint:
             notice(f"resuming {p.run.experiment}/{p.run_id} from step {checkpoint['step']:,} "
                    f"of {p.run.steps:,} (its last checkpoint)")
         ready.append((p, checkpoint))
+    if options.executor == "ray":
+        from bnexp import ray_executor
+
+        ray_executor.execute_batches(batches(ready), out, data_dir, fail_fast, progress,
+                                     outcomes, report, options, notice, options.address)
+        return
     _execute_batches(ready, out, splits, fail_fast, progress, outcomes, report, options)
 
 
@@ -243,7 +253,7 @@ def _set_aside(p: Planned) -> Outcome:
     return Outcome(p, "skipped")
 
 
-def _usable_checkpoint(folder: Path, p: Planned) -> dict | None:
+def usable_checkpoint(folder: Path, p: Planned) -> dict | None:
     """A checkpoint to resume from: population engine only, and not past the run's end.
 
     A checkpoint at the run's last step is used too: the run is then only evaluated and
@@ -280,21 +290,21 @@ def _disk_error(exc: BaseException) -> ResultsUnwritable | None:
 def _execute_batches(ready, out: Path, splits: dict[tuple[str, str], Split], fail_fast: bool,
                      progress: Progress | None, outcomes: list[Outcome], report,
                      options: TrainOptions) -> None:
-    for batch in _batches(ready):
+    for batch in batches(ready):
         try:
-            _execute_batch(batch, out, splits, progress, outcomes, report, options)
-        except _BatchFailed:
+            execute_batch(batch, out, splits, progress, outcomes, report, options)
+        except BatchFailed:
             if fail_fast:
                 return
 
 
-class _BatchFailed(Exception):
+class BatchFailed(Exception):
     """A population failed to train; its runs were recorded as failed."""
 
 
-def _execute_batch(batch, out: Path, splits, progress, outcomes: list[Outcome], report,
+def execute_batch(batch, out: Path, splits, progress, outcomes: list[Outcome], report,
                    options: TrainOptions) -> None:
-    """Train one population and write its runs; _BatchFailed where training failed."""
+    """Train one population and write its runs; BatchFailed where training failed."""
     first = batch[0][0]
     key = (first.run.dataset, str(first.device))
     try:
@@ -309,7 +319,7 @@ def _execute_batch(batch, out: Path, splits, progress, outcomes: list[Outcome], 
             results.write_failure(results.run_folder(out, p.run, str(p.device)), p.run, detail)
             outcomes.append(Outcome(p, "failed", error=detail))
             report(outcomes[-1])
-        raise _BatchFailed from None
+        raise BatchFailed from None
     for (p, _), result in zip(batch, trained):
         found = run_analyses(result, splits[key])
         folder = results.write_run(out, result, found, draw=plots.plot_run)

@@ -79,9 +79,9 @@ class Interrupted(Exception):
     """Training stopped on request (Ctrl-C) at an evaluation step; checkpoints for that step
     were handed to on_checkpoint first where the engine keeps them."""
 
-    def __init__(self, step: int, checkpointed: bool):
-        super().__init__(f"interrupted at step {step:,}")
-        self.step, self.checkpointed = step, checkpointed
+    def __init__(self, step: int | None, checkpointed: bool):
+        super().__init__("interrupted" + (f" at step {step:,}" if step is not None else ""))
+        self.step, self.checkpointed = step, checkpointed  # step None: several, not known
 
 
 def eval_blocks(steps: int, eval_every: int) -> list[int]:

@@ -1,0 +1,145 @@
+"""Populations as Ray tasks: a sweep spread over the CPUs and GPUs of a Ray cluster.
+
+The driver (the `bnexp sweep` process) plans, locks every run folder it will train, and
+submits one task per population; each task loads its data, resumes every run of its
+population from the checkpoints on disk, trains, and writes the run folders with the same
+atomic writes as a local sweep. The results folder must be one every node sees (a shared
+filesystem): it is the single source of truth. A worker killed mid-task is retried by Ray
+(MAX_RETRIES), and the retry resumes from the last checkpoint the killed attempt wrote; a
+driver killed and started again skips what finished and resumes the rest.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+INSTALL_HINT = "pip install 'bnexp[ray]'"
+MAX_RETRIES = 3  # attempts after a worker process dies (a task that raises is not retried)
+# A population of this many networks or more asks for a whole GPU; smaller ones a fraction
+# (several share a GPU), never below MIN_GPU_FRACTION.
+GPU_NETWORKS = 1024
+MIN_GPU_FRACTION = 0.125
+
+
+def available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
+
+
+def resources(networks: int, device: str, cluster_gpus: float) -> dict[str, float]:
+    """What a population's task asks Ray for: a GPU share by its size, or one CPU."""
+    if device.startswith("cuda") and cluster_gpus > 0:
+        share = min(1.0, max(MIN_GPU_FRACTION, networks / GPU_NETWORKS))
+        return {"num_gpus": share, "num_cpus": 1}
+    return {"num_cpus": 1}
+
+
+@functools.cache
+def _split(dataset: str, data_dir: str, device: str):
+    import torch
+
+    from bnexp.data import load_split
+
+    return load_split(dataset, Path(data_dir), torch.device(device))
+
+
+def train_population_task(planned: list, out: str, data_dir: str, compile_step: bool,
+                          tensorboard: bool) -> list:
+    """In a Ray worker: train one population's runs from their checkpoints on disk (a retry
+    resumes where the killed attempt left off) and write them; their Outcomes."""
+    import torch
+
+    from bnexp import sweep
+
+    torch.set_num_threads(1)  # one CPU per task, as asked of Ray
+    root = Path(out)
+    folders = [sweep.results.run_folder(root, p.run, str(p.device)) for p in planned]
+    for folder in folders:  # the driver holds the locks: only a dead attempt left these
+        sweep.results.remove_stale_temp_files(folder)
+    ready = [(p, sweep.usable_checkpoint(folder, p)) for p, folder in zip(planned, folders)]
+    first = planned[0]
+    splits = {(first.run.dataset, str(first.device)):
+              _split(first.run.dataset, data_dir, str(first.device))}
+    outcomes: list = []
+    options = sweep.TrainOptions(compile_step=compile_step, tensorboard=tensorboard)
+    for batch in sweep.batches(ready):  # checkpoints of one population share a step
+        try:
+            sweep.execute_batch(batch, root, splits, None, outcomes, lambda o: None, options)
+        except sweep.BatchFailed:
+            pass
+    for outcome in outcomes:  # states are for analyses, already written: keep replies small
+        if outcome.result is not None:
+            for model in outcome.result.models:
+                model.state = None
+    return outcomes
+
+
+def execute_batches(batches: list, out: Path, data_dir: Path, fail_fast: bool, progress,
+                    outcomes: list, report: Callable, options, notice: Callable[[str], None],
+                    address: str | None) -> None:
+    """Run every population as a Ray task (see the module's docstring); outcomes in order of
+    completion. Ctrl-C (options.stop) cancels what has not finished: its checkpoints stay."""
+    import ray
+
+    from bnexp import sweep
+    from bnexp.engine.common import Interrupted
+
+    started = time.perf_counter()
+    ray.init(address=address, include_dashboard=False, log_to_driver=False,
+             ignore_reinit_error=True, configure_logging=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    notice(f"ray: connected in {time.perf_counter() - started:.1f} s "
+           f"({ray.cluster_resources().get('CPU', 0):g} CPUs, "
+           f"{ray.cluster_resources().get('GPU', 0):g} GPUs)")
+    task = ray.remote(max_retries=MAX_RETRIES)(train_population_task)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    pending: dict = {}
+    for batch in batches:
+        planned = [p for p, _ in batch]
+        networks = sum(len(p.run.batch_norm) for p in planned)
+        ref = task.options(**resources(networks, str(planned[0].device), gpus)).remote(
+            planned, str(out), str(data_dir), options.compile_step, options.tensorboard)
+        pending[ref] = (planned, networks * planned[0].run.steps)
+    total, finished = len(pending), 0
+    while pending:
+        if options.stop is not None and options.stop.is_set():
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise Interrupted(None, checkpointed=True)
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+        for ref in done:
+            planned, work = pending.pop(ref)
+            finished += 1
+            failed = _collect(ref, planned, out, outcomes, report, sweep)
+            if progress:
+                progress(work)
+            notice(f"ray: population {finished}/{total} {'failed' if failed else 'done'} "
+                   f"({len(planned)} run(s)); {len(pending)} queued or running")
+            if failed and fail_fast:
+                for other in pending:
+                    ray.cancel(other, force=True)
+                return
+
+
+def _collect(ref, planned: list, out: Path, outcomes: list, report, sweep) -> bool:
+    """The task's outcomes into outcomes (a task that died: its runs failed); any failed?"""
+    import ray
+
+    try:
+        found = ray.get(ref)
+    except Exception as exc:  # the task raised, or died more often than Ray retries
+        detail = traceback.format_exception_only(type(exc), exc)[-1].strip()[:500]
+        found = []
+        for p in planned:
+            sweep.results.write_failure(sweep.results.run_folder(out, p.run, str(p.device)),
+                                        p.run, detail)
+            found.append(sweep.Outcome(p, "failed", error=detail))
+    for outcome in found:
+        outcomes.append(outcome)
+        report(outcome)
+    return any(o.status == "failed" for o in found)

@@ -1,0 +1,137 @@
+"""`sweep --executor ray` against a real Ray cluster on this machine (loopback only).
+
+Skipped without the `ray` extra, and in parallel test workers (make test-threads): one
+cluster at a time on a small machine.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import results_of
+from typer.testing import CliRunner
+
+from bnexp.cli import app
+
+pytest.importorskip("ray")
+pytestmark = pytest.mark.skipif("PYTEST_XDIST_WORKER" in os.environ,
+                                reason="one Ray cluster at a time: not in parallel workers")
+
+# Three populations (batch sizes) of two runs each, a checkpoint every 100 steps.
+GRID = ("name: r\nsteps: 400\neval_every: 100\ncheckpoint_every: 100\ndevice: cpu\n"
+        "grid:\n  lr: [0.05, 0.5]\n  batch_size: [40, 50, 60]\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_mnist):
+    port = free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "BNEXP_DATA_DIR": str(tiny_mnist)}
+    ray = [sys.executable, "-m", "ray.scripts.scripts"]
+    subprocess.run([*ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+                    "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, env=env, capture_output=True)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([*ray, "stop", "--force"], env=env, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("grid") / "r.yaml"
+    path.write_text(GRID)
+    return path
+
+
+@pytest.fixture(scope="module")
+def local(grid, tiny_mnist, tmp_path_factory) -> dict:
+    """The same grid swept by the local executor: what every Ray sweep must reproduce."""
+    out = tmp_path_factory.mktemp("local")
+    result = CliRunner().invoke(app, ["sweep", str(grid), "--out", str(out), "--data-dir",
+                                      str(tiny_mnist)])
+    assert result.exit_code == 0, result.output
+    found = results_of(out)
+    assert len(found) == 6
+    return found
+
+
+def ray_sweep(grid: Path, out: Path, address: str, tiny_mnist: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bnexp", "sweep", str(grid), "--out", str(out), "--executor",
+         "ray", "--address", address], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "BNEXP_DATA_DIR": str(tiny_mnist), "RAY_USAGE_STATS_ENABLED": "0"})
+
+
+def wait_until(condition, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.05)
+
+
+def test_ray_sweep_equals_the_local_one(cluster, grid, local, tiny_mnist, tmp_path):
+    proc = ray_sweep(grid, tmp_path / "ray", cluster, tiny_mnist)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+    assert "6 done, 0 skipped, 0 failed" in stdout.decode()
+    assert "ray: population 3/3 done" in stderr.decode()
+    assert results_of(tmp_path / "ray") == local
+
+
+def task_pids() -> list[int]:
+    """Ray workers executing a population (Ray titles them ray::<function>)."""
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines()
+            if "ray::train_population_task" in line and "IDLE" not in line]
+
+
+def test_a_killed_worker_is_retried_and_resumes(cluster, grid, local, tiny_mnist, tmp_path):
+    out = tmp_path / "ray"
+    proc = ray_sweep(grid, out, cluster, tiny_mnist)
+    wait_until(lambda: any(out.rglob("checkpoint.pt")) and task_pids())
+    killed = task_pids()[0]
+    os.kill(killed, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+    assert results_of(out) == local, "resumed from its checkpoint to the same bytes"
+
+
+def test_a_killed_driver_resumes_on_the_next_sweep(cluster, grid, local, tiny_mnist, tmp_path):
+    out = tmp_path / "ray"
+    proc = ray_sweep(grid, out, cluster, tiny_mnist)
+    wait_until(lambda: any(out.rglob("checkpoint.pt")))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    again = ray_sweep(grid, out, cluster, tiny_mnist)
+    stdout, stderr = again.communicate(timeout=300)
+    assert again.returncode == 0, stderr.decode()[-2000:]
+    assert results_of(out) == local
+
+
+def test_executor_errors_are_one_line(tmp_path, monkeypatch):
+    from bnexp import ray_executor
+
+    path = tmp_path / "e.yaml"
+    path.write_text("name: e\n")
+    runner = CliRunner()
+    bad = runner.invoke(app, ["sweep", str(path), "--executor", "dask"])
+    assert bad.exit_code == 2
+    assert bad.stderr.strip() == "error: --executor dask: expected local or ray"
+    alone = runner.invoke(app, ["sweep", str(path), "--address", "auto"])
+    assert alone.stderr.strip() == "error: --address auto: only with --executor ray"
+    monkeypatch.setattr(ray_executor, "available", lambda: False)
+    missing = runner.invoke(app, ["sweep", str(path), "--executor", "ray"])
+    assert missing.exit_code == 2
+    assert missing.stderr.strip() == ("error: --executor ray: ray is not installed "
+                                      "(pip install 'bnexp[ray]')")
