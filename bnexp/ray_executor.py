@@ -89,6 +89,8 @@ def execute_batches(batches: list, out: Path, data_dir: Path, fail_fast: bool, p
     from bnexp import sweep
     from bnexp.engine.common import Interrupted
 
+    if not batches:
+        return
     started = time.perf_counter()
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
              ignore_reinit_error=True, configure_logging=False,
