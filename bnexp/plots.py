@@ -30,7 +30,7 @@ def plot_run(folder: Path) -> Path:
     ax = axes[0][0]
     for name, curve in curves.items():
         _curve(ax, curve["step"], curve["val_acc"], LABELS.get(name, name),
-               _diverged_at(curve))
+               diverged_at(curve))
     split = "Test" if config.get("eval_split") == "test" else "Validation"
     ax.set_ylim(0, 1)
     ax.set_xlabel("Training steps")
@@ -57,7 +57,7 @@ def plot_run(folder: Path) -> Path:
     return _save(fig, folder / "curves.png")
 
 
-def _diverged_at(curve: dict) -> int | None:
+def diverged_at(curve: dict) -> int | None:
     """The first evaluation step whose mean loss since the last one is not finite."""
     for step, loss in zip(curve["step"], curve["train_loss"]):
         if step > 0 and not math.isfinite(loss):
@@ -109,7 +109,8 @@ def plot_seed_bands(curves: dict[str, list[tuple[list[int], list[float]]]], titl
                     path: Path) -> Path:
     """Median validation accuracy over seeds per variant, with the inter-quartile band.
 
-    curves maps a variant to one (steps, accuracies) pair per seed; seeds share steps.
+    curves maps a variant to one (steps, accuracies[, diverged step or None]) per seed;
+    seeds share steps. A cross marks the first divergence among the seeds.
     """
     fig, ax = plt.subplots(figsize=(9, 4.5))
     _bands(ax, curves)
@@ -129,9 +130,19 @@ def _bands(ax, curves: dict[str, list[tuple[list[int], list[float]]]],
 
     for name, per_seed in curves.items():
         steps = per_seed[0][0]
-        accs = np.array([acc for _, acc in per_seed])
+        accs = np.array([seed[1] for seed in per_seed])
         label = LABELS.get(name, name) + (" (median)" if len(per_seed) > 1 else "")
-        line = _curve(ax, steps, list(np.median(accs, axis=0)), label if legend else None)
+        median = list(np.median(accs, axis=0))
+        line = _curve(ax, steps, median, label if legend else None)
+        diverged = [seed[2] for seed in per_seed if len(seed) > 2 and seed[2] is not None]
+        if diverged:
+            first = min(diverged)
+            y = median[steps.index(first)] if first in steps else 0.0
+            ax.plot([first], [y if math.isfinite(y) else 0.0], marker="x", markersize=10,
+                    markeredgewidth=2, color=line.get_color(), linestyle="none",
+                    label=(f"{SHORT_LABELS.get(name, name)}: diverged in {len(diverged)} of "
+                           f"{len(per_seed)} seed(s), first by step {first:,}")
+                    if legend else None)
         if len(per_seed) > 1:
             lo, hi = np.percentile(accs, [25, 75], axis=0)
             ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.25, linewidth=0,
@@ -157,7 +168,15 @@ def plot_small_multiples(panels: list[tuple[str, dict]], columns: int, title: st
         ax.set_ylabel("Validation accuracy")
     for ax in axes[-1]:
         ax.set_xlabel("Training steps")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    # one legend for all panels: the curves and bands (alike in every panel), and what a
+    # cross means (each panel's own divergence labels would be another panel's story)
+    pairs = [(h, lab) for h, lab in zip(*axes.flat[0].get_legend_handles_labels())
+             if "diverged" not in lab]
+    if any("diverged" in lab for ax in axes.flat for lab in ax.get_legend_handles_labels()[1]):
+        cross = plt.Line2D([], [], marker="x", markeredgewidth=2, color="gray",
+                           linestyle="none")
+        pairs.append((cross, "first divergence among the seeds"))
+    handles, labels = zip(*pairs)
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8,
                frameon=False)
     fig.suptitle(title)

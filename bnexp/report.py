@@ -135,7 +135,8 @@ def captioned_figures(experiment_dir: Path, cells: list[Cell] | None = None,
         [(c.label, curves[c.key]) for c in cells], _columns(cells),
         f"{experiment_dir.name}: validation accuracy, {steps}, {seeds}", out / "paper")
     figures = [(paper[0], f"Validation accuracy during training, one panel per grid cell "
-                          f"({steps}, {seeds}; the same y-scale in every panel). {band}. "
+                          f"({steps}, {seeds}; the same y-scale in every panel). {band}; "
+                          "crosses mark the first divergence among a cell's seeds. "
                           f"Also as {paper[1].name} (vector).")]
     variants = sorted({v for c in cells for v in c.variants}, key=VARIANT_ORDER.index)
     values = [[c.stats[v].median_test if v in c.stats else math.nan for v in variants]
@@ -150,7 +151,8 @@ def captioned_figures(experiment_dir: Path, cells: list[Cell] | None = None,
         title = f"{cell.label}\n{_steps_text(cell)}, {n} seed{'s' * (n > 1)}"
         path = plots.plot_seed_bands(curves[cell.key], title, out / f"curves-{cell.slug}.png")
         figures.append((path, f"{cell.label}: validation accuracy during training "
-                              f"({_steps_text(cell)}, {n} seed{'s' * (n > 1)}). {band}."))
+                              f"({_steps_text(cell)}, {n} seed{'s' * (n > 1)}). {band}; a "
+                              "cross marks the first divergence among the seeds."))
     if "batch_size" in cells[0].varying:
         figures += _batch_size_figures(cells, out)
     return figures
@@ -160,7 +162,8 @@ def _cell_curves(cell: Cell) -> dict[str, list]:
     curves: dict[str, list] = {}
     for folder in sorted(cell.folders):
         for name, curve in read_metrics(folder).items():
-            curves.setdefault(name, []).append((curve["step"], curve["val_acc"]))
+            curves.setdefault(name, []).append((curve["step"], curve["val_acc"],
+                                                plots.diverged_at(curve)))
     return curves
 
 

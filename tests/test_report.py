@@ -93,3 +93,19 @@ def test_html_is_valid_and_self_contained(experiment):
 def test_report_without_runs_is_a_clean_error(tmp_path):
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "no finished runs" in result.stderr
+
+
+def test_divergence_is_marked_in_seed_bands_and_small_multiples(tmp_path):
+    from bnexp import plots
+
+    steps = [0, 10, 20]
+    curves = {"plain": [(steps, [0.1, 0.5, 0.6], None), (steps, [0.1, 0.1, 0.1], 20)],
+              "bn": [(steps, [0.1, 0.8, 0.9], None), (steps, [0.1, 0.7, 0.9], None)]}
+    assert plots.diverged_at({"step": steps, "train_loss": [float("nan"), 1.0, float("inf")]}
+                             ) == 20, "a NaN before the first step is no divergence"
+    path = plots.plot_seed_bands(curves, "t", tmp_path / "bands.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    png, svg = plots.plot_small_multiples([("a", curves), ("b", curves)], 2, "t",
+                                          tmp_path / "paper")
+    assert "first divergence among the seeds" in svg.read_text()
+    assert png.read_bytes()[:4] == b"\x89PNG"
