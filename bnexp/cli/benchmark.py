@@ -1,0 +1,137 @@
+"""`bnexp bench`: the engine's speed, compile time and operators per step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from bnexp import config as cfg
+from bnexp.cli.common import (
+    CompileOption,
+    DataDirOption,
+    app,
+    err_console,
+    fail,
+    load_runs,
+    out_console,
+)
+
+
+def _model_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        fail([f"--models {text}: expected positive integers separated by commas, e.g. 2,32,256"])
+    return counts
+
+
+@app.command()
+def bench(
+    device: Annotated[str, typer.Option(
+        "--device", metavar="NAME", help="auto | cpu | cuda.")] = "auto",
+    models: Annotated[str | None, typer.Option(
+        "--models", metavar="M,M,...",
+        help="Population sizes, comma-separated (default 2,32,256 on CPU, "
+        "2,32,256,1024 on CUDA).")] = None,
+    steps: Annotated[int | None, typer.Option(
+        "--steps", metavar="N", min=1,
+        help="Population steps per size (default 300 CPU, 3000 CUDA).")] = None,
+    reference_steps: Annotated[int, typer.Option(
+        "--reference-steps", metavar="N", min=1,
+        help="Steps per network of the reference loop.")] = 300,
+    grid: Annotated[Path | None, typer.Option(
+        "--grid", metavar="FILE",
+        help="Also time this whole grid file through the population engine "
+        "(real data where found, else random data).")] = None,
+    grid_seeds: Annotated[int | None, typer.Option(
+        "--grid-seeds", metavar="N", min=1, max=1000,
+        help="Repeat the --grid file's comparisons with N "
+        "seeds (they train in one population).")] = None,
+    cuda_graph: Annotated[bool, typer.Option(
+        "--cuda-graph/--no-cuda-graph", help="Capture the CUDA step as a graph.")] = True,
+    compile_step: CompileOption = False,
+    out: Annotated[Path | None, typer.Option(
+        "--out", metavar="PATH",
+        help="JSON file (default results/bench/bench-<time>.json).")] = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Measure network-steps/s of the population engine against the one-at-a-time loop,
+    compile time, and the operators one training step of the lesson population dispatches."""
+    import json
+
+    from bnexp import bench as bench_mod
+    from bnexp.data import DataError, load_split, resolve_data_dir
+    from bnexp.engine import resolve_device
+    from bnexp.results import atomic_write
+
+    if device not in cfg.DEVICES:
+        fail([f"--device {device}: expected one of {', '.join(cfg.DEVICES)}"])
+    try:
+        dev = resolve_device(device)
+    except cfg.ConfigError as exc:
+        fail(exc.problems)
+    cuda = dev.type == "cuda"
+    if compile_step and not cuda:
+        fail(["--compile: only CUDA training steps are compiled (this bench runs on the CPU)"])
+    counts = _model_counts(models or ("2,32,256,1024" if cuda else "2,32,256"))
+    n_steps = steps or (3000 if cuda else 300)
+    grid_runs = load_runs([grid], [f"device={dev.type}"], grid_seeds) if grid else []
+    split = bench_mod.random_split(dev)
+    rows = []
+    with err_console.status("reference loop (one network at a time)..."):
+        reference = bench_mod.bench_reference(split, dev, reference_steps)
+    rows.append(reference)
+    for m in counts:
+        with err_console.status(f"population engine, {m} networks..."):
+            rows.append(bench_mod.bench_population(
+                split, dev, m, n_steps, reference, cuda_graph, compile_step))
+    with err_console.status("operators per training step..."):
+        ops = bench_mod.ops_per_step(split, dev)
+    grid_record = None
+    if grid_runs:
+        try:
+            grid_split, source = load_split(grid_runs[0].dataset, resolve_data_dir(data_dir),
+                                            dev), "real data"
+        except DataError:
+            grid_split, source = split, "random data"
+        with err_console.status(f"grid {grid} ({len(grid_runs)} runs, {source})..."):
+            grid_record = bench_mod.bench_grid(grid_runs, grid_split, dev, compile_step)
+        grid_record.update(file=str(grid), data=source)
+    out_console.print(_bench_table(rows))
+    kernels = (f"; CUDA kernels: {ops['cuda_kernels_eager']} eager, "
+               f"{ops['cuda_kernels_compiled']} compiled ({ops['compile_s']:.1f} s to compile)"
+               if "cuda_kernels_compiled" in ops else "")
+    out_console.print(f"one training step of the lesson population ({ops['networks']} "
+                      f"networks): {ops['aten_ops']} aten operators dispatched "
+                      f"({ops['aten_ops_without_views']} without views){kernels}",
+                      highlight=False)
+    if grid_record:
+        out_console.print(
+            f"grid {grid}: {grid_record['networks']} networks x {grid_record['steps']:,} steps "
+            f"({grid_record['data']}): {grid_record['train_time_s']:.1f} s training, "
+            f"{grid_record['wall_time_s']:.1f} s wall with evaluation every "
+            f"{grid_record['eval_every']} steps; {grid_record['populations']} population(s), "
+            f"{grid_record['seeds']} seed(s), {grid_record['compile_time_s']:.1f} s compiling, "
+            f"{', '.join(grid_record['execution'])}", highlight=False)
+    path = out or bench_mod.default_out(Path("results"))
+    atomic_write(path, json.dumps(bench_mod.as_record(rows, dev, grid_record, ops), indent=2))
+    out_console.print(f"written {path}")
+
+
+def _bench_table(rows: list) -> Table:
+    table = Table(title="bnexp bench")
+    for column in ("engine", "device", "M", "steps/s", "network-steps/s", "ratio",
+                   "peak memory", "compile", "note"):
+        table.add_column(column, justify="left" if column in ("engine", "device", "note")
+                         else "right", overflow="fold")
+    for r in rows:
+        memory = f"{r.peak_memory_mib:,.0f} MiB" + (" RSS" if r.device == "cpu" else "")
+        table.add_row(r.engine, r.device, str(r.models), f"{r.steps_per_s:,.0f}",
+                      f"{r.network_steps_per_s:,.0f}", f"{r.ratio:.1f}x" if r.ratio else "-",
+                      memory, f"{r.compile_s:.1f} s" if r.compile_s else "-", r.note)
+    return table

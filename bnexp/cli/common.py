@@ -1,0 +1,178 @@
+"""What every command shares: the Typer app, consoles, options, input checks, run loading."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from bnexp import config as cfg
+
+# torch, matplotlib and the modules that use them are imported inside the commands that need
+# them, so that --help, validate, runs and completion start in a fraction of a second.
+if TYPE_CHECKING:
+    pass
+
+app = typer.Typer(
+    help="Paired Batch Normalization experiments: YAML grids in, curves and tables out.",
+    no_args_is_help=True,
+    add_completion=True,
+    rich_markup_mode=None,  # plain help: flags without type labels such as <bool>
+    pretty_exceptions_enable=False,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        import bnexp
+
+        out_console.print(f"bnexp {bnexp.__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool | None, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Show the version and exit.")] = None,
+          ) -> None:
+    """Paired Batch Normalization experiments: YAML grids in, curves and tables out."""
+
+DEFAULT_GRID = Path("experiments/lesson_grid.yaml")
+
+OutOption = Annotated[Path, typer.Option("--out", metavar="PATH", help="Results folder.")]
+DataDirOption = Annotated[Path | None, typer.Option(
+    "--data-dir", metavar="DIR", help="Dataset folder (else $BNEXP_DATA_DIR, else ./data).")]
+DeviceOption = Annotated[str | None, typer.Option(
+    "--device", metavar="NAME", help="auto | cpu | cuda (overrides the file).")]
+YesOption = Annotated[bool, typer.Option(
+    "--yes", help=f"Allow grids of more than {cfg.LARGE_GRID_RUNS:,} runs.")]
+SetOption = Annotated[list[str] | None, typer.Option(
+    "--set", metavar="KEY=VALUE",
+    help="Override a setting (YAML value); repeatable, e.g. --set lr=0.5.")]
+ThreadsOption = Annotated[int | None, typer.Option(
+    "--threads", metavar="N", min=1, max=1024,
+    help="CPU threads (default: torch's, i.e. $OMP_NUM_THREADS "
+    "or all cores). Results are the same bytes for any count; only the time changes.")]
+TensorBoardOption = Annotated[bool, typer.Option(
+    "--tensorboard", help="Also write TensorBoard events (per-model scalars at every "
+    "evaluation, the settings in the HParams view) into each run folder's tb/; view with "
+    "`tensorboard --logdir results`. Needs the optional extra: pip install "
+    "'bnexp[tensorboard]'.")]
+CompileOption = Annotated[bool, typer.Option(
+    "--compile", help="CUDA: compile each population's training step with torch.compile "
+    "before capturing it as a CUDA graph: several times faster on large grids, but the "
+    "compiled kernels depend on the population's size, so a run's last digits then depend on "
+    "which runs shared its population (recorded as execution: compiled+cuda-graph). Off by "
+    "default; populations mixing kinds of normaliser or clipping stay uncompiled.")]
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def check_compile(compile_step: bool | None, planned: list) -> None:
+    """--compile is an error where no run trains on CUDA: it could not take effect."""
+    if compile_step and not any(p.device.type == "cuda" for p in planned):
+        fail(["--compile: only CUDA training steps are compiled; these runs train on the "
+              "CPU (use --device cuda on a machine with a GPU)"])
+
+
+def check_executor(executor: str, address: str | None) -> None:
+    from bnexp import ray_executor
+
+    if executor not in ("local", "ray"):
+        fail([f"--executor {executor}: expected local or ray"])
+    if executor == "ray" and not ray_executor.available():
+        fail([f"--executor ray: ray is not installed ({ray_executor.INSTALL_HINT})"])
+    if address is not None and executor != "ray":
+        fail([f"--address {address}: only with --executor ray"])
+
+
+def check_tensorboard(wanted: bool) -> None:
+    from bnexp import tensorboard_log
+
+    if wanted and not tensorboard_log.available():
+        fail(["--tensorboard: the tensorboard package is not installed "
+              f"({tensorboard_log.INSTALL_HINT})"])
+
+
+def fail(lines: list[str]) -> None:
+    """Report input problems on stderr, one line each, and exit with code 2."""
+    for line in lines:
+        err_console.print(f"error: {line}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def overrides(sets: list[str] | None, **named: object) -> list[str]:
+    extra = [f"{key}={value}" for key, value in named.items() if value is not None]
+    return list(sets or []) + extra
+
+
+def labels(**named: object) -> dict[str, str]:
+    """How the named options appear in error messages: "steps=5" -> "--steps 5"."""
+    return {f"{key}={value}": f"--{key} {value}" for key, value in named.items()
+            if value is not None}
+
+
+def load_runs(files: list[Path], overrides: list[str], seeds: int | None = None,
+               allow_large: bool = False, labels: dict[str, str] | None = None,
+               ) -> list[cfg.RunConfig]:
+    """Load, validate and expand every file, reporting all problems of all files at once."""
+    runs, problems = [], []
+    for path in files:
+        try:
+            runs.extend(cfg.expand_grid(cfg.load_spec(path, overrides, allow_large, seeds,
+                                                      labels)))
+        except cfg.ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        fail(list(dict.fromkeys(problems)))  # an override's problem once, not once per file
+    return runs
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=err_console, transient=False,
+    )
+
+
+def check_writable(out: Path, experiments: set[str]) -> None:
+    """Fail early, before any training and without creating anything, where results cannot
+    be written: the results folder and each experiment's folder that exists already."""
+    problems = []
+    for folder in [out] + [out / name for name in sorted(experiments)]:
+        if folder.exists() and not folder.is_dir():
+            problems.append(f"{folder}: is a file, not a folder; move it away")
+        elif folder.is_dir():
+            try:  # a name of its own: sweeps starting together must not remove each other's
+                with tempfile.NamedTemporaryFile(dir=folder, prefix=".bnexp-write-test-"):
+                    pass
+            except OSError as exc:
+                problems.append(f"{folder}: results folder is not writable "
+                                f"({exc.strerror or exc})")
+        elif folder == out:
+            parent = next(p for p in [out, *out.parents] if p.exists())
+            if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+                problems.append(f"{out}: results folder is not writable (cannot create it "
+                                f"in {parent})")
+    if problems:
+        fail(problems)

@@ -1,0 +1,333 @@
+"""`bnexp run` and `bnexp sweep`: plan, train, write, report what happened."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from bnexp import config as cfg
+from bnexp.cli.common import (
+    DEFAULT_GRID,
+    CompileOption,
+    DataDirOption,
+    DeviceOption,
+    OutOption,
+    SetOption,
+    TensorBoardOption,
+    ThreadsOption,
+    YesOption,
+    app,
+    check_compile,
+    check_executor,
+    check_tensorboard,
+    check_writable,
+    err_console,
+    fail,
+    labels,
+    load_runs,
+    out_console,
+    overrides,
+    progress_bar,
+    set_threads,
+)
+
+if TYPE_CHECKING:
+    from bnexp import sweep
+
+def _execute(planned: list[sweep.Planned], out: Path, data_dir: Path | None, label: str,
+             force: bool = False, fail_fast: bool = False, retry_failed: bool = False,
+             compile_step: bool = False, tensorboard: bool = False,
+             executor: str = "local", address: str | None = None) -> list[sweep.Outcome]:
+    from bnexp import sweep
+    from bnexp.data import DataError, resolve_data_dir
+    from bnexp.engine.common import Interrupted
+
+    todo = sweep.to_train(planned, force, retry_failed)
+    folder = resolve_data_dir(data_dir)
+    try:  # loaded here once to fail cleanly before any progress output; cached below
+        splits = sweep.load_data(todo, folder)
+    except DataError as exc:
+        fail([str(exc)])
+    check_writable(out, {p.run.experiment for p in planned})
+    with progress_bar() as progress:
+        task = progress.add_task(label, total=max(sweep.network_steps(todo), 1), rate="")
+
+        def advance(n: int) -> None:
+            progress.advance(task, n)
+            speed = progress.tasks[task].speed
+            if speed:
+                progress.update(task, rate=f"{speed:,.0f} net-steps/s")
+
+        def notice(text: str) -> None:
+            progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+        options = sweep.TrainOptions(compile_step, threading.Event(), tensorboard, executor,
+                                     address)
+        try:
+            with _stop_on_ctrl_c(options.stop, notice):
+                return sweep.execute(planned, out, folder, force=force,
+                                     retry_failed=retry_failed, fail_fast=fail_fast,
+                                     progress=advance, splits=splits, on_notice=notice,
+                                     options=options)
+        except sweep.ResultsUnwritable as exc:
+            progress.stop()
+            fail([str(exc)])
+        except Interrupted as exc:
+            progress.stop()
+            kept = ("its checkpoint is written" if exc.checkpointed else
+                    "the reference engine keeps no checkpoint: that run starts over")
+            if exc.step is None:  # Ray: populations were cancelled wherever they were
+                kept = "cancelled populations keep their last checkpoints"
+            where = f"interrupted at step {exc.step:,}" if exc.step is not None else "interrupted"
+            err_console.print(f"{where}: {kept}; finished runs are kept. Run the same command "
+                              "again to resume.", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
+    raise AssertionError("unreachable")
+
+
+@contextmanager
+def _stop_on_ctrl_c(stop: threading.Event, notice) -> Iterator[None]:
+    """First Ctrl-C: set stop (training ends at its next evaluation, checkpointed); a second
+    Ctrl-C stops at once, as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def first(signum, frame) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        notice("Ctrl-C: stopping at the next evaluation to checkpoint it (Ctrl-C again "
+               "stops at once and loses the steps since the last checkpoint)")
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _accuracy_table(outcomes: list[sweep.Outcome]) -> Table:
+    table = Table(title="Final accuracy")
+    for column in ("run", "model", "val acc", "test acc", "diverged at"):
+        table.add_column(column, justify="left" if column in ("run", "model") else "right",
+                         overflow="fold")
+    for outcome in outcomes:
+        if outcome.result is None:
+            continue
+        for model in outcome.result.models:
+            diverged = "-" if model.diverged_step is None else f"step {model.diverged_step}"
+            table.add_row(outcome.planned.run_id, model.name, f"{model.final_val_acc:.4f}",
+                          f"{model.final_test_acc:.4f}", diverged)
+    return table
+
+
+@app.command()
+def run(
+    file: Annotated[Path, typer.Argument(help="Experiment YAML file.")],
+    device: DeviceOption = None,
+    engine: Annotated[str | None, typer.Option(
+        "--engine", metavar="NAME", help="population (default) | reference.")] = None,
+    steps: Annotated[int | None, typer.Option(
+        "--steps", metavar="N", help="Training steps.")] = None,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", metavar="S", help="Seed of weights and batches.")] = None,
+    out: OutOption = Path("results"),
+    data_dir: DataDirOption = None,
+    set_: SetOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Retrain runs already on disk.")] = False,
+    yes: YesOption = False,
+    threads: ThreadsOption = None,
+    compile_step: CompileOption = False,
+    tensorboard: TensorBoardOption = False,
+) -> None:
+    """Train the comparisons of one experiment file and write their results."""
+    set_threads(threads)
+    named = dict(device=device, engine=engine, steps=steps, seed=seed)
+    runs = load_runs([file], overrides(set_, **named), allow_large=yes, labels=labels(**named))
+    planned = _plan(runs, out)
+    check_compile(compile_step, planned)
+    check_tensorboard(tensorboard)
+    outcomes = _execute(planned, out, data_dir, f"{runs[0].experiment}", force=force,
+                        compile_step=compile_step, tensorboard=tensorboard)
+    for outcome in outcomes:
+        if outcome.status == "skipped":
+            err_console.print(f"skipped {outcome.planned.run_id}: already complete "
+                              "(use --force to retrain)")
+        elif outcome.status in NOT_TRAINED:
+            err_console.print(f"{outcome.status} {outcome.planned.run_id}: {outcome.error}",
+                              markup=False, highlight=False, soft_wrap=True)
+    if any(o.result for o in outcomes):
+        out_console.print(_accuracy_table(outcomes))
+    for outcome in outcomes:
+        for line in _analysis_lines(outcome.analyses or {}):
+            out_console.print(line, markup=False, highlight=False, soft_wrap=True)
+    out_console.print(f"results in {out / runs[0].experiment}")
+    if _report_failures(outcomes) or any(o.status in NOT_TRAINED for o in outcomes):
+        raise typer.Exit(1)
+
+
+# Runs asked for but neither trained nor found finished: the command did not do its job.
+NOT_TRAINED = ("locked", "mismatch", "damaged")
+
+
+def _report_failures(outcomes: list[sweep.Outcome]) -> int:
+    """One untruncated stderr line per failed run; returns how many failed."""
+    failed = [o for o in outcomes if o.status == "failed"]
+    for o in failed:
+        err_console.print(f"failed {o.planned.run.experiment}/{o.planned.run_id}: {o.error}",
+                          markup=False, highlight=False, soft_wrap=True)
+    return len(failed)
+
+
+def _analysis_lines(analyses: dict[str, dict]) -> list[str]:
+    modes = analyses.get("inference_modes")
+    if not modes:
+        return []
+    lines = [f"BN model, {modes['examples']} test images predicted one at a time:"]
+    for key, label in (("batch_statistics", "batch statistics (training mode)"),
+                       ("population_statistics", "population statistics (inference mode)")):
+        part = modes[key]
+        lines.append(f"  {label}: accuracy {part['accuracy']:.1%}")
+        lines.append("    predictions: " + " ".join(map(str, part["predictions"])))
+    full = modes["full_test_set"]
+    lines.append(f"  full test set as one batch: batch statistics "
+                 f"{full['batch_statistics_accuracy']:.1%}, population statistics "
+                 f"{full['population_statistics_accuracy']:.1%}")
+    return lines
+
+
+def _plan(runs: list[cfg.RunConfig], out: Path) -> list[sweep.Planned]:
+    from bnexp import sweep
+
+    try:
+        return sweep.plan(runs, out)
+    except cfg.ConfigError as exc:
+        fail(exc.problems)
+    raise AssertionError("unreachable")
+
+
+@app.command("sweep")
+def sweep_command(
+    files: Annotated[list[Path] | None, typer.Argument(
+        help=f"Experiment YAML files (default: {DEFAULT_GRID}).")] = None,
+    seeds: Annotated[int | None, typer.Option(
+        "--seeds", metavar="N", min=1, max=cfg.MAX_RUNS,
+        help="Repeat every comparison with N seeds (seed .. seed+N-1).")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="List the runs, train nothing.")] = False,
+    fail_fast: Annotated[bool, typer.Option(
+        "--fail-fast", help="Stop at the first failure.")] = False,
+    retry_failed: Annotated[bool, typer.Option(
+        "--retry-failed", help="Train only the runs whose last attempt failed.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Retrain every run, finished or damaged ones too.")] = False,
+    device: DeviceOption = None,
+    out: OutOption = Path("results"),
+    data_dir: DataDirOption = None,
+    set_: SetOption = None,
+    yes: YesOption = False,
+    threads: ThreadsOption = None,
+    compile_step: CompileOption = False,
+    tensorboard: TensorBoardOption = False,
+    executor: Annotated[str, typer.Option(
+        "--executor", metavar="NAME", help="local (default): populations one after another in "
+        "this process; ray: each population a Ray task on a Ray cluster (needs the optional "
+        "extra: pip install 'bnexp[ray]'; --out must be a folder every node sees).")] = "local",
+    address: Annotated[str | None, typer.Option(
+        "--address", metavar="ADDR", help="With --executor ray: the cluster to join (auto, or "
+        "host:port of `ray start --head`); without it a local Ray instance is started.")] = None,
+) -> None:
+    """Run whole grids: skip finished runs, resume interrupted ones from their checkpoints."""
+    set_threads(threads)
+    check_executor(executor, address)
+    runs = load_runs(files or [DEFAULT_GRID], overrides(set_, device=device), seeds,
+                      allow_large=yes, labels=labels(device=device))
+    planned = _plan(runs, out)
+    if dry_run:
+        _dry_run(planned, force, retry_failed, out)
+        return
+    check_compile(compile_step, planned)
+    check_tensorboard(tensorboard)
+    outcomes = _execute(planned, out, data_dir, "sweep", force=force, fail_fast=fail_fast,
+                        retry_failed=retry_failed, compile_step=compile_step,
+                        tensorboard=tensorboard, executor=executor, address=address)
+    table = Table(title="Sweep")
+    for column in ("experiment", "run", "status", "detail"):
+        table.add_column(column, overflow="fold")
+    for o in outcomes:
+        detail = o.error or (str(o.folder) if o.folder else "already complete")
+        table.add_row(o.planned.run.experiment, o.planned.run_id, o.status, detail)
+    out_console.print(table)
+    _report_failures(outcomes)
+    counts = {s: sum(o.status == s for o in outcomes)
+              for s in ("done", "skipped", "failed", "locked", "mismatch", "damaged")}
+    out_console.print(", ".join(f"{n} {s}" for s, n in counts.items() if n or s in
+                                ("done", "skipped", "failed")))
+    if counts["failed"] or any(counts[s] for s in NOT_TRAINED):
+        raise typer.Exit(1)
+
+
+def _dry_run(planned: list[sweep.Planned], force: bool, retry_failed: bool, out: Path,
+             ) -> None:
+    """The runs, what would happen to each, and the populations they would train in."""
+    from bnexp import sweep
+    from bnexp.engine import effective_engine
+
+    todo = sweep.to_train(planned, force, retry_failed)
+    where = sweep.populations(todo)
+    table = Table(title=f"{len(planned)} runs (dry run)")
+    for column in ("experiment", "run", "device", "engine", "population", "net-steps",
+                   "status"):
+        table.add_column(column, overflow="fold", no_wrap=column in ("net-steps", "status"),
+                         justify="right" if column == "net-steps" else "left")
+    for p in planned:
+        trains = id(p) in where
+        status = "would train" if trains else f"{p.status}, would skip"
+        group = "-"
+        if trains:
+            number, size = where[id(p)]
+            group = f"{number} ({size} networks)"
+        table.add_row(p.run.experiment, p.run_id, str(p.device), effective_engine(p.run),
+                      group, f"{p.run.steps * len(p.run.batch_norm):,}", status)
+    out_console.print(table)
+    out_console.print(_estimate(todo, where, out), highlight=False)
+    n_groups = len({number for number, _ in where.values()})
+    out_console.print(f"{len(todo)} run(s) to train in {n_groups} population(s), "
+                      f"{sweep.network_steps(todo):,} network-steps. Runs share a population "
+                      "when they differ only in seed (each seed reads its own batch stream), "
+                      "learning rate, activation, initial weights, normaliser (batch, layer or "
+                      "group norm, before or after the activation) or clipping; another "
+                      "dataset, batch size, step count, evaluation schedule or dtype needs its "
+                      "own, and runs with dropout or the hand-written BN layer, and ConvNets, "
+                      "train alone on the reference engine.",
+                      highlight=False)
+
+
+def _estimate(todo: list[sweep.Planned], where: dict, out: Path) -> str:
+    """How long training would take, from the newest bench record of the device."""
+    from bnexp import estimate
+    from bnexp.engine import effective_engine
+
+    if not todo:
+        return "nothing to train"
+    device = str(todo[0].device)
+    found = estimate.bench_rates(out / "bench", device)
+    if found is None:
+        return (f"no time estimate: no `bnexp bench` record for {device} in {out / 'bench'} "
+                f"(run `bnexp bench --device {device.split(':')[0]}` once to calibrate)")
+    path, population, reference = found
+    work: dict[int, tuple[int, int, bool]] = {}
+    for p in todo:
+        number, size = where[id(p)]
+        stacked = effective_engine(p.run) == "population"
+        work[number] = (size if stacked else len(p.run.batch_norm), p.run.steps, stacked)
+    total = estimate.seconds(list(work.values()), population, reference)
+    return (f"estimated training time: {estimate.describe(total)} on {device} (rates from "
+            f"{path}; evaluation, start-up and compiling not included)")

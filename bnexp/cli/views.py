@@ -1,0 +1,163 @@
+"""Commands that read what is on disk: validate, runs, plot, report, bn-check."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from bnexp import config as cfg
+from bnexp.cli.common import (
+    YesOption,
+    app,
+    err_console,
+    fail,
+    out_console,
+)
+
+
+@app.command()
+def validate(files: Annotated[list[Path], typer.Argument(help="Experiment YAML files.")],
+             yes: YesOption = False) -> None:
+    """Check experiment files without training; every problem is reported at once."""
+    problems = []
+    for path in files:
+        try:
+            n = len(cfg.expand_grid(cfg.load_spec(path, allow_large=yes)))
+            out_console.print(f"ok {path}: {n} run(s)", highlight=False)
+        except cfg.ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        fail(problems)
+
+
+@app.command()
+def runs(
+    root: Annotated[Path, typer.Argument(
+        help="Results folder, or one experiment's folder in it.")] = Path("results"),
+    where: Annotated[list[str] | None, typer.Option(
+        "--where", metavar="KEY=VALUE",
+        help="Only runs with KEY=VALUE (a setting, or status); repeatable, e.g. "
+        "--where activation=relu --where status=done.")] = None,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV on stdout instead of a table.")
+                      ] = False,
+) -> None:
+    """List the runs on disk: status (done, partial at step N, failed, damaged, mismatch),
+    the settings that vary between them, and their final accuracies."""
+    from bnexp import inventory
+
+    if not root.is_dir():
+        fail([f"{root}: no such results folder"])
+    conditions, problems = [], []
+    for text in where or []:
+        try:
+            key, value = cfg.parse_override(text)
+        except cfg.ConfigError:
+            problems.append(f"--where {text}: expected KEY=VALUE, e.g. --where lr=0.1")
+            continue
+        if ".".join(key) not in cfg.RunConfig.model_fields and key != ["status"]:
+            problems.append(f"--where {text}: {'.'.join(key)} is not a run setting")
+        conditions.append((".".join(key), value))
+    if problems:
+        fail(problems)
+    rows = [r for r in inventory.find_runs(root) if inventory.matches(r, conditions)]
+    if as_csv:
+        sys.stdout.write(inventory.as_csv(rows))
+        return
+    out_console.print(_runs_table(rows, inventory.varied_settings(rows),
+                                  inventory.model_names(rows), root))
+
+
+def _runs_table(rows: list, varied: list[str], models: list[str], root: Path) -> Table:
+    table = Table(title=f"runs under {root}: {len(rows)}")
+    for column in ("experiment", "run", "status", *varied, *[f"{m} val/test" for m in models]):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        accs = []
+        for m in models:
+            val, test = row.accuracies.get(m, (math.nan, math.nan))
+            accs.append("-" if math.isnan(val) else
+                        f"{val:.4f}" + ("" if math.isnan(test) else f" / {test:.4f}"))
+        table.add_row(row.experiment, row.run_id, row.status_text,
+                      *[str(row.config.get(k, "")) for k in varied], *accs)
+    return table
+
+
+@app.command()
+def plot(root: Annotated[Path, typer.Argument(help="Results folder to redraw.")] = Path("results"),
+         ) -> None:
+    """Redraw every figure under a results folder from the files on disk."""
+    from bnexp import plots, report
+    if not root.is_dir():
+        fail([f"{root}: no such results folder"])
+    try:
+        paths, damaged = plots.plot_tree(root)
+        experiments = {p.parent.parent for p in root.rglob("summary.json")
+                       if (p.parent / "config.yaml").is_file()}
+        for experiment in sorted(experiments):
+            paths += report.draw_figures(experiment)
+    except OSError as exc:
+        fail([f"{exc.filename or root}: cannot write a figure ({exc.strerror or exc})"])
+    _warn_damaged(damaged)
+    out_console.print(f"drew {len(paths)} figure(s) under {root}")
+
+
+def _warn_damaged(damaged: list[tuple[Path, str]]) -> None:
+    for folder, why in damaged:
+        err_console.print(f"damaged {folder}: {why}; left out (delete the folder, or rerun the "
+                          "sweep with --force, to train it again)", markup=False,
+                          highlight=False, soft_wrap=True)
+
+
+@app.command("report")
+def report_command(
+    experiment: Annotated[Path, typer.Argument(
+        help="An experiment folder, e.g. results/lesson_grid.")],
+) -> None:
+    """Write report.md and a self-contained report.html: statistics over seeds and figures."""
+    from bnexp import readback, report
+
+    if not experiment.is_dir():
+        fail([f"{experiment}: no such experiment folder"])
+    try:
+        md, page = report.write_report(experiment)
+    except FileNotFoundError as exc:
+        fail([str(exc)])
+    except OSError as exc:
+        fail([f"{exc.filename or experiment}: cannot write the report ({exc.strerror or exc})"])
+    _warn_damaged(readback.damaged_runs(experiment))
+    cells = report.collect_cells(experiment)
+    table = Table(title=f"{experiment.name}: comparison over seeds")
+    for column in report.TABLE_HEADER:
+        table.add_column(column, overflow="fold")
+    for row in report.table_rows(cells):
+        table.add_row(*row)
+    out_console.print(table)
+    out_console.print(f"written {md} and {page}")
+
+
+@app.command("bn-check")
+def bn_check(
+    batch: Annotated[int, typer.Option("--batch", min=2, help="Batch size.")] = 60,
+    features: Annotated[int, typer.Option("--features", min=1, help="Units.")] = 100,
+    steps: Annotated[int, typer.Option("--steps", metavar="N", min=1, help="Training steps.")] = 5,
+    decay: Annotated[float, typer.Option("--decay", min=0.0, max=1.0,
+                                         help="Running-average decay.")] = 0.99,
+) -> None:
+    """Show that the hand-written batch norm matches torch.nn.BatchNorm1d."""
+    from bnexp.analyses import compare_batch_norms
+
+    worst = compare_batch_norms(batch, features, steps, decay)
+    table = Table(title=f"ManualBatchNorm vs nn.BatchNorm1d ({steps} training steps)")
+    table.add_column("quantity")
+    table.add_column("largest |difference|", justify="right")
+    for key, value in worst.items():
+        table.add_row(key.replace("_", " "), f"{value:.2e}")
+    out_console.print(table)
+    if max(worst.values()) > 1e-4:
+        err_console.print(f"bn-check: differences up to {max(worst.values()):.2e} exceed 1e-4")
+        raise typer.Exit(1)
