@@ -107,8 +107,14 @@ def execute_batches(batches: list, out: Path, data_dir: Path, fail_fast: bool, p
         ref = task.options(**resources(networks, str(planned[0].device), gpus)).remote(
             planned, str(out), str(data_dir), options.compile_step, options.tensorboard)
         pending[ref] = (planned, networks * planned[0].run.steps)
-    total, finished = len(pending), 0
+    total, finished, shown = len(pending), 0, None
+    submitted = time.time()
     while pending:
+        running = sum(_started(planned, out, submitted) for planned, _ in pending.values())
+        counts = f"ray: {finished} done, {running} running, {len(pending) - running} queued"
+        if options.status and counts != shown:
+            options.status(counts)
+            shown = counts
         if options.stop is not None and options.stop.is_set():
             for ref in pending:
                 ray.cancel(ref, force=True)
@@ -126,6 +132,23 @@ def execute_batches(batches: list, out: Path, data_dir: Path, fail_fast: bool, p
                 for other in pending:
                     ray.cancel(other, force=True)
                 return
+    if options.status:
+        options.status(f"ray: {finished} done, 0 running, 0 queued")
+
+
+def _started(planned: list, out: Path, since: float) -> bool:
+    """Whether a population's task is training: it writes its runs' metrics.csv at its first
+    evaluation (or on resuming), so the shared folder itself shows it."""
+    from bnexp import results
+
+    for p in planned:
+        try:
+            path = results.run_folder(out, p.run, str(p.device)) / "metrics.csv"
+            if path.stat().st_mtime >= since:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _collect(ref, planned: list, out: Path, outcomes: list, report, sweep) -> bool:

@@ -121,6 +121,7 @@ class TrainOptions:
     tensorboard: bool = False  # also write TensorBoard events into each run folder's tb/
     executor: str = "local"  # or "ray": populations as Ray tasks (bnexp/ray_executor.py)
     address: str | None = None  # Ray: a cluster to join ("auto", "host:port"); else local
+    status: Callable[[str], None] | None = None  # Ray: "k done, m running, n queued" as it changes
 
 
 def _train(batch, split: Split, out: Path, progress: Progress | None,

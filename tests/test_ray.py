@@ -85,7 +85,9 @@ def test_ray_sweep_equals_the_local_one(cluster, grid, local, tiny_mnist, tmp_pa
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr.decode()[-2000:]
     assert "6 done, 0 skipped, 0 failed" in stdout.decode()
-    assert "ray: population 3/3 done" in stderr.decode()
+    text = " ".join(stderr.decode().split())
+    assert "ray: population 3/3 done" in text
+    assert "ray: 3 done, 0 running, 0 queued" in text, "the progress view's last state"
     assert results_of(tmp_path / "ray") == local
 
 

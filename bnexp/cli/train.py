@@ -68,8 +68,11 @@ def _execute(planned: list[sweep.Planned], out: Path, data_dir: Path | None, lab
         def notice(text: str) -> None:
             progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
+        def status(text: str) -> None:
+            progress.update(task, description=f"{label} ({text})")
+
         options = sweep.TrainOptions(compile_step, threading.Event(), tensorboard, executor,
-                                     address)
+                                     address, status)
         try:
             with _stop_on_ctrl_c(options.stop, notice):
                 return sweep.execute(planned, out, folder, force=force,
