@@ -71,11 +71,16 @@ def _curve(ax, steps, values, label: str, diverged: int | None = None, **kw):
     line, = ax.plot(steps, values, label=label, marker="o" if len(steps) <= 60 else None,
                     markersize=3, **kw)
     if diverged is not None:
-        y = values[steps.index(diverged)] if diverged in steps else 0.0
-        ax.plot([diverged], [0.0 if not math.isfinite(y) else y], marker="x", markersize=10,
-                markeredgewidth=2, color=line.get_color(), linestyle="none",
-                label=f"{label}: diverged by step {diverged:,}")
+        _cross(ax, steps, values, diverged, line.get_color(),
+               f"{label}: diverged by step {diverged:,}")
     return line
+
+
+def _cross(ax, steps, values, step: int, color, label: str) -> None:
+    """A cross on the curve (steps, values) at step, on the axis where the value is lost."""
+    y = values[steps.index(step)] if step in steps else 0.0
+    ax.plot([step], [y if math.isfinite(y) else 0.0], marker="x", markersize=10,
+            markeredgewidth=2, color=color, linestyle="none", label=label)
 
 
 def _legend_outside(ax) -> None:
@@ -124,8 +129,7 @@ def plot_seed_bands(curves: dict[str, list[tuple[list[int], list[float]]]], titl
     return _save(fig, path)
 
 
-def _bands(ax, curves: dict[str, list[tuple[list[int], list[float]]]],
-           legend: bool = True) -> None:
+def _bands(ax, curves: dict[str, list[tuple[list[int], list[float]]]]) -> None:
     import numpy as np
 
     for name, per_seed in curves.items():
@@ -133,21 +137,18 @@ def _bands(ax, curves: dict[str, list[tuple[list[int], list[float]]]],
         accs = np.array([seed[1] for seed in per_seed])
         label = LABELS.get(name, name) + (" (median)" if len(per_seed) > 1 else "")
         median = list(np.median(accs, axis=0))
-        line = _curve(ax, steps, median, label if legend else None)
+        line = _curve(ax, steps, median, label)
         diverged = [seed[2] for seed in per_seed if len(seed) > 2 and seed[2] is not None]
         if diverged:
             first = min(diverged)
-            y = median[steps.index(first)] if first in steps else 0.0
-            ax.plot([first], [y if math.isfinite(y) else 0.0], marker="x", markersize=10,
-                    markeredgewidth=2, color=line.get_color(), linestyle="none",
-                    label=(f"{SHORT_LABELS.get(name, name)}: diverged in {len(diverged)} of "
-                           f"{len(per_seed)} seed(s), first by step {first:,}")
-                    if legend else None)
+            _cross(ax, steps, median, first, line.get_color(),
+                   f"{SHORT_LABELS.get(name, name)}: diverged in {len(diverged)} of "
+                   f"{len(per_seed)} seed(s), first by step {first:,}")
         if len(per_seed) > 1:
             lo, hi = np.percentile(accs, [25, 75], axis=0)
             ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.25, linewidth=0,
                             label=(f"{SHORT_LABELS.get(name, name)}: middle 50% of "
-                                   f"{len(per_seed)} seeds") if legend else None)
+                                   f"{len(per_seed)} seeds"))
 
 
 def plot_small_multiples(panels: list[tuple[str, dict]], columns: int, title: str,

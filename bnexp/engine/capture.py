@@ -63,13 +63,15 @@ def capture_step(step_all: Callable[[], None], state: list[torch.Tensor],
     """
     saved = [t.detach().clone() for t in state]
     start = time.perf_counter()
-    attempts = ([(compiled(step_all), "compiled+cuda-graph"),
-                 (compiled(step_all, {**INDUCTOR_OPTIONS, **FALLBACK_OPTIONS}),
-                  "compiled+cuda-graph")] if compile_step else []) + [(step_all, "cuda-graph")]
+    # each attempt's step is made only if the ones before it failed (compiling resets dynamo)
+    attempts = ([(lambda: compiled(step_all), "compiled+cuda-graph"),
+                 (lambda: compiled(step_all, {**INDUCTOR_OPTIONS, **FALLBACK_OPTIONS}),
+                  "compiled+cuda-graph")] if compile_step else []) + [
+        (lambda: step_all, "cuda-graph")]
     graph, execution = None, "eager"
-    for fn, name in attempts:
+    for make, name in attempts:
         try:
-            graph, execution = _capture(fn, device), name
+            graph, execution = _capture(make(), device), name
             break
         except Exception as exc:  # the result records the path that ran
             log.warning("training step: %s failed (%s: %s); falling back", name,

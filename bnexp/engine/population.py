@@ -125,14 +125,19 @@ class _Shard:
                 self.step_all()
 
 
+def _next_block(streams, n_steps: int) -> torch.Tensor:
+    """The next n_steps steps' batch indices of every stream, side by side: (n_steps, S * B)."""
+    return torch.cat([stream.next_indices(n_steps) for stream in streams], dim=1)
+
+
 def one_step(runs: list[RunConfig], split: Split, device: torch.device,
              ) -> Callable[[], None]:
     """One training step of every model of runs, as a function (for counting and profiling
     what a step dispatches); it reads the first batch of each seed's stream, every call."""
     groups, _ = _build_stacks(runs, device, 1)
     seeds = stream_seeds(runs)
-    block = torch.cat([BatchStream(split.train_x.shape[0], runs[0].batch_size, seed, device)
-                       .next_indices(1) for seed in seeds], dim=1)
+    block = _next_block([BatchStream(split.train_x.shape[0], runs[0].batch_size, seed, device)
+                         for seed in seeds], 1)
     shard = _Shard(groups[0], split.astype(DTYPES[runs[0].dtype]), block, len(seeds), device,
                    cuda_graph=False, compile_step=False)
 
@@ -143,8 +148,7 @@ def one_step(runs: list[RunConfig], split: Split, device: torch.device,
     return step
 
 
-def should_compile(runs: list[RunConfig], device: torch.device, compile_step: bool | None,
-                   ) -> bool:
+def should_compile(runs: list[RunConfig], device: torch.device, compile_step: bool) -> bool:
     """Compile only when asked (compile_step True), on CUDA, for a population of one stack.
 
     Not by default: Inductor picks kernels by the tensors' sizes, so a compiled run's rounding
@@ -238,8 +242,7 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
         evaluate(0, 0)
     next_checkpoint = done + first.checkpoint_every
     for n_block in remaining_blocks(first, done):
-        block[:n_block].copy_(torch.cat([s.next_indices(n_block) for s in streams.values()],
-                                        dim=1))
+        block[:n_block].copy_(_next_block(streams.values(), n_block))
         tick = time.perf_counter()
         list(each(lambda shard, n=n_block: shard.train_block(n), shards))
         sync(device)

@@ -73,12 +73,9 @@ class Member:
 
 
 def _pick(mask, a: torch.Tensor, b) -> torch.Tensor:
-    """a where the model's mask is set, else b; mask True/False means every model alike."""
-    if mask is True:
-        return a
-    if mask is False:
-        return b if isinstance(b, torch.Tensor) else torch.full_like(a, b)
-    return torch.where(mask, a, b)
+    """a where the model's mask is set, else b; mask True means every model (callers skip the
+    computation altogether where the mask is False)."""
+    return a if mask is True else torch.where(mask, a, b)
 
 
 class Stack:
