@@ -92,8 +92,13 @@ def execute_batches(batches: list, out: Path, data_dir: Path, fail_fast: bool, p
     if not batches:
         return
     started = time.perf_counter()
+    # Ray runs workers at niceness 15 so that other work on a node comes first; on a busy
+    # machine that starved a local sweep (a 20 s sweep took 270 s beside two busy loops). A
+    # local instance is this sweep's own: its workers compete like a local sweep's process.
+    # A cluster keeps its own setting (RAY_worker_niceness when `ray start` runs).
+    system = {"worker_niceness": 0} if address is None else None
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
-             ignore_reinit_error=True, configure_logging=False,
+             ignore_reinit_error=True, configure_logging=False, _system_config=system,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     notice(f"ray: connected in {time.perf_counter() - started:.1f} s "
            f"({ray.cluster_resources().get('CPU', 0):g} CPUs, "
