@@ -23,6 +23,15 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The data caches (decoded images, staged flat folders) of this session, not the user's
+    ~/.cache; subprocesses inherit it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
+
+
 def synthetic_split(n_train: int = 3000, n_val: int = 500, n_test: int = 500,
                     seed: int = 0) -> Split:
     """Ten noisy prototypes in [0, 1]^784: learnable in a few hundred steps."""

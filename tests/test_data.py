@@ -47,6 +47,40 @@ def test_corrupt_file_is_a_data_error(tmp_path):
         load_split("mnist", root)
 
 
+def test_decoded_images_are_cached_while_the_files_are_unchanged(tmp_path, monkeypatch):
+    """The second load reads the cache, not torchvision; a file written since, or a damaged
+    cache entry, sends it back to the files."""
+    root = write_tiny_mnist(tmp_path)
+    first = load_split("mnist", root)
+    read = []
+    real = data._load
+    monkeypatch.setattr(data, "_load", lambda *a, **k: read.append(a) or real(*a, **k))
+    again = load_split("mnist", root)
+    assert read == [] and all(torch.equal(a, b) for a, b in
+                              zip(first.__dict__.values(), again.__dict__.values()))
+    images = root / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    changed = bytearray(images.read_bytes())
+    changed[16] = 255 - changed[16]  # the first pixel of the first test image
+    images.write_bytes(bytes(changed))
+    now = load_split("mnist", root)
+    pixel = (now.test_x[0, 0] * 255).round(), (first.test_x[0, 0] * 255).round()
+    assert pixel[0] == 255 - pixel[1] and torch.equal(now.val_x, first.val_x)
+    assert len(read) == 2, "both parts read again through torchvision"
+    data._cache_file(root / "MNIST" / "raw").write_bytes(b"damaged")
+    assert torch.equal(load_split("mnist", root).test_x, now.test_x)
+    assert len(read) == 4, "a damaged entry is read past, not an error"
+    images.write_bytes(b"\x00\x00\x08\x03garbage")
+    with pytest.raises(DataError):
+        load_split("mnist", root)
+
+
+def test_an_unwritable_cache_is_skipped(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    (tmp_path / "file").write_text("not a folder")
+    split = load_split("mnist", write_tiny_mnist(tmp_path / "d"))
+    assert split.test_x.shape == (200, 784)
+
+
 def test_data_dir_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv(data.ENV_DATA_DIR, str(tmp_path))
     assert resolve_data_dir(None) == tmp_path
@@ -68,3 +102,16 @@ def test_batch_stream_is_seeded_and_covers_each_epoch():
 def test_batch_larger_than_data_is_refused():
     with pytest.raises(ValueError, match="exceeds"):
         BatchStream(10, 60, 0, "cpu")
+
+
+def test_a_cached_load_does_not_import_torchvision(tmp_path):
+    """torchvision imports torch's compiler (seconds of every command's start)."""
+    import subprocess
+    import sys
+
+    root = write_tiny_mnist(tmp_path)
+    load_split("mnist", root)  # fills the cache (XDG_CACHE_HOME: the session's, inherited)
+    code = ("import sys; from pathlib import Path; from bnexp.data import load_split; "
+            f"load_split('mnist', Path({str(root)!r})); print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
