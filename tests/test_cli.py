@@ -259,8 +259,8 @@ def test_dry_run_shows_the_populations(env):
     # one population of 8 networks x 40 steps at the rate of the nearest size (4, on a log
     # scale): 320 network-steps at 1 per second
     assert "estimated training time: 5 min on cpu" in text and "bench-1.json" in text
-    from bnexp import config, sweep
-    runs = config.expand_grid(config.load_spec(path, ["steps=40", "device=cpu"], seeds=2))
+    from bnexp import config, experiment_file, sweep
+    runs = config.expand_grid(experiment_file.load_spec(path, ["steps=40", "device=cpu"], seeds=2))
     where = sweep.populations(sweep.plan(runs, env / "results"))
     assert sorted(where.values()) == [(1, 8)] * 4  # seeds train together
 

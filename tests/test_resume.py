@@ -153,10 +153,10 @@ def test_edited_run_folder_is_reported_not_reused(grid, tmp_path):
 
 def test_a_sweep_planned_before_another_finished_skips_what_it_finished(grid, tmp_path):
     """Planned, then paused while another sweep trains everything: nothing is trained twice."""
-    from bnexp import config, sweep
+    from bnexp import config, experiment_file, sweep
 
     out = tmp_path / "paused"
-    runs = config.expand_grid(config.load_spec(grid, ["steps=200"]))
+    runs = config.expand_grid(experiment_file.load_spec(grid, ["steps=200"]))
     late = sweep.plan(runs, out)  # this sweep stops here (think SIGSTOP) ...
     assert sweep_in_process(grid, out, "--set", "steps=200").exit_code == 0  # ... another runs
     before = {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")}

@@ -19,6 +19,7 @@ from rich.progress import (
 )
 
 from bnexp import config as cfg
+from bnexp import experiment_file
 
 # torch, matplotlib and the modules that use them are imported inside the commands that need
 # them, so that --help, validate, runs and completion start in a fraction of a second.
@@ -137,8 +138,8 @@ def load_runs(files: list[Path], overrides: list[str], seeds: int | None = None,
     runs, problems = [], []
     for path in files:
         try:
-            runs.extend(cfg.expand_grid(cfg.load_spec(path, overrides, allow_large, seeds,
-                                                      labels)))
+            runs.extend(cfg.expand_grid(experiment_file.load_spec(path, overrides, allow_large,
+                                                                  seeds, labels)))
         except cfg.ConfigError as exc:
             problems.extend(exc.problems)
     if problems:

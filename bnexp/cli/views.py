@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from bnexp import config as cfg
+from bnexp import experiment_file
 from bnexp.cli.common import (
     YesOption,
     app,
@@ -27,7 +28,7 @@ def validate(files: Annotated[list[Path], typer.Argument(help="Experiment YAML f
     problems = []
     for path in files:
         try:
-            n = len(cfg.expand_grid(cfg.load_spec(path, allow_large=yes)))
+            n = len(cfg.expand_grid(experiment_file.load_spec(path, allow_large=yes)))
             out_console.print(f"ok {path}: {n} run(s)", highlight=False)
         except cfg.ConfigError as exc:
             problems.extend(exc.problems)
@@ -55,7 +56,7 @@ def runs(
     conditions, problems = [], []
     for text in where or []:
         try:
-            key, value = cfg.parse_override(text)
+            key, value = experiment_file.parse_override(text)
         except cfg.ConfigError:
             problems.append(f"--where {text}: expected KEY=VALUE, e.g. --where lr=0.1")
             continue
