@@ -30,6 +30,8 @@ class Cell:
     key: tuple
     config: dict
     folders: list[Path] = field(default_factory=list)
+    summaries: list[dict] = field(default_factory=list)  # of the folders, in their order
+    seeds: list[int] = field(default_factory=list)
     variants: list[str] = field(default_factory=list)
     stats: dict[str, stats.VariantStats] = field(default_factory=dict)
     paired: stats.PairedStats | None = None
@@ -73,6 +75,8 @@ def collect_cells(experiment_dir: Path, failure_threshold: float = stats.FAILURE
         key = tuple(sorted((k, json.dumps(v)) for k, v in key_items.items()))
         cell = cells.setdefault(key, Cell(key, config))
         cell.folders.append(folder)
+        cell.summaries.append(summary)
+        cell.seeds.append(config["seed"])
         loaded[folder] = (summary, curves)
     configs = [c.config for c in cells.values()]
     varying = tuple(k for k in configs[0] if k not in CELL_IGNORES and k != "examples"
@@ -302,8 +306,8 @@ def _grid_axes(cells: list[Cell]) -> dict:
 def _header(experiment_dir: Path, cells: list[Cell]) -> list[tuple[str, str]]:
     """What a reader needs first: how many runs, seeds and steps, where, how long."""
     folders = [f for c in cells for f in c.folders]
-    summaries = [read_summary(f) for f in folders]
-    seeds = sorted({read_config(f)["seed"] for f in folders})
+    summaries = [s for c in cells for s in c.summaries]
+    seeds = sorted({seed for c in cells for seed in c.seeds})
     seeds_text = (f"{len(seeds)} ({seeds[0]}–{seeds[-1]})" if len(seeds) > 1
                   else f"1 (seed {seeds[0]})")
     # networks of a population share its wall time: each run's share is its networks' part
