@@ -133,6 +133,8 @@ def summary_record(result: RunResult, run_id: str) -> dict:
         "execution": result.execution,
         "wall_time_s": result.wall_time_s,
         "train_time_s": result.train_time_s,
+        "eval_time_s": result.eval_time_s,
+        "compile_time_s": result.compile_time_s,
         "population_size": result.population_size,
         "models": {
             m.name: {

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,27 @@ def test_run_writes_the_documented_layout(env):
     assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "Final accuracy" in result.stdout
     assert not list(exp.rglob("*.tmp")), "no temporary files left behind"
+
+
+def test_run_says_where_its_time_went(env):
+    path = experiment(env, "name: t\ngrid:\n  lr: [0.1, 0.5]\n")
+    result = invoke("run", path, *FAST, "--set", "eval_every=10")
+    assert result.exit_code == 0, result.output
+    number = r"(\d+\.\d)"
+    match = re.fullmatch(
+        rf"time: {number} s: {number} s starting \(imports, data\), {number} s in 1 "
+        rf"population\(s\) \({number} s training steps, {number} s evaluating, {number} s "
+        rf"setting up and checkpointing\), {number} s writing results and figures",
+        result.stderr.strip().splitlines()[-1])
+    assert match, result.stderr
+    total, starting, population, steps, evals, rest, writing = map(float, match.groups())
+    assert abs(starting + population + writing - total) <= 0.21, "the parts make the whole"
+    assert abs(steps + evals + rest - population) <= 0.21  # each part rounded to 0.1
+    summaries = [json.loads(p.read_text()) for p in (env / "results" / "t").rglob("summary.json")]
+    assert len(summaries) == 2 and summaries[0]["eval_time_s"] == summaries[1]["eval_time_s"]
+    for summary in summaries:  # five evaluations: a share of the population's time, not 0
+        assert 0 < summary["eval_time_s"] < summary["wall_time_s"]
+        assert summary["compile_time_s"] == 0
 
 
 def test_rerun_skips_finished_work_and_force_retrains(env):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +14,7 @@ import typer
 from rich.table import Table
 
 from bnexp import config as cfg
+from bnexp.cli import timing
 from bnexp.cli.common import (
     DEFAULT_GRID,
     CompileOption,
@@ -44,7 +46,9 @@ if TYPE_CHECKING:
 def _execute(planned: list[sweep.Planned], out: Path, data_dir: Path | None, label: str,
              force: bool = False, fail_fast: bool = False, retry_failed: bool = False,
              compile_step: bool = False, tensorboard: bool = False,
-             executor: str = "local", address: str | None = None) -> list[sweep.Outcome]:
+             executor: str = "local", address: str | None = None,
+             ) -> tuple[list[sweep.Outcome], float]:
+    """The outcomes, and perf_counter() when training was about to begin."""
     from bnexp import sweep
     from bnexp.data import DataError, resolve_data_dir
     from bnexp.engine.common import Interrupted
@@ -73,12 +77,13 @@ def _execute(planned: list[sweep.Planned], out: Path, data_dir: Path | None, lab
 
         options = sweep.TrainOptions(compile_step, threading.Event(), tensorboard, executor,
                                      address, status)
+        began = time.perf_counter()
         try:
             with _stop_on_ctrl_c(options.stop, notice):
                 return sweep.execute(planned, out, folder, force=force,
                                      retry_failed=retry_failed, fail_fast=fail_fast,
                                      progress=advance, splits=splits, on_notice=notice,
-                                     options=options)
+                                     options=options), began
         except sweep.ResultsUnwritable as exc:
             progress.stop()
             fail([str(exc)])
@@ -157,8 +162,8 @@ def run(
     planned = _plan(runs, out)
     check_compile(compile_step, planned)
     check_tensorboard(tensorboard)
-    outcomes = _execute(planned, out, data_dir, f"{runs[0].experiment}", force=force,
-                        compile_step=compile_step, tensorboard=tensorboard)
+    outcomes, began = _execute(planned, out, data_dir, f"{runs[0].experiment}", force=force,
+                               compile_step=compile_step, tensorboard=tensorboard)
     for outcome in outcomes:
         if outcome.status == "skipped":
             err_console.print(f"skipped {outcome.planned.run_id}: already complete "
@@ -172,8 +177,15 @@ def run(
         for line in _analysis_lines(outcome.analyses or {}):
             out_console.print(line, markup=False, highlight=False, soft_wrap=True)
     out_console.print(f"results in {out / runs[0].experiment}")
+    _print_time(outcomes, began)
     if _report_failures(outcomes) or any(o.status in NOT_TRAINED for o in outcomes):
         raise typer.Exit(1)
+
+
+def _print_time(outcomes: list[sweep.Outcome], began: float) -> None:
+    line = timing.time_line(outcomes, began)
+    if line:
+        err_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 # Runs asked for but neither trained nor found finished: the command did not do its job.
@@ -258,9 +270,10 @@ def sweep_command(
         return
     check_compile(compile_step, planned)
     check_tensorboard(tensorboard)
-    outcomes = _execute(planned, out, data_dir, "sweep", force=force, fail_fast=fail_fast,
-                        retry_failed=retry_failed, compile_step=compile_step,
-                        tensorboard=tensorboard, executor=executor, address=address)
+    outcomes, began = _execute(planned, out, data_dir, "sweep", force=force,
+                               fail_fast=fail_fast, retry_failed=retry_failed,
+                               compile_step=compile_step, tensorboard=tensorboard,
+                               executor=executor, address=address)
     table = Table(title="Sweep")
     for column in ("experiment", "run", "status", "detail"):
         table.add_column(column, overflow="fold")
@@ -273,6 +286,8 @@ def sweep_command(
               for s in ("done", "skipped", "failed", "locked", "mismatch", "damaged")}
     out_console.print(", ".join(f"{n} {s}" for s, n in counts.items() if n or s in
                                 ("done", "skipped", "failed")))
+    if executor == "local":  # Ray's populations overlap in other processes: no sum of parts
+        _print_time(outcomes, began)
     if counts["failed"] or any(counts[s] for s in NOT_TRAINED):
         raise typer.Exit(1)
 

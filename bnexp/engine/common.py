@@ -48,6 +48,7 @@ class ModelResult:
     diverged_step: int | None = None
     state: dict[str, torch.Tensor] | None = None  # final weights, only when asked for
     train_time_s: float | None = None  # reference engine: this model's training steps alone
+    eval_time_s: float = 0.0  # reference engine: evaluating this model during training
 
     def record(self, step: int, val_acc: float, train_loss: float,
                unit_percentiles: list[float] | None = None, train_acc: float = math.nan,
@@ -73,6 +74,8 @@ class RunResult:
     execution: str = "eager"  # or "cuda-graph", or "compiled+cuda-graph"
     train_time_s: float | None = None  # training steps alone, without evaluation and set-up
     compile_time_s: float = 0.0  # compiling and capturing the step (inside wall_time_s)
+    eval_time_s: float = 0.0  # evaluating while training, live metrics written (inside too;
+    # this process's: a resumed run counts its evaluations since the resume)
 
 
 class Interrupted(Exception):

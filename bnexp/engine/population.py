@@ -218,7 +218,10 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
     probe = tracked_unit(first)
     train_x, train_y = (split.train_x[:TRAIN_EVAL_EXAMPLES], split.train_y[:TRAIN_EVAL_EXAMPLES])
 
+    eval_time = [0.0]
+
     def evaluate(done: int, n_block: int) -> None:
+        tick = time.perf_counter()
         # Both accuracies in one pass over the shards (each shard's thread evaluates its own).
         outs = list(each(lambda s: (*s.correct(eval_x, eval_y, probe),
                                     s.correct(train_x, train_y)[0]), stacks))
@@ -236,6 +239,7 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
                                                         train_acc=fits[j][i])
         for r in range(len(runs)):
             on_evaluate(r, results[r])
+        eval_time[0] += time.perf_counter() - tick
 
     done, train_time = 0, 0.0
     if resume:
@@ -269,7 +273,8 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
     wall = time.perf_counter() - start
     return [RunResult(run, str(device), "population", results[r], wall, n_models,
                       shards[0].execution, train_time_s=train_time,
-                      compile_time_s=sum(shard.compile_s for shard in shards))
+                      compile_time_s=sum(shard.compile_s for shard in shards),
+                      eval_time_s=eval_time[0])
             for r, run in enumerate(runs)]
 
 

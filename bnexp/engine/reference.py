@@ -84,10 +84,12 @@ def train_model(run: RunConfig, batch_norm: bool, split: Split, device: torch.de
     result = ModelResult(variant_name(batch_norm, run.norm))
 
     def record(step: int, loss: float) -> None:
+        tick = time.perf_counter()
         acc, percentiles = evaluate(model, eval_x, eval_y, probe)
         result.record(step, acc, loss, percentiles, train_acc=evaluate(model, fit_x, fit_y)[0])
         if on_record:
             on_record(result)
+        result.eval_time_s += time.perf_counter() - tick
 
     record(0, math.nan)
     done, train_time = 0, 0.0
@@ -146,4 +148,5 @@ def train_reference(run: RunConfig, split: Split, device: torch.device,
             models.append(train_model(run, bn, split, device, progress, keep_states,
                                       _live(on_evaluate, list(models)), stop))
     return RunResult(run, str(device), "reference", models, time.perf_counter() - start, 1,
-                     train_time_s=sum(m.train_time_s for m in models))
+                     train_time_s=sum(m.train_time_s for m in models),
+                     eval_time_s=sum(m.eval_time_s for m in models))
