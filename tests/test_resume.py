@@ -1,5 +1,6 @@
 """Checkpoints, kill -9 and resume, locks, retries and mismatches, through real sweeps."""
 
+import json
 import os
 import signal
 import subprocess
@@ -206,10 +207,14 @@ def test_metrics_grow_at_every_evaluation_and_are_cut_back_on_resume(grid, tmp_p
     assert interrupted.exit_code == 130  # Ctrl-C
     metrics = next(out.rglob("metrics.csv")).read_text()
     assert "\n200,plain," in metrics, "rows up to the last evaluation are on disk"
+    kept = torch.load(next(out.rglob("checkpoint.pt")), weights_only=True)
+    assert kept["step"] == 100 and kept["eval_time_s"] > 0, "evaluated at steps 0 and 100"
     rows.clear()
     assert sweep_in_process(grid, out, *fast).exit_code == 0
     assert rows[0] == 100, "resuming first cuts metrics.csv back to the checkpoint's step"
     assert results_of(out) == results_of(whole)
+    summary = json.loads(next(out.rglob("summary.json")).read_text())
+    assert summary["eval_time_s"] > kept["eval_time_s"], "the time before the resume counts"
 
 
 def metrics_steps(out: Path) -> list[int]:

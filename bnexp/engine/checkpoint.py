@@ -24,12 +24,13 @@ def remaining_blocks(run: RunConfig, done: int) -> list[int]:
 
 
 def make_checkpoints(runs, stacks, where, results, streams: dict[int, BatchStream],
-                     done: int, train_time: float) -> list[dict]:
-    """One checkpoint per run: its models' states and metrics, its seed's stream, the step."""
+                     done: int, train_time: float, eval_time: float) -> list[dict]:
+    """One checkpoint per run: its models' states and metrics, its seed's stream, the step
+    and the time spent so far."""
     diverged = {id(s): s.diverged_at.tolist() for s in stacks}
     states = {seed: stream.state() for seed, stream in streams.items()}
     out = [{"format": CHECKPOINT_FORMAT, "step": done, "train_time_s": train_time,
-            "stream": states[run.seed], "models": {}} for run in runs]
+            "eval_time_s": eval_time, "stream": states[run.seed], "models": {}} for run in runs]
     for (r, bn), (stack, i) in where.items():
         model = results[r][run_variant(runs[r], bn)]
         out[r]["models"][model.name] = {
@@ -42,8 +43,9 @@ def make_checkpoints(runs, stacks, where, results, streams: dict[int, BatchStrea
 
 
 def restore(resume: list[dict], runs, stacks, where, results,
-            streams: dict[int, BatchStream]) -> tuple[int, float]:
-    """Load checkpoints (one per run, one step) into stacks, results and streams."""
+            streams: dict[int, BatchStream]) -> tuple[int, float, float]:
+    """Load checkpoints (one per run, one step) into stacks, results and streams; the step,
+    and the training and evaluation time spent until it."""
     steps = {c["step"] for c in resume}
     if len(steps) != 1 or any(c.get("format") != CHECKPOINT_FORMAT for c in resume):
         raise ValueError("runs of one population must resume from one step and format")
@@ -59,4 +61,5 @@ def restore(resume: list[dict], runs, stacks, where, results,
         # checkpoints from before train_acc was recorded: those rows have none
         model.train_acc = list(saved.get("train_acc", [math.nan] * len(model.steps)))
         model.unit_percentiles = [list(p) for p in saved["unit_percentiles"]]
-    return steps.pop(), resume[0]["train_time_s"]
+    # checkpoints from before evaluation time was kept: it counts from the resume
+    return steps.pop(), resume[0]["train_time_s"], resume[0].get("eval_time_s", 0.0)

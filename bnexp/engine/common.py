@@ -74,8 +74,7 @@ class RunResult:
     execution: str = "eager"  # or "cuda-graph", or "compiled+cuda-graph"
     train_time_s: float | None = None  # training steps alone, without evaluation and set-up
     compile_time_s: float = 0.0  # compiling and capturing the step (inside wall_time_s)
-    eval_time_s: float = 0.0  # evaluating while training, live metrics written (inside too;
-    # this process's: a resumed run counts its evaluations since the resume)
+    eval_time_s: float = 0.0  # evaluating while training, live metrics written (inside too)
 
 
 class Interrupted(Exception):

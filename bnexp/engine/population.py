@@ -243,7 +243,8 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
 
     done, train_time = 0, 0.0
     if resume:
-        done, train_time = restore(resume, runs, stacks, where, results, streams)
+        done, train_time, eval_time[0] = restore(resume, runs, stacks, where, results,
+                                                 streams)
         for shard in shards:
             shard.step.fill_(done)
         for r in range(len(runs)):  # the live metrics go back to the checkpoint's step
@@ -262,7 +263,7 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
         stopping = stop is not None and stop.is_set() and done < first.steps
         if on_checkpoint and (done >= next_checkpoint or done == first.steps or stopping):
             for r, data in enumerate(make_checkpoints(runs, stacks, where, results, streams,
-                                                      done, train_time)):
+                                                      done, train_time, eval_time[0])):
                 on_checkpoint(r, data)
             next_checkpoint = done + first.checkpoint_every
         if progress:
