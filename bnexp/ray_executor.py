@@ -114,8 +114,14 @@ def execute_batches(batches: list, out: Path, data_dir: Path, fail_fast: bool, p
         pending[ref] = (planned, networks * planned[0].run.steps)
     total, finished, shown = len(pending), 0, None
     submitted = time.time()
+    counted = dict.fromkeys(pending, 0)  # network-steps of each population already on the bar
     while pending:
-        running = sum(_started(planned, out, submitted) for planned, _ in pending.values())
+        seen = {ref: _reached(planned, out, submitted) for ref, (planned, _) in pending.items()}
+        running = sum(reached is not None for reached in seen.values())
+        for ref, reached in seen.items():
+            if progress and reached and reached > counted[ref]:
+                progress(reached - counted[ref])
+                counted[ref] = reached
         counts = f"ray: {finished} done, {running} running, {len(pending) - running} queued"
         if options.status and counts != shown:
             options.status(counts)
@@ -130,7 +136,7 @@ def execute_batches(batches: list, out: Path, data_dir: Path, fail_fast: bool, p
             finished += 1
             failed = _collect(ref, planned, out, outcomes, report, sweep)
             if progress:
-                progress(work)
+                progress(max(work - counted.pop(ref), 0))
             notice(f"ray: population {finished}/{total} {'failed' if failed else 'done'} "
                    f"({len(planned)} run(s)); {len(pending)} queued or running")
             if failed and fail_fast:
@@ -141,19 +147,24 @@ def execute_batches(batches: list, out: Path, data_dir: Path, fail_fast: bool, p
         options.status(f"ray: {finished} done, 0 running, 0 queued")
 
 
-def _started(planned: list, out: Path, since: float) -> bool:
-    """Whether a population's task is training: it writes its runs' metrics.csv at its first
-    evaluation (or on resuming), so the shared folder itself shows it."""
+def _reached(planned: list, out: Path, since: float) -> int | None:
+    """The network-steps a population's task has reached, as the shared folder shows them, or
+    None while it has not started: a task writes its runs' metrics.csv at every evaluation
+    (a resumed run: first at its checkpoint's step), rows ordered by model, then step."""
     from bnexp import results
 
+    reached = None
     for p in planned:
+        path = results.run_folder(out, p.run, str(p.device)) / "metrics.csv"
         try:
-            path = results.run_folder(out, p.run, str(p.device)) / "metrics.csv"
-            if path.stat().st_mtime >= since:
-                return True
-        except OSError:
+            if path.stat().st_mtime < since:  # not written by this sweep's task yet
+                continue
+            reached = reached or 0
+            last = path.read_text().rstrip().rsplit("\n", 1)[-1]
+            reached += int(last.split(",", 1)[0]) * len(p.run.batch_norm)
+        except (OSError, ValueError):  # gone, or only its header so far
             continue
-    return False
+    return reached
 
 
 def _collect(ref, planned: list, out: Path, outcomes: list, report, sweep) -> bool:

@@ -16,6 +16,7 @@ import pytest
 from conftest import results_of
 from typer.testing import CliRunner
 
+from bnexp import ray_executor
 from bnexp.cli import app
 
 pytest.importorskip("ray")
@@ -127,8 +128,6 @@ def test_a_killed_driver_resumes_on_the_next_sweep(cluster, grid, local, tiny_mn
 
 
 def test_executor_errors_are_one_line(tmp_path, monkeypatch):
-    from bnexp import ray_executor
-
     path = tmp_path / "e.yaml"
     path.write_text("name: e\n")
     runner = CliRunner()
@@ -149,8 +148,6 @@ def test_a_local_instance_runs_its_workers_unniced(monkeypatch):
     starts itself runs workers at 0; a cluster it joins keeps its own setting."""
     import ray
 
-    from bnexp import ray_executor
-
     asked = []
 
     def init(**kwargs):
@@ -163,3 +160,26 @@ def test_a_local_instance_runs_its_workers_unniced(monkeypatch):
             ray_executor.execute_batches([["population"]], Path("."), Path("."), False, None,
                                          [], print, None, print, address)
     assert asked == [{"worker_niceness": 0}, None]
+
+
+def test_the_bar_follows_running_populations_on_the_shared_folder(tmp_path):
+    """Progress of a population's task, read from its runs' metrics.csv: None before this
+    sweep's task wrote them, then the last step of each run times its networks."""
+    from bnexp import results, sweep
+    from bnexp.config import RunConfig
+
+    runs = [RunConfig(experiment="p", lr=lr, device="cpu") for lr in (0.1, 0.2)]
+    planned = sweep.plan(runs, tmp_path)
+    folders = [results.run_folder(tmp_path, p.run, str(p.device)) for p in planned]
+    header = "step,model,val_acc,train_acc,train_loss\n"
+    folders[0].mkdir(parents=True)
+    (folders[0] / "metrics.csv").write_text(header + "0,plain,0.1,0.1,nan\n")
+    os.utime(folders[0] / "metrics.csv", (1, 1))  # an earlier attempt's rows
+    assert ray_executor._reached(planned, tmp_path, since=time.time() - 5) is None
+    (folders[0] / "metrics.csv").write_text(header)
+    assert ray_executor._reached(planned, tmp_path, since=time.time() - 5) == 0, "started"
+    rows = [f"{s},{m},0.5,0.5,0.3\n" for m in ("plain", "bn") for s in (0, 500, 1000)]
+    (folders[0] / "metrics.csv").write_text(header + "".join(rows))
+    folders[1].mkdir(parents=True)
+    (folders[1] / "metrics.csv").write_text(header + "".join(rows[:2] + rows[3:5]))
+    assert ray_executor._reached(planned, tmp_path, since=time.time() - 5) == 2 * 1000 + 2 * 500
