@@ -150,20 +150,24 @@ def execute_batches(batches: list, out: Path, data_dir: Path, fail_fast: bool, p
 def _reached(planned: list, out: Path, since: float) -> int | None:
     """The network-steps a population's task has reached, as the shared folder shows them, or
     None while it has not started: a task writes its runs' metrics.csv at every evaluation
-    (a resumed run: first at its checkpoint's step), rows ordered by model, then step."""
+    (a resumed run: first at its checkpoint's step)."""
     from bnexp import results
+    from bnexp.readback import DamagedRun, read_metrics
 
     reached = None
     for p in planned:
-        path = results.run_folder(out, p.run, str(p.device)) / "metrics.csv"
+        folder = results.run_folder(out, p.run, str(p.device))
         try:
-            if path.stat().st_mtime < since:  # not written by this sweep's task yet
+            if (folder / "metrics.csv").stat().st_mtime < since:  # not this sweep's task's
                 continue
-            reached = reached or 0
-            last = path.read_text().rstrip().rsplit("\n", 1)[-1]
-            reached += int(last.split(",", 1)[0]) * len(p.run.batch_norm)
-        except (OSError, ValueError):  # gone, or only its header so far
+        except OSError:
             continue
+        reached = reached or 0
+        try:
+            curves = read_metrics(folder)
+        except DamagedRun:  # only its header so far
+            continue
+        reached += max(curve["step"][-1] for curve in curves.values()) * len(p.run.batch_norm)
     return reached
 
 
