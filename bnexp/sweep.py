@@ -193,8 +193,7 @@ def execute(planned: list[Planned], out: Path, data_dir: Path, *, force: bool = 
     locks: list[results.RunLock] = []
     try:
         _lock_and_train(todo, out, data_dir, splits, force, fail_fast, progress, outcomes,
-                        report, locks,
-                        notice, options or TrainOptions())
+                        report, locks, notice, options or TrainOptions())
         for experiment in sorted({p.run.experiment for p in planned}):
             if (out / experiment).is_dir():
                 results.write_experiment_summary(out / experiment, str(planned[0].device))
@@ -210,9 +209,8 @@ def execute(planned: list[Planned], out: Path, data_dir: Path, *, force: bool = 
 
 
 def _lock_and_train(todo: list[Planned], out: Path, data_dir: Path, splits, force: bool,
-                    fail_fast: bool,
-                    progress, outcomes: list[Outcome], report, locks: list, notice,
-                    options: TrainOptions) -> None:
+                    fail_fast: bool, progress, outcomes: list[Outcome], report, locks: list,
+                    notice, options: TrainOptions) -> None:
     """Lock every run to train (the others are outcomes already), then train them."""
     ready = []
     for p in todo:

@@ -218,9 +218,10 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
     probe = tracked_unit(first)
     train_x, train_y = (split.train_x[:TRAIN_EVAL_EXAMPLES], split.train_y[:TRAIN_EVAL_EXAMPLES])
 
-    eval_time = [0.0]
+    eval_time = 0.0
 
     def evaluate(done: int, n_block: int) -> None:
+        nonlocal eval_time
         tick = time.perf_counter()
         # Both accuracies in one pass over the shards (each shard's thread evaluates its own).
         outs = list(each(lambda s: (*s.correct(eval_x, eval_y, probe),
@@ -239,12 +240,11 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
                                                         train_acc=fits[j][i])
         for r in range(len(runs)):
             on_evaluate(r, results[r])
-        eval_time[0] += time.perf_counter() - tick
+        eval_time += time.perf_counter() - tick
 
     done, train_time = 0, 0.0
     if resume:
-        done, train_time, eval_time[0] = restore(resume, runs, stacks, where, results,
-                                                 streams)
+        done, train_time, eval_time = restore(resume, runs, stacks, where, results, streams)
         for shard in shards:
             shard.step.fill_(done)
         for r in range(len(runs)):  # the live metrics go back to the checkpoint's step
@@ -263,7 +263,7 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
         stopping = stop is not None and stop.is_set() and done < first.steps
         if on_checkpoint and (done >= next_checkpoint or done == first.steps or stopping):
             for r, data in enumerate(make_checkpoints(runs, stacks, where, results, streams,
-                                                      done, train_time, eval_time[0])):
+                                                      done, train_time, eval_time)):
                 on_checkpoint(r, data)
             next_checkpoint = done + first.checkpoint_every
         if progress:
@@ -275,7 +275,7 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
     return [RunResult(run, str(device), "population", results[r], wall, n_models,
                       shards[0].execution, train_time_s=train_time,
                       compile_time_s=sum(shard.compile_s for shard in shards),
-                      eval_time_s=eval_time[0])
+                      eval_time_s=eval_time)
             for r, run in enumerate(runs)]
 
 
