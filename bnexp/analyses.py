@@ -10,6 +10,7 @@ from torch import nn
 from bnexp.config import RunConfig
 from bnexp.data import Split
 from bnexp.engine.common import RunResult
+from bnexp.engine.precision import cuda_precision
 from bnexp.models import BN_EPS, MLP, ManualBatchNorm, bn_momentum, initial_weights
 
 SINGLE_EXAMPLES = 200  # the lesson predicts 200 test images one at a time
@@ -58,11 +59,12 @@ def inference_modes(run: RunConfig, state: dict[str, torch.Tensor], split: Split
 def run_analyses(result: RunResult, split: Split) -> dict[str, dict]:
     """Every analysis the run asks for, on its final models (result must hold states)."""
     out = {}
-    for name in result.config.analyses:
-        if name == "inference_modes":
-            bn = [m for m in result.models if m.name == "bn"]
-            if bn:
-                out[name] = inference_modes(result.config, bn[0].state, split)
+    with cuda_precision(result.config.dtype, split.test_x.device):
+        for name in result.config.analyses:
+            if name == "inference_modes":
+                bn = [m for m in result.models if m.name == "bn"]
+                if bn:
+                    out[name] = inference_modes(result.config, bn[0].state, split)
     return out
 
 

@@ -52,7 +52,8 @@ def random_split(device: torch.device, n_train: int = 55_000, seed: int = 0) -> 
     return Split(*part(n_train), *part(5_000), *part(10_000)).to(device)
 
 
-def population_runs(n_models: int, steps: int, eval_every: int) -> list[RunConfig]:
+def population_runs(n_models: int, steps: int, eval_every: int, dtype: str = "float32",
+                    ) -> list[RunConfig]:
     """n_models networks as n_models / 2 plain/BN pairs cycling through the lesson's grid."""
     cells = itertools.cycle(itertools.product(*LESSON_AXES))
     runs = []
@@ -61,7 +62,8 @@ def population_runs(n_models: int, steps: int, eval_every: int) -> list[RunConfi
         # Cells repeat beyond 12 pairs: nudge lr so every run stays distinct.
         lr = lr * (1 + i // 12 * 1e-3)
         runs.append(RunConfig(experiment="bench", activation=activation, lr=lr,
-                              init_scale=init, steps=steps, eval_every=eval_every))
+                              init_scale=init, steps=steps, eval_every=eval_every,
+                              dtype=dtype))
     return runs
 
 
@@ -71,9 +73,11 @@ def _peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def bench_reference(split: Split, device: torch.device, steps: int) -> BenchRow:
+def bench_reference(split: Split, device: torch.device, steps: int, dtype: str = "float32",
+                    ) -> BenchRow:
     """One network at a time, as usual; a short run, extrapolated per network-step."""
-    run = RunConfig(experiment="bench", activation="relu", lr=0.01, steps=steps, eval_every=steps)
+    run = RunConfig(experiment="bench", activation="relu", lr=0.01, steps=steps,
+                    eval_every=steps, dtype=dtype)
     result = train_reference(run, split, device)
     seconds = result.train_time_s
     n_networks = len(run.batch_norm)
@@ -84,10 +88,10 @@ def bench_reference(split: Split, device: torch.device, steps: int) -> BenchRow:
 
 def bench_population(split: Split, device: torch.device, n_models: int, steps: int,
                      reference: BenchRow | None, cuda_graph: bool = True,
-                     compile_step: bool | None = None) -> BenchRow:
+                     compile_step: bool | None = None, dtype: str = "float32") -> BenchRow:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    runs = population_runs(n_models, steps, eval_every=steps)
+    runs = population_runs(n_models, steps, eval_every=steps, dtype=dtype)
     result = train_population(runs, split, device, cuda_graph=cuda_graph,
                               compile_step=compile_step)[0]
     seconds = result.train_time_s
@@ -170,15 +174,16 @@ def ops_per_step(split: Split, device: torch.device) -> dict:
     return record
 
 
-def environment(device: torch.device) -> dict:
-    """The environment record of every result, plus whether TF32 matrix products were on."""
-    return {**results.environment(str(device)), "tf32": torch.backends.cuda.matmul.allow_tf32}
+def environment(device: torch.device, tf32: bool = False) -> dict:
+    """The environment record of every result, plus whether the timed matrix products ran
+    in TF32 (--tf32) rather than FP32."""
+    return {**results.environment(str(device)), "tf32": tf32}
 
 
 def as_record(rows: list[BenchRow], device: torch.device, grid: dict | None,
-              ops: dict | None = None) -> dict:
+              ops: dict | None = None, tf32: bool = False) -> dict:
     return {"rows": [asdict(r) for r in rows], "grid": grid, "ops_per_step": ops,
-            "environment": environment(device),
+            "environment": environment(device, tf32),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 

@@ -113,8 +113,9 @@ class Settings(_Strict):
     engine: Literal["population", "reference"] = "population"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Arithmetic of both engines. float64 is for exact comparisons (tests, the reference oracle);
-    # float32 is what the lesson and the paper used.
-    dtype: Literal["float32", "float64"] = "float32"
+    # float32 is what the lesson and the paper used; tf32 is float32 with matrix products and
+    # convolutions in TF32 on the tensor cores of an Ampere or newer GPU (CUDA only).
+    dtype: Literal["float32", "float64", "tf32"] = "float32"
     # Save a resumable checkpoint at the first evaluation after every this many steps.
     checkpoint_every: Steps = 5_000
 

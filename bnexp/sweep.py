@@ -17,7 +17,7 @@ import torch
 
 from bnexp import plots, results, tensorboard_log
 from bnexp.analyses import run_analyses
-from bnexp.config import RunConfig
+from bnexp.config import ConfigError, RunConfig
 from bnexp.data import DataError, Split, load_split
 from bnexp.engine import (
     RunResult,
@@ -27,6 +27,7 @@ from bnexp.engine import (
     train_reference,
 )
 from bnexp.engine.common import Interrupted, Progress, group_runs
+from bnexp.engine.precision import tf32_problem
 
 
 @dataclass
@@ -56,17 +57,22 @@ def plan(runs: list[RunConfig], out: Path) -> list[Planned]:
     """Resolve each run's device and run_id and what is already on disk for it.
 
     A run listed twice (the same file given twice, say) is planned once: same config, same
-    folder, same numbers.
+    folder, same numbers. ConfigError where a run asks for what its device cannot do (tf32).
     """
-    planned, seen = [], set()
+    planned, seen, problems = [], set(), {}
     for run in runs:
         device = resolve_device(run.device)
+        if run.dtype == "tf32" and (problem := tf32_problem(device)):
+            problems.setdefault(f"{run.experiment}: dtype: tf32 {problem}; float32 runs "
+                                "anywhere", None)
         run_id = run.run_id(str(device))
         if (run.experiment, run_id) in seen:
             continue
         seen.add((run.experiment, run_id))
         status, why = results.run_status(out, run, str(device))
         planned.append(Planned(run, device, run_id, status, why))
+    if problems:
+        raise ConfigError(list(problems))
     return planned
 
 

@@ -31,6 +31,7 @@ def test_bench_command_writes_its_table(tmp_path):
         assert row["network_steps_per_s"] > 0 and row["peak_memory_mib"] > 0
     assert record["rows"][1]["ratio"] > 0
     assert record["environment"]["cpu_count"] >= 1 and record["environment"]["torch"]
+    assert record["environment"]["tf32"] is False
     ops = record["ops_per_step"]
     assert ops["networks"] == 24 and 0 < ops["aten_ops_without_views"] < ops["aten_ops"]
     assert ops["aten_ops_by_name"]["bmm"] >= 7, "one product per layer and direction, one stack"

@@ -159,6 +159,21 @@ def test_cuda_without_gpu_is_a_clear_error(env):
     assert result.exit_code == 2 and "no CUDA GPU" in result.stderr
 
 
+def test_tf32_where_it_cannot_run_is_a_clear_error(env):
+    """dtype tf32 is TF32 arithmetic on CUDA tensor cores: refused on the CPU (where it would
+    silently be float32), before anything is written."""
+    path = experiment(env, "name: t\ndtype: tf32\ngrid:\n  lr: [0.1, 0.2]\n")
+    for command in ("run", "sweep"):
+        result = invoke(command, path, *FAST)
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert result.stderr.strip().splitlines() == [
+            "error: t: dtype: tf32 needs a CUDA GPU (this run trains on the cpu); float32 "
+            "runs anywhere"]
+        assert not (env / "results").exists()
+    bench = invoke("bench", "--device", "cpu", "--tf32")
+    assert bench.exit_code == 2 and "--tf32 needs a CUDA GPU" in bench.stderr
+
+
 def test_sweep_dry_run_then_sweep_then_skip(env):
     path = experiment(env, "name: g\ngrid:\n  lr: [0.01, 0.5]\n")
     dry = invoke("sweep", path, "--dry-run", *FAST)

@@ -58,7 +58,8 @@ def test_dtype_is_a_result_setting_that_keeps_float32_run_ids():
 
     f32 = RunConfig(experiment="x")
     f64 = RunConfig(experiment="x", dtype="float64")
-    assert f32.run_id("cpu") != f64.run_id("cpu")
+    tf32 = RunConfig(experiment="x", dtype="tf32")
+    assert len({f32.run_id("cuda"), f64.run_id("cuda"), tf32.run_id("cuda")}) == 3
     # Folders written before dtype existed hold no dtype key: they still match float32 runs.
     on_disk = {k: v for k, v in f32.model_dump(mode="json").items() if k != "dtype"}
     assert result_fields_of(on_disk) == f32.result_fields()

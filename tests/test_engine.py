@@ -351,6 +351,60 @@ def test_compiled_cuda_step_matches_cpu_in_float64(split):
     assert result[0].execution == "cuda-graph"
 
 
+def test_cuda_precision_is_full_fp32_unless_tf32_and_restores_the_process_settings():
+    """PyTorch's default leaves cuDNN convolutions in TF32: float32 runs turn that off, tf32
+    runs turn both libraries' TF32 on; the flags are process settings, so they are put back.
+    (The flags can be set without a GPU; the GPU tests below train under them.)"""
+    from bnexp.engine.precision import cuda_precision
+
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = (matmul.allow_tf32, cudnn.allow_tf32)
+    try:
+        matmul.allow_tf32, cudnn.allow_tf32 = False, True  # PyTorch's defaults
+        for dtype, inside in (("float32", False), ("float64", False), ("tf32", True)):
+            with cuda_precision(dtype, torch.device("cuda")):
+                assert (matmul.allow_tf32, cudnn.allow_tf32) == (inside, inside), dtype
+            assert (matmul.allow_tf32, cudnn.allow_tf32) == (False, True), dtype
+        with cuda_precision("tf32", CPU):  # nothing to set off CUDA
+            assert (matmul.allow_tf32, cudnn.allow_tf32) == (False, True)
+        with pytest.raises(RuntimeError), cuda_precision("tf32", torch.device("cuda")):
+            raise RuntimeError("training failed")
+        assert (matmul.allow_tf32, cudnn.allow_tf32) == (False, True), "restored on errors"
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before
+
+
+@pytest.mark.gpu
+@CUDA
+def test_tf32_runs_are_deterministic_close_to_fp32_and_leave_fp32_alone(split):
+    """dtype tf32 rounds the products' inputs to 10 mantissa bits: the same run to run, on
+    both engines close to the fp32 run, and float32 runs afterwards are fp32 again."""
+    from bnexp.engine.precision import cuda_precision
+
+    gpu, data = torch.device("cuda"), split.to("cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a, b = (torch.rand(8, 512, 512, generator=g, device=gpu) for _ in range(2))
+    exact = torch.bmm(a.double(), b.double())
+    for dtype, lo, hi in (("float32", 0, 1e-5), ("tf32", 1e-4, 1e-2)):
+        with cuda_precision(dtype, gpu):  # fp32 products err ~1e-6 relative, TF32 ~1e-3
+            error = ((torch.bmm(a, b) - exact).abs().max() / exact.abs().max()).item()
+        assert lo < error < hi, (dtype, error)
+    cfg = run(activation="relu", lr=0.01, steps=50, eval_every=25)
+    fp32 = train_population([cfg], data, gpu, keep_states=True)[0]
+    as_tf32 = cfg.model_copy(update={"dtype": "tf32"})
+    tf32 = [train_population([as_tf32], data, gpu, keep_states=True)[0] for _ in range(2)]
+    assert fingerprint(tf32[0]) == fingerprint(tf32[1])
+    # TF32 emulated on the CPU (inputs of every product rounded to 10 mantissa bits) put
+    # this run's states within 6.5e-4 of fp32 at 50 steps (2.6e-3 at 200): 1e-2 is loose.
+    reference = train_reference(as_tf32, data, gpu, keep_states=True)
+    for other in (fp32, reference):
+        for x, y in zip(other.models, tf32[0].models, strict=True):
+            assert_states_close(y.state, x.state, rel=1e-2)
+    assert fingerprint(train_population([cfg], data, gpu, keep_states=True)[0]) == \
+        fingerprint(fp32)
+    assert not torch.backends.cuda.matmul.allow_tf32
+
+
 def test_only_asked_for_single_stack_cuda_populations_are_compiled():
     from bnexp.engine.population import should_compile
 

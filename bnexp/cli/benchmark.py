@@ -55,6 +55,9 @@ def bench(
     cuda_graph: Annotated[bool, typer.Option(
         "--cuda-graph/--no-cuda-graph", help="Capture the CUDA step as a graph.")] = True,
     compile_step: CompileOption = False,
+    tf32: Annotated[bool, typer.Option(
+        "--tf32", help="Time float32 networks whose matrix products run in TF32 on the "
+        "tensor cores (dtype tf32; CUDA, Ampere or newer). Off: full FP32.")] = False,
     out: Annotated[Path | None, typer.Option(
         "--out", metavar="PATH",
         help="JSON file (default results/bench/bench-<time>.json).")] = None,
@@ -67,6 +70,7 @@ def bench(
     from bnexp import bench as bench_mod
     from bnexp.data import DataError, load_split, resolve_data_dir
     from bnexp.engine import resolve_device
+    from bnexp.engine.precision import tf32_problem
     from bnexp.results import atomic_write
 
     if device not in cfg.DEVICES:
@@ -78,18 +82,22 @@ def bench(
     cuda = dev.type == "cuda"
     if compile_step and not cuda:
         fail(["--compile: only CUDA training steps are compiled (this bench runs on the CPU)"])
+    if tf32 and (problem := tf32_problem(dev)):
+        fail([f"--tf32 {problem}"])
+    dtype = "tf32" if tf32 else "float32"
     counts = _model_counts(models or ("2,32,256,1024" if cuda else "2,32,256"))
     n_steps = steps or (3000 if cuda else 300)
-    grid_runs = load_runs([grid], [f"device={dev.type}"], grid_seeds) if grid else []
+    grid_runs = (load_runs([grid], [f"device={dev.type}"] + (["dtype=tf32"] if tf32 else []),
+                           grid_seeds) if grid else [])
     split = bench_mod.random_split(dev)
     rows = []
     with err_console.status("reference loop (one network at a time)..."):
-        reference = bench_mod.bench_reference(split, dev, reference_steps)
+        reference = bench_mod.bench_reference(split, dev, reference_steps, dtype)
     rows.append(reference)
     for m in counts:
         with err_console.status(f"population engine, {m} networks..."):
             rows.append(bench_mod.bench_population(
-                split, dev, m, n_steps, reference, cuda_graph, compile_step))
+                split, dev, m, n_steps, reference, cuda_graph, compile_step, dtype))
     with err_console.status("operators per training step..."):
         ops = bench_mod.ops_per_step(split, dev)
     grid_record = None
@@ -119,7 +127,7 @@ def bench(
             f"{grid_record['seeds']} seed(s), {grid_record['compile_time_s']:.1f} s compiling, "
             f"{', '.join(grid_record['execution'])}", highlight=False)
     path = out or bench_mod.default_out(Path("results"))
-    atomic_write(path, json.dumps(bench_mod.as_record(rows, dev, grid_record, ops), indent=2))
+    atomic_write(path, json.dumps(bench_mod.as_record(rows, dev, grid_record, ops, tf32), indent=2))
     out_console.print(f"written {path}")
 
 

@@ -18,7 +18,8 @@ TRAIN_EVAL_EXAMPLES = 5_000
 
 
 NORM_NAMES = {"batch": "bn", "layer": "ln", "group": "gn"}
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# tensors' dtype by a run's dtype; tf32 keeps float32 tensors (engine/precision.py)
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "tf32": torch.float32}
 
 
 def variant_name(batch_norm: bool, norm: str = "batch") -> str:

@@ -30,6 +30,7 @@ from bnexp.engine.common import (
     tracked_unit,
     variant_name,
 )
+from bnexp.engine.precision import cuda_precision
 from bnexp.engine.stack import Member, Stack, StackKind
 from bnexp.engine.threads import shard_pool, single_threaded_kernels
 from bnexp.models import initial_weights
@@ -182,10 +183,11 @@ def train_population(runs: list[RunConfig], split: Split, device: torch.device,
     and at the end; on_evaluate(r, models) follows every evaluation (and a resume).
     On the CPU the models are spread over torch.get_num_threads() threads; on CUDA the step
     is captured as a CUDA graph, compiled first where compile_step and should_compile say so
-    (the result's execution says which path ran). A run's numbers are the same alone, in any
-    population, resumed or not, with any threads (on CUDA: unless compiled).
+    (the result's execution says which path ran), its products in TF32 only for dtype tf32.
+    A run's numbers are the same alone, in any population, resumed or not, with any threads
+    (on CUDA: unless compiled).
     """
-    with single_threaded_kernels(device) as threads:
+    with single_threaded_kernels(device) as threads, cuda_precision(runs[0].dtype, device):
         n_models = sum(len(run.batch_norm) for run in runs)
         shards = min(threads, n_models) if device.type == "cpu" else 1
         with shard_pool(shards) as pool:

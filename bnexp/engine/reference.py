@@ -29,6 +29,7 @@ from bnexp.engine.common import (
     tracked_unit,
     variant_name,
 )
+from bnexp.engine.precision import cuda_precision
 from bnexp.engine.stack import PERCENTILES
 from bnexp.engine.threads import single_threaded_kernels
 from bnexp.models import MLP, ConvNet, initial_conv_weights, initial_weights
@@ -143,7 +144,8 @@ def train_reference(run: RunConfig, split: Split, device: torch.device,
     for bn in run.batch_norm:
         cuda = [device.index or 0] if device.type == "cuda" else []
         # dropout masks: seeded, global RNG untouched
-        with torch.random.fork_rng(devices=cuda), single_threaded_kernels(device):
+        with (torch.random.fork_rng(devices=cuda), single_threaded_kernels(device),
+              cuda_precision(run.dtype, device)):
             torch.manual_seed(run.seed)
             models.append(train_model(run, bn, split, device, progress, keep_states,
                                       _live(on_evaluate, list(models)), stop))
