@@ -193,6 +193,8 @@ class RunConfig(Settings):
                 problems.append("arch convnet reads 28x28 images into 10 classes")
             if self.track_unit is not None or self.analyses:
                 problems.append("track_unit and analyses need arch mlp")
+            if self.dropout:
+                problems.append("dropout needs arch mlp (the ConvNet has no dropout)")
         if self.norm == "group" and True in self.batch_norm:
             widths = self.layers[1:-1] if self.arch == "mlp" else self.conv_channels
             if any(w % self.group_norm_groups for w in widths):

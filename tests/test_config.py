@@ -53,6 +53,12 @@ def test_bn_needs_two_examples_per_batch():
     validate_spec({"name": "x", "batch_size": 1, "batch_norm": [False]}, "mem")
 
 
+def test_options_the_convnet_lacks_are_errors_not_ignored():
+    with pytest.raises(ConfigError, match="dropout needs arch mlp"):
+        validate_spec({"name": "x", "arch": "convnet", "dropout": 0.5}, "mem")
+    validate_spec({"name": "x", "arch": "convnet"}, "mem")
+
+
 def test_dtype_is_a_result_setting_that_keeps_float32_run_ids():
     from bnexp.config import result_fields_of
 
