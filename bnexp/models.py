@@ -32,6 +32,72 @@ ACTIVATION_GRADS = {
 
 INIT_SCHEMES = ("normal", "xavier_uniform", "xavier_normal", "he_uniform", "he_normal")
 
+# -- dropout masks as a function of (seed, step, layer, example, unit) -----------------------
+# Both engines draw the same masks from this counter-based generator: no generator state, so a
+# mask does not depend on the device, on which networks share a population or on where a run
+# was resumed, and the whole computation is integer arithmetic that a CUDA graph can replay.
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    """(x * c) mod 2**32 for x in [0, 2**32) (an int or an int64 tensor); the constant is
+    split in halves so that no product leaves int64."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def hash32(x):
+    """Chris Wellons' lowbias32: a bijection of 32-bit values with low bias (ints or tensors)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def dropout_key(seed: int) -> int:
+    """A run's dropout key: its seed (below 2**63) folded into 32 bits."""
+    return hash32(hash32(seed & _MASK32) ^ (seed >> 32))
+
+
+def dropout_threshold(p: float) -> int:
+    """A unit is kept where its 32-bit draw is at least this: probability 1 - p."""
+    return round(p * 2**32)
+
+
+def dropout_draws(key, step, layer: int, positions: torch.Tensor) -> torch.Tensor:
+    """32-bit draws of a training step (1, 2, ...) in hidden layer `layer`, one per entry of
+    positions (broadcast against key's shape, one key per seed); positions numbers the units
+    of a batch's examples, 0 .. batch * width - 1."""
+    return hash32(hash32(hash32(key ^ step) ^ layer) ^ positions)
+
+
+def dropout_keep(key, step, layer: int, positions: torch.Tensor, threshold) -> torch.Tensor:
+    """Which units dropout keeps: draws at or above the rate's threshold. Networks with the
+    same key (the same seed) draw the same masks, as a plain/BN pair does."""
+    return dropout_draws(key, step, layer, positions) >= threshold
+
+
+def dropout_positions(batch: int, width: int, device: torch.device | str) -> torch.Tensor:
+    return torch.arange(batch * width, dtype=torch.long, device=device).view(batch, width)
+
+
+class CounterDropout(nn.Module):
+    """Inverted dropout with rate p whose masks come from dropout_keep: the training loop
+    sets `step` before each training step's forward pass."""
+
+    def __init__(self, p: float, seed: int):
+        super().__init__()
+        self.p, self.key, self.threshold = p, dropout_key(seed), dropout_threshold(p)
+        self.step = 0
+
+    def forward(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        if not self.training:
+            return x
+        positions = dropout_positions(x.shape[0], x.shape[1], x.device)
+        keep = dropout_keep(self.key, self.step, layer, positions, self.threshold)
+        return torch.where(keep, x * (1 / (1 - self.p)), 0.0)
+
 
 def _init_(w: torch.Tensor, scheme: str, scale: float, g: torch.Generator) -> torch.Tensor:
     """Fill w (nn.Linear layout: fan_in = columns) by scheme; scale applies to 'normal' only."""
@@ -117,13 +183,14 @@ class MLP(nn.Module):
     """Linear -> [batch norm] -> activation per hidden layer; a plain linear output layer.
 
     With batch norm the hidden linears have no bias: BN's beta takes its place. Options beyond
-    the lesson: BN after the activation instead of before, and dropout after each hidden layer.
+    the lesson: BN after the activation instead of before, and dropout after each hidden layer
+    (masks drawn by dropout_keep from dropout_seed; set self.dropout.step while training).
     """
 
     def __init__(self, weights: list[torch.Tensor], activation: str, batch_norm: bool,
                  bn_impl: str = "torch", bn_decay: float = BN_DECAY, bn_scale: bool = True,
                  bn_position: str = "before", dropout: float = 0.0, norm: str = "batch",
-                 groups: int = 10):
+                 groups: int = 10, dropout_seed: int = 0):
         super().__init__()
         self.activation = ACTIVATION_FNS[activation]
         self.bn_after = bn_position == "after"
@@ -138,7 +205,7 @@ class MLP(nn.Module):
             make_norm(w.shape[0], norm, bn_impl, bn_decay, bn_scale, groups)
             for w in weights[:-1]
         ) if batch_norm else None
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.dropout = CounterDropout(dropout, dropout_seed) if dropout > 0 else None
         with torch.no_grad():
             for linear, w in zip(self.linears, weights):
                 linear.weight.copy_(w)
@@ -158,7 +225,7 @@ class MLP(nn.Module):
             if self.norms is not None and self.bn_after:
                 x = self.norms[i](x)
             if self.dropout is not None:
-                x = self.dropout(x)
+                x = self.dropout(x, i)
         return self.linears[-1](x)
 
 

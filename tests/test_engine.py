@@ -98,6 +98,91 @@ def test_catalogue_matches_reference_in_float64(split, activation, norm, positio
         torch.testing.assert_close(p.unit_percentiles, r.unit_percentiles, rtol=1e-9, atol=1e-9)
 
 
+# Dropout on both engines: the same masks (models.dropout_keep), so the trajectories agree as
+# closely as without dropout. Largest gap measured at each horizon in the comment; tanh with
+# layer norm is the chaotic network of "should_compile" (1.5e-10 at 300 steps).
+DROPOUT_CASES = [
+    # settings, steps
+    (dict(activation="relu", lr=0.1, dropout=0.5), 300),  # 6e-15
+    (dict(activation="sigmoid", lr=0.5, dropout=0.2), 300),  # 6e-15
+    (dict(activation="relu", lr=0.1, dropout=0.5, bn_position="after"), 300),  # 7e-14
+    (dict(activation="tanh", lr=0.1, dropout=0.3, norm="layer"), 50),
+    (dict(activation="relu", lr=0.1, dropout=0.5, clip="norm", clip_threshold=0.5), 300),  # 3e-15
+]
+
+
+@pytest.mark.parametrize("settings, steps", DROPOUT_CASES)
+def test_dropout_matches_reference_in_float64(split, settings, steps):
+    cfg = run(steps=steps, eval_every=max(steps // 3, 1), dtype="float64", **settings)
+    pop = train_population([cfg], split, CPU, keep_states=True)[0]
+    ref = train_reference(cfg, split, CPU, keep_states=True)
+    assert pop.engine == "population"
+    for p, r in zip(pop.models, ref.models, strict=True):
+        assert p.val_acc == r.val_acc, p.name
+        expected = {k: v for k, v in r.state.items() if not k.endswith("num_batches_tracked")}
+        assert_states_close(p.state, expected, rel=1e-9)
+    without = train_population([cfg.model_copy(update={"dropout": 0.0})], split, CPU,
+                               keep_states=True)[0]
+    assert not torch.equal(without.models[0].state["linears.0.weight"],
+                           pop.models[0].state["linears.0.weight"]), "dropout took effect"
+
+
+def test_dropout_masks_are_bernoulli_and_a_function_of_seed_step_layer_and_unit():
+    from bnexp.models import (
+        dropout_keep,
+        dropout_key,
+        dropout_positions,
+        dropout_threshold,
+        hash32,
+    )
+
+    assert [hash32(x) for x in (1, 0x12345678)] == [0x688990C0, 0xF5E71C96]  # lowbias32
+    positions = dropout_positions(60, 100, CPU)
+    key = torch.tensor(dropout_key(0))
+
+    def masks(p: float, seed_key=key, layer: int = 0, steps=range(1, 201)) -> torch.Tensor:
+        return torch.stack([dropout_keep(seed_key, step, layer, positions,
+                                         dropout_threshold(p)) for step in steps])
+
+    half = masks(0.5)  # 200 steps x 6,000 units
+    assert abs(half.double().mean().item() - 0.5) < 0.005  # 1.2M draws: sd 4.6e-4
+    assert abs(masks(0.2).double().mean().item() - 0.8) < 0.004
+    assert masks(0.0).all(), "rate 0 keeps every unit"
+    # every unit, example, step and layer draws anew: agreement of two masks is chance (1/2)
+    per_unit = half.double().mean(dim=(0, 1))
+    assert per_unit.min() > 0.38 and per_unit.max() < 0.62, "no unit is (nearly) always kept"
+    for other in (masks(0.5, layer=1), masks(0.5, steps=range(2, 202)),
+                  masks(0.5, torch.tensor(dropout_key(1))), half.roll(1, dims=2)):
+        assert abs((other == half).double().mean().item() - 0.5) < 0.005
+    assert torch.equal(masks(0.5, steps=range(7, 9)), half[6:8]), "the same step, the same mask"
+    per_model = torch.tensor([dropout_key(0), dropout_key(1)]).view(2, 1, 1)
+    both = dropout_keep(per_model, 5, 2, positions, torch.tensor([dropout_threshold(0.5)] * 2
+                                                                 ).view(2, 1, 1))
+    assert torch.equal(both[0], masks(0.5, layer=2, steps=[5])[0])
+    assert torch.equal(both[1], masks(0.5, torch.tensor(dropout_key(1)), 2, [5])[0])
+
+
+def test_a_dropout_run_resumes_to_the_bytes_of_an_uninterrupted_one(split):
+    import threading
+
+    from bnexp.engine.common import Interrupted
+
+    cfg = run(activation="relu", dropout=0.5, lr=0.1, steps=60, eval_every=20)
+    whole = train_population([cfg], split, CPU, keep_states=True)[0]
+    stop, saved = threading.Event(), {}
+
+    def at_step_20(r, models) -> None:
+        if models[0].steps[-1] == 20:
+            stop.set()
+
+    with pytest.raises(Interrupted):
+        train_population([cfg], split, CPU, on_evaluate=at_step_20, stop=stop,
+                         on_checkpoint=lambda r, data: saved.update({r: data}))
+    assert saved[0]["step"] == 20
+    resumed = train_population([cfg], split, CPU, keep_states=True, resume=[saved[0]])[0]
+    assert fingerprint(resumed) == fingerprint(whole)
+
+
 def test_seeds_train_in_one_population_as_they_would_alone(split):
     """Three seeds, one population: each run's own stream and weights, the reference's numbers."""
     runs = [run(seed=s, activation=a, lr=0.1, steps=100, eval_every=50, dtype="float64")
@@ -188,6 +273,8 @@ MIXED = [dict(activation=a, lr=lr) for a in ("relu", "sigmoid", "tanh", "elu", "
     dict(activation="tanh", seed=1, norm="group", bn_position="after"),
     dict(activation="relu", seed=2, bn_position="after", lr=0.3),
     dict(activation="elu", norm="layer", bn_position="after"),
+    dict(activation="relu", dropout=0.5, lr=0.1),  # its masks follow its seed and the step
+    dict(activation="sigmoid", seed=1, dropout=0.2, bn_position="after", lr=0.3),
 ]
 
 
@@ -205,7 +292,7 @@ def test_a_runs_numbers_do_not_depend_on_its_population_or_threads(split):
         assert together[0].population_size == 2 * len(runs)
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            for i in (0, 3, 10, 14, 16, 17, len(runs) - 1):
+            for i in (0, 3, 10, 14, 16, 17, len(runs) - 2, len(runs) - 1):
                 alone = train_population([runs[i]], split, CPU, keep_states=True)[0]
                 assert fingerprint(alone) == fingerprint(together[i]), (threads, MIXED[i])
         torch.set_num_threads(2)
@@ -303,11 +390,12 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @pytest.mark.gpu
 @CUDA
-@pytest.mark.parametrize("activation, lr, init_scale",
-                         [("relu", 0.1, 0.05), ("sigmoid", 2.0, 0.05)])
-def test_cuda_matches_cpu_in_float64(split, activation, lr, init_scale):
+@pytest.mark.parametrize("activation, lr, init_scale, dropout",
+                         [("relu", 0.1, 0.05, 0.0), ("sigmoid", 2.0, 0.05, 0.0),
+                          ("relu", 0.1, 0.05, 0.5)])
+def test_cuda_matches_cpu_in_float64(split, activation, lr, init_scale, dropout):
     cfg = run(activation=activation, lr=lr, init_scale=init_scale, steps=100, eval_every=50,
-              dtype="float64")
+              dtype="float64", dropout=dropout)
     cpu = train_population([cfg], split, CPU, keep_states=True)[0]
     gpu = train_population([cfg], split.to("cuda"), torch.device("cuda"), keep_states=True)[0]
     for a, b in zip(cpu.models, gpu.models, strict=True):
@@ -335,9 +423,10 @@ def test_cuda_graph_equals_eager_bit_for_bit_and_cpu_in_short_fp32(split):
 @CUDA
 def test_compiled_cuda_step_matches_cpu_in_float64(split):
     """The compiled, captured step of a one-stack population (relu and sigmoid, BN on and
-    off, two seeds) against the CPU engine; a population of several stacks stays uncompiled."""
-    runs = [run(activation=a, lr=0.1, seed=s, steps=100, eval_every=50, dtype="float64")
-            for a, s in (("relu", 0), ("sigmoid", 1), ("relu", 1))]
+    off, two seeds, one network with dropout) against the CPU engine; a population of
+    several stacks stays uncompiled."""
+    runs = [run(activation=a, lr=0.1, seed=s, steps=100, eval_every=50, dtype="float64",
+                dropout=d) for a, s, d in (("relu", 0, 0.0), ("sigmoid", 1, 0.0), ("relu", 1, 0.5))]
     cpu = train_population(runs, split, CPU, keep_states=True)
     gpu = train_population(runs, split.to("cuda"), torch.device("cuda"), keep_states=True,
                            compile_step=True)

@@ -321,9 +321,9 @@ def _dry_run(planned: list[sweep.Planned], force: bool, retry_failed: bool, out:
                       f"{sweep.network_steps(todo):,} network-steps. Runs share a population "
                       "when they differ only in seed (each seed reads its own batch stream), "
                       "learning rate, activation, initial weights, normaliser (batch, layer or "
-                      "group norm, before or after the activation) or clipping; another "
-                      "dataset, batch size, step count, evaluation schedule or dtype needs its "
-                      "own, and runs with dropout or the hand-written BN layer, and ConvNets, "
+                      "group norm, before or after the activation), dropout or clipping; "
+                      "another dataset, batch size, step count, evaluation schedule or dtype "
+                      "needs its own, and runs with the hand-written BN layer, and ConvNets, "
                       "train alone on the reference engine.",
                       highlight=False)
 

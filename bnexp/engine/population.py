@@ -38,7 +38,7 @@ from bnexp.models import initial_weights
 
 def population_can_train(run: RunConfig) -> bool:
     """What the stacked engine expresses; the rest trains on the reference engine."""
-    return run.arch == "mlp" and run.dropout == 0 and run.bn_impl == "torch"
+    return run.arch == "mlp" and run.bn_impl == "torch"
 
 
 def _kind(run: RunConfig) -> StackKind:
@@ -78,7 +78,8 @@ def _build_stacks(runs: list[RunConfig], device: torch.device, shards: int = 1):
         group = []
         for (kind, _), part in members.items():
             stack = Stack([Member(runs[r].activation, bn, runs[r].lr, weights[r],
-                                  slot[runs[r].seed], runs[r].bn_decay) for r, bn in part],
+                                  slot[runs[r].seed], runs[r].bn_decay, runs[r].dropout,
+                                  runs[r].seed) for r, bn in part],
                           kind, device, dtype)
             for i, (r, bn) in enumerate(part):
                 where[(r, bn)] = (stack, i)

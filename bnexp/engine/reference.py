@@ -1,8 +1,7 @@
 """The reference engine: one ordinary nn.Module and torch.optim.SGD per model, in turn.
 
 It is deliberately plain; tests hold the population engine to its numbers. It also trains
-what the population engine does not express (BN after the activation, dropout, the
-hand-written BN layer).
+what the population engine does not express (the hand-written BN layer, the ConvNet).
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ def build_model(run: RunConfig, batch_norm: bool) -> MLP | ConvNet:
                        run.norm, run.group_norm_groups)
     weights = initial_weights(run.layers, run.init_scale, run.seed, run.init)
     return MLP(weights, run.activation, batch_norm, run.bn_impl, run.bn_decay, run.bn_scale,
-               run.bn_position, run.dropout, run.norm, run.group_norm_groups)
+               run.bn_position, run.dropout, run.norm, run.group_norm_groups, run.seed)
 
 
 @torch.no_grad()
@@ -75,6 +74,7 @@ def train_model(run: RunConfig, batch_norm: bool, split: Split, device: torch.de
     on_record(result) follows every evaluation; Interrupted at the evaluation after stop is
     set (the reference engine keeps no checkpoints: such a run starts over)."""
     model = build_model(run, batch_norm).to(device, DTYPES[run.dtype])
+    dropout = getattr(model, "dropout", None)  # its masks follow the step (MLP only)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=run.lr)
     stream = BatchStream(split.train_x.shape[0], run.batch_size, run.seed, device)
@@ -98,6 +98,8 @@ def train_model(run: RunConfig, batch_norm: bool, split: Split, device: torch.de
         tick = time.perf_counter()
         loss_sum = 0.0
         for idx in stream.next_indices(n_block):
+            if dropout is not None:
+                dropout.step = done + 1
             loss = F.cross_entropy(model(split.train_x[idx]), split.train_y[idx])
             optimizer.zero_grad()
             loss.backward()

@@ -3,10 +3,12 @@
 All models of a population that share a StackKind (normaliser, its place, clipping) form one
 ``Stack``: their parameters are stacked along a leading model dimension, so one batched matrix
 product runs a layer of every model. Within a stack each model has its own activation, its
-own normaliser on/off flag, learning rate, BN decay and batch stream (seed): models are
-ordered by activation so that each activation is one contiguous slice, and a per-model mask
-picks the normalised or the plain branch (both are computed; ``torch.where`` selects exactly,
-so the branch a model does not take never reaches its numbers, even when it holds NaN).
+own normaliser on/off flag, learning rate, BN decay, dropout rate and batch stream (seed):
+models are ordered by activation so that each activation is one contiguous slice, and a
+per-model mask picks the normalised or the plain branch (both are computed; ``torch.where``
+selects exactly, so the branch a model does not take never reaches its numbers, even when it
+holds NaN). Dropout masks are drawn once per seed of the stack (models.dropout_draws), each
+model keeping the units its rate allows.
 
 Shapes: M models, S batch streams, B examples, layer l maps n_in -> n_out.
   weights                                (M, n_in, n_out)   torch.bmm over the model dimension
@@ -32,7 +34,17 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from bnexp.models import ACTIVATION_GRADS, BN_DECAY, BN_EPS, LEAKY_SLOPE, bn_momentum
+from bnexp.models import (
+    ACTIVATION_GRADS,
+    BN_DECAY,
+    BN_EPS,
+    LEAKY_SLOPE,
+    bn_momentum,
+    dropout_draws,
+    dropout_key,
+    dropout_positions,
+    dropout_threshold,
+)
 
 EVAL_ELEMENTS = 1 << 25  # activations per evaluation chunk (128 MiB of fp32)
 EVAL_ROWS = 1000  # examples per evaluation product: fixed, so a model's logits never depend on M
@@ -70,6 +82,8 @@ class Member:
     weights: list[torch.Tensor] = field(compare=False)  # nn.Linear layout (out, in)
     stream: int = 0  # which of the population's batch streams the model reads
     bn_decay: float = BN_DECAY
+    dropout: float = 0.0  # rate, after each hidden layer's activation (and normaliser)
+    seed: int = 0  # the run's: its dropout masks (models.dropout_keep)
 
 
 def _pick(mask, a: torch.Tensor, b) -> torch.Tensor:
@@ -120,6 +134,23 @@ class Stack:
         # Running averages move by 1 - decay toward each batch's statistics.
         self.momentum = torch.tensor([bn_momentum(m.bn_decay) for m in members], dtype=dtype,
                                      device=device).view(self.m, 1, 1)
+        # Dropout, where any model has it: draws once per seed among the stack's models, a
+        # keep threshold and scale per model (rate 0 keeps every unit and scales by exactly
+        # 1, so its numbers are untouched).
+        self.dropout = any(m.dropout > 0 for m in members)
+        if self.dropout:
+            def per_model(values: list, kind: torch.dtype) -> torch.Tensor:
+                return torch.tensor(values, dtype=kind, device=device).view(self.m, 1, 1)
+
+            seeds = list(dict.fromkeys(m.seed for m in members))
+            self.drop_keys = torch.tensor([dropout_key(seed) for seed in seeds],
+                                          dtype=torch.long, device=device).view(-1, 1, 1)
+            self.drop_seed_of = (None if len(seeds) == 1 else torch.tensor(
+                [seeds.index(m.seed) for m in members], dtype=torch.long, device=device))
+            self.drop_threshold = per_model([dropout_threshold(m.dropout) for m in members],
+                                            torch.long)
+            self.drop_scale = per_model([1 / (1 - m.dropout) for m in members], dtype)
+            self._positions: dict[tuple[int, int], torch.Tensor] = {}
         self.loss_sum = torch.zeros(self.m, device=device, dtype=dtype)
         self.diverged_at = torch.full((self.m,), -1, dtype=torch.long, device=device)
 
@@ -186,6 +217,17 @@ class Stack:
     def _affine(self, v_hat: torch.Tensor, l: int) -> torch.Tensor:
         return v_hat * self.gamma[l] + self.beta[l]
 
+    def _dropout_keep(self, l: int, step: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Each model's dropout mask of hidden layer l at this training step, (M, B, n)."""
+        shape = (like.shape[1], like.shape[2])
+        if shape not in self._positions:  # made once, before a CUDA graph is captured
+            self._positions[shape] = dropout_positions(*shape, like.device)
+        # the 32-bit draws once per seed (keep everything, then each model's threshold)
+        draws = dropout_draws(self.drop_keys, step, l, self._positions[shape])
+        draws = (draws.expand(self.m, -1, -1) if self.drop_seed_of is None
+                 else draws.index_select(0, self.drop_seed_of))
+        return draws >= self.drop_threshold
+
     # -- forward and backward -----------------------------------------------------------
 
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
@@ -196,12 +238,13 @@ class Stack:
 
     def forward(self, x: torch.Tensor, train: bool, saved: list | None = None,
                 probe: tuple[int, int] | None = None, probed: list | None = None,
-                ) -> torch.Tensor:
+                step: torch.Tensor | None = None) -> torch.Tensor:
         """x (S, B, n_in), the batch of each stream -> logits (M, B, n_classes).
 
         With saved, each hidden layer appends what the backward pass needs:
-        (layer input, v_hat, 1/std, activation output). With probe=(layer, unit), probed
-        receives that unit's activation input, shape (M, B).
+        (layer input, v_hat, 1/std, activation output, dropout mask or None). With
+        probe=(layer, unit), probed receives that unit's activation input, shape (M, B).
+        Dropout applies in training: step is then the training step's number (1, 2, ...).
         """
         h = self._inputs(x)
         before = self.kind.position == "before"
@@ -228,11 +271,15 @@ class Stack:
             if not before and normed:
                 v_hat, inv_std = self._normalize(a, l, train)
                 out = _pick(self.norm_mask, self._affine(v_hat, l), a)
+            keep = None
+            if train and self.dropout:
+                keep = self._dropout_keep(l, step, out)
+                out = torch.where(keep, out * self.drop_scale, 0.0)
             if saved is not None:
-                saved.append((h, v_hat, inv_std, a))
+                saved.append((h, v_hat, inv_std, a, keep))
             h = out
         if saved is not None:
-            saved.append((h, None, None, None))
+            saved.append((h, None, None, None, None))
         return torch.baddbmm(self.b[-1], h, self.w[-1])
 
     def _targets(self, y: torch.Tensor) -> torch.Tensor:
@@ -241,17 +288,17 @@ class Stack:
         return y.index_select(0, self.streams).unsqueeze(2)
 
     def gradients(self, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor | None = None,
-                  ) -> tuple[torch.Tensor, list]:
+                  step: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
         """Per-model mean cross-entropy (M,) and its gradients, in the order of self.params.
 
         The backward pass is written out: softmax cross-entropy, linear layers, activations
         and the normaliser (with batch statistics, so the mean and variance are
         differentiated). Every gradient is linear in d loss / d logits, so a per-model scale
         (M, 1, 1), such as the learning rate, applied there scales all of that model's
-        gradients.
+        gradients. step numbers the training step (dropout masks follow it).
         """
         saved: list = []
-        logits = self.forward(x, train=True, saved=saved)
+        logits = self.forward(x, train=True, saved=saved, step=step)
         log_p = torch.log_softmax(logits, dim=2)
         target = self._targets(y)
         loss = -log_p.gather(2, target).squeeze(2).mean(dim=1)
@@ -279,9 +326,11 @@ class Stack:
                      dbeta: list) -> torch.Tensor:
         """Hidden layer l's backward pass from d loss / d output: fills db, dgamma, dbeta
         and returns d loss / d (linear output)."""
-        _, v_hat, inv_std, a = saved
+        _, v_hat, inv_std, a, keep = saved
         mask = self.norm_mask
         normed = mask is not False
+        if keep is not None:  # through the dropout that followed the layer
+            dh = torch.where(keep, dh * self.drop_scale, 0.0)
 
         def affine_grads(d: torch.Tensor) -> torch.Tensor:
             dgamma[l] = _pick(mask, (d * v_hat).sum(dim=1, keepdim=True), 0.0)
@@ -303,9 +352,10 @@ class Stack:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, step: torch.Tensor) -> None:
         """One SGD step for every model; step is a 0-d device tensor (graph-capturable)."""
         if self.kind.clip == "none":
-            loss, steps = self.gradients(x, y, scale=self.lr)  # learning-rate-scaled gradients
+            # learning-rate-scaled gradients
+            loss, steps = self.gradients(x, y, scale=self.lr, step=step)
         else:  # clipping acts on the plain gradients, before the learning rate
-            loss, grads = self.gradients(x, y)
+            loss, grads = self.gradients(x, y, step=step)
             steps = self._clipped_steps(grads)
         torch._foreach_sub_(self.params, steps)
         self.loss_sum += loss
