@@ -159,6 +159,18 @@ def test_cuda_without_gpu_is_a_clear_error(env):
     assert result.exit_code == 2 and "no CUDA GPU" in result.stderr
 
 
+def test_compile_on_the_cpu_is_recorded(env):
+    """--compile runs on the CPU too (it pays for small populations); summary.json and the
+    time line say so. (float64: the graph test_engine compiles, so Inductor's cache serves
+    one of the two.)"""
+    path = experiment(env, "name: c\nlr: 0.1\n")
+    result = invoke("run", path, *FAST, "--set", "dtype=float64", "--compile")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(next((env / "results" / "c").glob("*/summary.json")).read_text())
+    assert summary["execution"] == "compiled" and summary["compile_time_s"] > 0
+    assert re.search(r"[\d.]+ s compiling", result.stderr)
+
+
 def test_tf32_where_it_cannot_run_is_a_clear_error(env):
     """dtype tf32 is TF32 arithmetic on CUDA tensor cores: refused on the CPU (where it would
     silently be float32), before anything is written."""

@@ -80,8 +80,6 @@ def bench(
     except cfg.ConfigError as exc:
         fail(exc.problems)
     cuda = dev.type == "cuda"
-    if compile_step and not cuda:
-        fail(["--compile: only CUDA training steps are compiled (this bench runs on the CPU)"])
     if tf32 and (problem := tf32_problem(dev)):
         fail([f"--tf32 {problem}"])
     dtype = "tf32" if tf32 else "float32"

@@ -26,7 +26,6 @@ from bnexp.cli.common import (
     ThreadsOption,
     YesOption,
     app,
-    check_compile,
     check_executor,
     check_tensorboard,
     check_writable,
@@ -160,7 +159,6 @@ def run(
     named = dict(device=device, engine=engine, steps=steps, seed=seed)
     runs = load_runs([file], overrides(set_, **named), allow_large=yes, labels=labels(**named))
     planned = _plan(runs, out)
-    check_compile(compile_step, planned)
     check_tensorboard(tensorboard)
     outcomes, began = _execute(planned, out, data_dir, f"{runs[0].experiment}", force=force,
                                compile_step=compile_step, tensorboard=tensorboard)
@@ -268,7 +266,6 @@ def sweep_command(
     if dry_run:
         _dry_run(planned, force, retry_failed, out)
         return
-    check_compile(compile_step, planned)
     check_tensorboard(tensorboard)
     outcomes, began = _execute(planned, out, data_dir, "sweep", force=force,
                                fail_fast=fail_fast, retry_failed=retry_failed,

@@ -1,5 +1,6 @@
-"""The population's training step on CUDA: compiled with torch.compile (Inductor) where asked,
-then captured as one CUDA graph, with fallbacks to the uncompiled graph and to eager steps."""
+"""The population's training step compiled with torch.compile (Inductor) where asked: on CUDA
+then captured as one CUDA graph, with fallbacks to the uncompiled graph and to eager steps; on
+the CPU each shard's step through Inductor's C++ backend, with a fallback to eager steps."""
 
 from __future__ import annotations
 
@@ -41,15 +42,47 @@ FALLBACK_OPTIONS: dict[str, object] = {"loop_ordering_after_fusion": False}
 
 
 def compiled(step_all: Callable[[], None], options: dict[str, object] | None = None,
-             ) -> Callable[[], None]:
+             fresh: bool = True) -> Callable[[], None]:
     """step_all through Inductor as one graph (no graph breaks), compiled afresh for each
-    population: its shapes are fixed, so earlier populations' entries would only be guards."""
+    population (fresh: earlier entries dropped; its shapes are fixed, so earlier populations'
+    entries would only be guards)."""
     import torch._inductor.config as inductor
 
     wanted = INDUCTOR_OPTIONS if options is None else options
     known = {k: v for k, v in wanted.items() if hasattr(inductor, k)}
-    torch.compiler.reset()
+    if fresh:
+        torch.compiler.reset()
     return torch.compile(step_all, fullgraph=True, dynamic=False, options=known)
+
+
+def compile_cpu_steps(steps: list[Callable[[], None]], state: list[torch.Tensor],
+                      ) -> tuple[list[Callable[[], None]], str, float]:
+    """(steps to run, execution, seconds spent compiling) for the CPU shards' steps.
+
+    Each is compiled here, in the calling thread, by one warm-up call (the shards' threads
+    then only run the compiled code); state lists every tensor a step changes and is restored
+    afterwards. Where compiling fails, the steps run eagerly (execution "eager").
+    """
+    saved = [t.detach().clone() for t in state]
+    start = time.perf_counter()  # importing the compiler counts too (about a second)
+    import torch._dynamo.config as dynamo
+
+    torch.compiler.reset()
+    try:
+        # one compiled graph per shard of the same code: room for all of them
+        with dynamo.patch(recompile_limit=max(8, 2 * len(steps))):
+            fast = [compiled(step, fresh=False) for step in steps]
+            for step in fast:
+                step()
+        execution = "compiled"
+    except Exception as exc:  # the result records the path that ran
+        log.warning("training step: compiling failed (%s: %s); running it uncompiled",
+                    type(exc).__name__, exc)
+        fast, execution = steps, "eager"
+    seconds = time.perf_counter() - start
+    for t, v in zip(state, saved):
+        t.copy_(v)
+    return fast, execution, seconds
 
 
 def capture_step(step_all: Callable[[], None], state: list[torch.Tensor],

@@ -100,6 +100,8 @@ class Stack:
         self.m = len(members)
         self.kind = kind
         self.device = torch.device(device)
+        # 0 for a compiled step: Inductor writes no strided out= buffers (and its kernels
+        # do not keep models apart anyway)
         self.canvas_pad = CANVAS_PAD if self.device.type == "cpu" else 0
         self.n_hidden = len(members[0].weights) - 1
         self.slices = _activation_slices([m.activation for m in members])
@@ -150,7 +152,6 @@ class Stack:
             self.drop_threshold = per_model([dropout_threshold(m.dropout) for m in members],
                                             torch.long)
             self.drop_scale = per_model([1 / (1 - m.dropout) for m in members], dtype)
-            self._positions: dict[tuple[int, int], torch.Tensor] = {}
         self.loss_sum = torch.zeros(self.m, device=device, dtype=dtype)
         self.diverged_at = torch.full((self.m,), -1, dtype=torch.long, device=device)
 
@@ -219,11 +220,9 @@ class Stack:
 
     def _dropout_keep(self, l: int, step: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Each model's dropout mask of hidden layer l at this training step, (M, B, n)."""
-        shape = (like.shape[1], like.shape[2])
-        if shape not in self._positions:  # made once, before a CUDA graph is captured
-            self._positions[shape] = dropout_positions(*shape, like.device)
-        # the 32-bit draws once per seed (keep everything, then each model's threshold)
-        draws = dropout_draws(self.drop_keys, step, l, self._positions[shape])
+        positions = dropout_positions(like.shape[1], like.shape[2], like.device)
+        # the 32-bit draws once per seed, then each model's threshold
+        draws = dropout_draws(self.drop_keys, step, l, positions)
         draws = (draws.expand(self.m, -1, -1) if self.drop_seed_of is None
                  else draws.index_select(0, self.drop_seed_of))
         return draws >= self.drop_threshold
