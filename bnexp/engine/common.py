@@ -72,7 +72,7 @@ class RunResult:
     models: list[ModelResult]
     wall_time_s: float
     population_size: int  # networks trained together (they share the wall time)
-    execution: str = "eager"  # or "cuda-graph", or "compiled+cuda-graph"
+    execution: str = "eager"  # or "compiled" (CPU), "cuda-graph", "compiled+cuda-graph"
     train_time_s: float | None = None  # training steps alone, without evaluation and set-up
     compile_time_s: float = 0.0  # compiling and capturing the step (inside wall_time_s)
     eval_time_s: float = 0.0  # evaluating while training, live metrics written (inside too)

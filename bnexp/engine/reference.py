@@ -143,12 +143,8 @@ def train_reference(run: RunConfig, split: Split, device: torch.device,
     start = time.perf_counter()
     models = []
     split = split.astype(DTYPES[run.dtype])
-    for bn in run.batch_norm:
-        cuda = [device.index or 0] if device.type == "cuda" else []
-        # dropout masks: seeded, global RNG untouched
-        with (torch.random.fork_rng(devices=cuda), single_threaded_kernels(device),
-              cuda_precision(run.dtype, device)):
-            torch.manual_seed(run.seed)
+    for bn in run.batch_norm:  # dropout masks follow the seed and step (CounterDropout)
+        with single_threaded_kernels(device), cuda_precision(run.dtype, device):
             models.append(train_model(run, bn, split, device, progress, keep_states,
                                       _live(on_evaluate, list(models)), stop))
     return RunResult(run, str(device), "reference", models, time.perf_counter() - start, 1,
