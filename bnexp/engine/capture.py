@@ -13,6 +13,12 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def _copy_back(state: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
+    """Put back the values of the training state that warm-up steps changed."""
+    for t, v in zip(state, saved):
+        t.copy_(v)
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued device work, so that host clocks measure it."""
     if device.type == "cuda":
@@ -80,8 +86,7 @@ def compile_cpu_steps(steps: list[Callable[[], None]], state: list[torch.Tensor]
                     type(exc).__name__, exc)
         fast, execution = steps, "eager"
     seconds = time.perf_counter() - start
-    for t, v in zip(state, saved):
-        t.copy_(v)
+    _copy_back(state, saved)
     return fast, execution, seconds
 
 
@@ -109,10 +114,8 @@ def capture_step(step_all: Callable[[], None], state: list[torch.Tensor],
         except Exception as exc:  # the result records the path that ran
             log.warning("training step: %s failed (%s: %s); falling back", name,
                         type(exc).__name__, exc)
-            for t, v in zip(state, saved):
-                t.copy_(v)
+            _copy_back(state, saved)
     sync(device)
     seconds = time.perf_counter() - start
-    for t, v in zip(state, saved):
-        t.copy_(v)
+    _copy_back(state, saved)
     return graph, execution, seconds
