@@ -22,8 +22,9 @@ from bnexp import results
 from bnexp.config import RunConfig
 from bnexp.data import Split
 from bnexp.engine import group_runs, train_population, train_reference
-from bnexp.engine.capture import compiled, sync
+from bnexp.engine.capture import INDUCTOR_OPTIONS, compiled, sync
 from bnexp.engine.population import one_step
+from bnexp.engine.threads import single_threaded_kernels
 
 LESSON_AXES = (("relu", "sigmoid"), (0.01, 1.0, 2.0), (0.05, 5.0))
 
@@ -151,10 +152,34 @@ def _cuda_kernels(step) -> int:
                and not e.name.startswith(("Memcpy", "Memset")))
 
 
-def ops_per_step(split: Split, device: torch.device) -> dict:
+def _cpu_compiled_calls(step) -> dict:
+    """What one call of the CPU step compiled by Inductor runs: calls of its generated C++
+    kernels (each may hold several loops) and the aten operators it calls (matrix products),
+    counted by the profiler (Inductor's kernel profiling names every generated kernel)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    start = time.perf_counter()
+    fast = compiled(step, {**INDUCTOR_OPTIONS, "cpp.enable_kernel_profile": True})
+    fast()
+    seconds = time.perf_counter() - start
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fast()
+    kernels, aten = 0, 0
+    for event in prof.events():
+        parent = event.cpu_parent
+        if parent is not None and (parent.name.startswith("aten::") or "cpp_fused" in parent.name):
+            continue  # inside a counted call
+        kernels += "cpp_fused" in event.name
+        aten += event.name.startswith("aten::")
+    return {"cpu_compiled_kernel_calls": kernels, "cpu_compiled_aten_calls": aten,
+            "cpu_compiled_calls": kernels + aten, "compile_s": seconds}
+
+
+def ops_per_step(split: Split, device: torch.device, compile_step: bool = False) -> dict:
     """What one training step of the lesson population (its 24 networks) dispatches:
-    aten operators of the eager step (on any device) and, on CUDA, kernels launched by the
-    eager and by the compiled step."""
+    aten operators of the eager step (on any device); on CUDA, kernels launched by the
+    eager and by the compiled step; on the CPU with compile_step, the calls the compiled
+    step makes."""
     runs = population_runs(24, steps=1, eval_every=1)
     step = one_step(runs, split, device)
     step()  # the first call allocates; count a steady step
@@ -171,6 +196,9 @@ def ops_per_step(split: Split, device: torch.device) -> dict:
         sync(device)
         record["compile_s"] = time.perf_counter() - start
         record["cuda_kernels_compiled"] = _cuda_kernels(fast)
+    elif compile_step:  # compiled on one thread, as the engine compiles each shard's step
+        with single_threaded_kernels(device):
+            record.update(_cpu_compiled_calls(one_step(runs, split, device, compiling=True)))
     return record
 
 

@@ -53,3 +53,14 @@ def test_the_lesson_population_needs_one_stack_on_cuda_and_two_on_the_cpu():
 def test_bench_rejects_bad_model_counts():
     result = CliRunner().invoke(app, ["bench", "--models", "two", "--device", "cpu"])
     assert result.exit_code == 2 and "--models two" in result.stderr
+
+
+def test_the_compiled_cpu_steps_calls_are_counted():
+    """--compile on the CPU: the compiled step of the lesson population calls its generated
+    kernels and one aten product per layer and direction of each of its two stacks."""
+    ops = bench.ops_per_step(bench.random_split(CPU, n_train=600), CPU, compile_step=True)
+    products = 2 * (4 + 4 + 3)  # forward, weight gradients, input gradients (not layer 1)
+    assert ops["cpu_compiled_aten_calls"] == products
+    assert 0 < ops["cpu_compiled_kernel_calls"] < ops["aten_ops_without_views"]
+    assert ops["cpu_compiled_calls"] == products + ops["cpu_compiled_kernel_calls"]
+    assert ops["compile_s"] > 0

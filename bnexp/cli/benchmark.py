@@ -97,7 +97,7 @@ def bench(
             rows.append(bench_mod.bench_population(
                 split, dev, m, n_steps, reference, cuda_graph, compile_step, dtype))
     with err_console.status("operators per training step..."):
-        ops = bench_mod.ops_per_step(split, dev)
+        ops = bench_mod.ops_per_step(split, dev, compile_step)
     grid_record = None
     if grid_runs:
         try:
@@ -111,7 +111,11 @@ def bench(
     out_console.print(_bench_table(rows))
     kernels = (f"; CUDA kernels: {ops['cuda_kernels_eager']} eager, "
                f"{ops['cuda_kernels_compiled']} compiled ({ops['compile_s']:.1f} s to compile)"
-               if "cuda_kernels_compiled" in ops else "")
+               if "cuda_kernels_compiled" in ops else
+               f"; compiled: {ops['cpu_compiled_calls']} calls ("
+               f"{ops['cpu_compiled_kernel_calls']} of generated C++ kernels, "
+               f"{ops['cpu_compiled_aten_calls']} of aten operators; {ops['compile_s']:.1f} s "
+               "to compile)" if "cpu_compiled_calls" in ops else "")
     out_console.print(f"one training step of the lesson population ({ops['networks']} "
                       f"networks): {ops['aten_ops']} aten operators dispatched "
                       f"({ops['aten_ops_without_views']} without views){kernels}",

@@ -150,10 +150,14 @@ def _next_block(streams, n_steps: int) -> torch.Tensor:
 
 
 def one_step(runs: list[RunConfig], split: Split, device: torch.device,
-             ) -> Callable[[], None]:
+             compiling: bool = False) -> Callable[[], None]:
     """One training step of every model of runs, as a function (for counting and profiling
-    what a step dispatches); it reads the first batch of each seed's stream, every call."""
+    what a step dispatches); it reads the first batch of each seed's stream, every call.
+    compiling: laid out for torch.compile (unpadded canvases, as a compiled shard has)."""
     groups, _ = _build_stacks(runs, device, 1)
+    if compiling:
+        for stack in groups[0]:
+            stack.canvas_pad = 0
     seeds = stream_seeds(runs)
     block = _next_block([BatchStream(split.train_x.shape[0], runs[0].batch_size, seed, device)
                          for seed in seeds], 1)
@@ -180,10 +184,13 @@ def should_compile(runs: list[RunConfig], device: torch.device, compile_step: bo
     amplifies any rounding difference tenfold every 6 to 8 steps: compiled with Inductor on
     the CPU it drifts the same way, and so does the eager step when that network's learning
     rate is changed by 2e-16; its other networks stay within 2e-15 and 1e-12.) On the CPU
-    compiling pays for small populations, whose steps are mostly per-operator overhead
-    (2 to 8 networks: about 1.8x faster steps), not for large ones, whose time is in the
-    matrix products (the lesson's 24: 8.5 ms per step against 7.9 ms eager); it costs
-    20 to 75 s per population with a cold Inductor cache, about 4 s with a warm one.
+    compiling pays most for small populations, whose steps are mostly per-operator overhead
+    (2 to 8 networks: about 1.8x faster steps), less for large ones, whose time is in the
+    matrix products (the lesson's 24 on 2 threads: 1.3x); it costs 20 to 75 s per
+    population with a cold Inductor cache, about 4 s with a warm one. Compiled CPU kernels
+    are not independent of the population either: with mixed populations compiled for the
+    test, a sigmoid and an elu run gave other bytes alone than among other networks (16
+    runs of the lesson's grid gave the same bytes alone and among 24 and 72 networks).
     """
     return (bool(compile_step) and device.type in ("cuda", "cpu")
             and len({_kind(run) for run in runs}) == 1)
