@@ -75,11 +75,12 @@ TensorBoardOption = Annotated[bool, typer.Option(
 CompileOption = Annotated[bool, typer.Option(
     "--compile", help="Compile each population's training step with torch.compile "
     "(Inductor; on CUDA then captured as a CUDA graph). Pays on CUDA for large grids and on "
-    "the CPU for small populations (2 to 8 networks: about 1.8x faster steps), after 4-75 s "
-    "of compiling per population (less once Inductor's cache holds it). The compiled kernels "
-    "depend on the population's size, so a run's last digits then depend on which runs "
-    "shared its population (recorded as execution: compiled, or compiled+cuda-graph). Off by "
-    "default; populations mixing kinds of normaliser or clipping stay uncompiled.")]
+    "the CPU for populations up to the lesson's 24 networks (2 threads: 2 to 8 networks "
+    "about 1.8x faster steps, 24 networks 1.3x), after 4-75 s of compiling per population "
+    "(less once Inductor's cache holds it). The compiled kernels depend on the population, "
+    "so a run's last digits then depend on which runs shared it (recorded as execution: "
+    "compiled, or compiled+cuda-graph). Off by default; populations mixing kinds of "
+    "normaliser or clipping stay uncompiled.")]
 
 
 def set_threads(threads: int | None) -> None:
