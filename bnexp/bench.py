@@ -12,6 +12,7 @@ import collections
 import itertools
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -152,16 +153,25 @@ def _cuda_kernels(step) -> int:
                and not e.name.startswith(("Memcpy", "Memset")))
 
 
+def _compile_timed(step: Callable[[], None], device: torch.device,
+                   options: dict[str, object] | None = None,
+                   ) -> tuple[Callable[[], None], float]:
+    """(step compiled by Inductor, seconds to compile it: its first call)."""
+    start = time.perf_counter()
+    fast = compiled(step, options)
+    fast()
+    sync(device)
+    return fast, time.perf_counter() - start
+
+
 def _cpu_compiled_calls(step) -> dict:
     """What one call of the CPU step compiled by Inductor runs: calls of its generated C++
     kernels (each may hold several loops) and the aten operators it calls (matrix products),
     counted by the profiler (Inductor's kernel profiling names every generated kernel)."""
     from torch.profiler import ProfilerActivity, profile
 
-    start = time.perf_counter()
-    fast = compiled(step, {**INDUCTOR_OPTIONS, "cpp.enable_kernel_profile": True})
-    fast()
-    seconds = time.perf_counter() - start
+    fast, seconds = _compile_timed(step, torch.device("cpu"),
+                                   {**INDUCTOR_OPTIONS, "cpp.enable_kernel_profile": True})
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fast()
     kernels, aten = 0, 0
@@ -190,11 +200,7 @@ def ops_per_step(split: Split, device: torch.device, compile_step: bool = False)
               "aten_ops_by_name": dict(counter.ops.most_common())}
     if device.type == "cuda":
         record["cuda_kernels_eager"] = _cuda_kernels(step)
-        start = time.perf_counter()
-        fast = compiled(step)
-        fast()
-        sync(device)
-        record["compile_s"] = time.perf_counter() - start
+        fast, record["compile_s"] = _compile_timed(step, device)
         record["cuda_kernels_compiled"] = _cuda_kernels(fast)
     elif compile_step:  # compiled on one thread, as the engine compiles each shard's step
         with single_threaded_kernels(device):
