@@ -217,8 +217,18 @@ class Stack:
                          - h * (d * h).mean(dim=dim, keepdim=True))
         return out.reshape(d_hat.shape)
 
+    def _batch_norm_grad(self, d: torch.Tensor, v_hat: torch.Tensor, inv_std: torch.Tensor,
+                         l: int, sum_d: torch.Tensor, sum_dv: torch.Tensor) -> torch.Tensor:
+        """_normalize_grad(d * gamma, ...) for batch norm, from the sums over the batch that
+        gamma's and beta's gradients already hold (gamma is constant over the batch, so
+        mean(d * gamma) = gamma * sum_d / B and mean(d * gamma * v_hat) = gamma * sum_dv / B):
+        three passes over the activations instead of eight."""
+        n = d.shape[1]
+        centred = torch.addcmul(d - sum_d / n, v_hat, sum_dv / n, value=-1)
+        return centred * (self.gamma[l] * inv_std)
+
     def _affine(self, v_hat: torch.Tensor, l: int) -> torch.Tensor:
-        return v_hat * self.gamma[l] + self.beta[l]
+        return torch.addcmul(self.beta[l], v_hat, self.gamma[l])
 
     def _dropout_keep(self, l: int, step: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Each model's dropout mask of hidden layer l at this training step, (M, B, n)."""
@@ -258,11 +268,10 @@ class Stack:
             if before and normed:
                 biased = z if self.bias_mask is False else z + self.b[l]
                 v_hat, inv_std = self._normalize(biased, l, train)
-                scaled = v_hat * self.gamma[l]
                 if self.norm_mask is True:
-                    torch.add(scaled, self.beta[l], out=a)
+                    torch.addcmul(self.beta[l], v_hat, self.gamma[l], out=a)
                 else:
-                    torch.where(self.norm_mask, scaled + self.beta[l], biased, out=a)
+                    torch.where(self.norm_mask, self._affine(v_hat, l), biased, out=a)
             else:
                 torch.add(z, self.b[l], out=a)
             if probe is not None and probe[0] == l:
@@ -337,8 +346,12 @@ class Stack:
             dh = torch.where(keep, dh * self.drop_scale, 0.0)
 
         def affine_grads(d: torch.Tensor) -> torch.Tensor:
-            dgamma[l] = _pick(mask, (d * v_hat).sum(dim=1, keepdim=True), 0.0)
-            dbeta[l] = _pick(mask, d.sum(dim=1, keepdim=True), 0.0)
+            sum_dv = (d * v_hat).sum(dim=1, keepdim=True)
+            sum_d = d.sum(dim=1, keepdim=True)
+            dgamma[l] = _pick(mask, sum_dv, 0.0)
+            dbeta[l] = _pick(mask, sum_d, 0.0)
+            if self.kind.norm == "batch":
+                return self._batch_norm_grad(d, v_hat, inv_std, l, sum_d, sum_dv)
             return self._normalize_grad(d * self.gamma[l], v_hat, inv_std)
 
         if self.kind.position == "before":
