@@ -111,8 +111,9 @@ def _save(fig, path: Path, close: bool = True) -> Path:
 
 
 def plot_seed_bands(curves: dict[str, list[tuple[list[int], list[float]]]], title: str,
-                    path: Path) -> Path:
-    """Median validation accuracy over seeds per variant, with the inter-quartile band.
+                    path: Path, ylabel: str = "Validation accuracy") -> Path:
+    """Median accuracy over seeds per variant (on the runs' eval_split, named by ylabel),
+    with the inter-quartile band.
 
     curves maps a variant to one (steps, accuracies[, diverged step or None]) per seed;
     seeds share steps. A cross marks the first divergence among the seeds.
@@ -121,7 +122,7 @@ def plot_seed_bands(curves: dict[str, list[tuple[list[int], list[float]]]], titl
     _bands(ax, curves)
     ax.set_ylim(0, 1)
     ax.set_xlabel("Training steps")
-    ax.set_ylabel("Validation accuracy")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     _legend_outside(ax)
@@ -152,7 +153,7 @@ def _bands(ax, curves: dict[str, list[tuple[list[int], list[float]]]]) -> None:
 
 
 def plot_small_multiples(panels: list[tuple[str, dict]], columns: int, title: str,
-                         stem: Path) -> list[Path]:
+                         stem: Path, ylabel: str = "Validation accuracy") -> list[Path]:
     """The paper figure: one panel per grid cell (its title) with every variant's median
     curve and inter-quartile band over seeds, a shared y-axis and one legend; PNG and SVG."""
     rows = -(-len(panels) // columns)
@@ -166,7 +167,7 @@ def plot_small_multiples(panels: list[tuple[str, dict]], columns: int, title: st
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     for ax in axes[:, 0]:
-        ax.set_ylabel("Validation accuracy")
+        ax.set_ylabel(ylabel)
     for ax in axes[-1]:
         ax.set_xlabel("Training steps")
     # one legend for all panels: the curves and bands (alike in every panel), and what a

@@ -135,10 +135,12 @@ def captioned_figures(experiment_dir: Path, cells: list[Cell] | None = None,
     band = ("Lines: median over seeds; bands: the middle 50% of seeds (inter-quartile range)"
             if max(len(c.folders) for c in cells) > 1 else "One seed per cell: no band")
     curves = {c.key: _cell_curves(c) for c in cells}
+    split = _curve_split(cells)
     paper = plots.plot_small_multiples(
         [(c.label, curves[c.key]) for c in cells], _columns(cells),
-        f"{experiment_dir.name}: validation accuracy, {steps}, {seeds}", out / "paper")
-    figures = [(paper[0], f"Validation accuracy during training, one panel per grid cell "
+        f"{experiment_dir.name}: {split} accuracy, {steps}, {seeds}", out / "paper",
+        f"{split.capitalize()} accuracy")
+    figures = [(paper[0], f"{split.capitalize()} accuracy during training, one panel per grid cell "
                           f"({steps}, {seeds}; the same y-scale in every panel). {band}; "
                           "crosses mark the first divergence among a cell's seeds. "
                           f"Also as {paper[1].name} (vector).")]
@@ -153,13 +155,22 @@ def captioned_figures(experiment_dir: Path, cells: list[Cell] | None = None,
     for cell in cells:
         n = len(cell.folders)
         title = f"{cell.label}\n{_steps_text(cell)}, {n} seed{'s' * (n > 1)}"
-        path = plots.plot_seed_bands(curves[cell.key], title, out / f"curves-{cell.slug}.png")
-        figures.append((path, f"{cell.label}: validation accuracy during training "
+        split = _curve_split([cell])
+        path = plots.plot_seed_bands(curves[cell.key], title, out / f"curves-{cell.slug}.png",
+                                     f"{split.capitalize()} accuracy")
+        figures.append((path, f"{cell.label}: {split} accuracy during training "
                               f"({_steps_text(cell)}, {n} seed{'s' * (n > 1)}). {band}; a "
                               "cross marks the first divergence among the seeds."))
     if "batch_size" in cells[0].varying:
         figures += _batch_size_figures(cells, out)
     return figures
+
+
+def _curve_split(cells: list[Cell]) -> str:
+    """What the cells' curves measure: their runs' eval_split (validation unless a file sets
+    test, as paper_fig1.yaml does)."""
+    splits = sorted({c.config.get("eval_split", "validation") for c in cells})
+    return splits[0] if len(splits) == 1 else " or ".join(splits)
 
 
 def _cell_curves(cell: Cell) -> dict[str, list]:

@@ -60,6 +60,7 @@ def test_report_files_and_table(experiment):
     assert figures.count("![") == 4 == figures.count("\n*")
     assert figures.index("plots/paper.png") < figures.index("plots/overview.png")
     assert "middle 50% of seeds" in figures
+    assert "Validation accuracy during training, one panel per grid cell" in figures
     svg = (experiment / "plots" / "paper.svg").read_text()
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg
 
@@ -75,6 +76,19 @@ def test_one_seed_prints_no_interval(tiny_mnist, tmp_path):
     row = next(line for line in md.splitlines() if line.startswith("| relu lr=0.01"))
     assert row.count("[n/a (1 seed)]") == 3, row
     assert "One seed per cell: no band" in md
+
+
+def test_curves_on_the_test_split_are_named_so(tiny_mnist, tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("name: t\nsteps: 40\neval_every: 20\neval_split: test\ndevice: cpu\n")
+    out = tmp_path / "results"
+    assert CliRunner().invoke(app, ["sweep", str(path), "--out", str(out), "--data-dir",
+                                    str(tiny_mnist)]).exit_code == 0
+    assert CliRunner().invoke(app, ["report", str(out / "t")]).exit_code == 0
+    figures = (out / "t" / "report.md").read_text().split("## Figures")[1]
+    assert "Test accuracy during training, one panel per grid cell" in figures
+    assert ": test accuracy during training" in figures
+    assert "alidation accuracy" not in figures
 
 
 def test_html_is_valid_and_self_contained(experiment):
