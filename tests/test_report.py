@@ -65,27 +65,27 @@ def test_report_files_and_table(experiment):
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg
 
 
-def test_one_seed_prints_no_interval(tiny_mnist, tmp_path):
-    path = tmp_path / "one.yaml"
-    path.write_text("name: one\nsteps: 40\neval_every: 20\ndevice: cpu\n")
+def sweep_and_report(name: str, settings: str, tiny_mnist, tmp_path) -> str:
+    """report.md of a one-seed sweep of a file with these settings (40 steps)."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"name: {name}\nsteps: 40\neval_every: 20\ndevice: cpu\n{settings}")
     out = tmp_path / "results"
     assert CliRunner().invoke(app, ["sweep", str(path), "--out", str(out), "--data-dir",
                                     str(tiny_mnist)]).exit_code == 0
-    assert CliRunner().invoke(app, ["report", str(out / "one")]).exit_code == 0
-    md = (out / "one" / "report.md").read_text()
+    assert CliRunner().invoke(app, ["report", str(out / name)]).exit_code == 0
+    return (out / name / "report.md").read_text()
+
+
+def test_one_seed_prints_no_interval(tiny_mnist, tmp_path):
+    md = sweep_and_report("one", "", tiny_mnist, tmp_path)
     row = next(line for line in md.splitlines() if line.startswith("| relu lr=0.01"))
     assert row.count("[n/a (1 seed)]") == 3, row
     assert "One seed per cell: no band" in md
 
 
 def test_curves_on_the_test_split_are_named_so(tiny_mnist, tmp_path):
-    path = tmp_path / "t.yaml"
-    path.write_text("name: t\nsteps: 40\neval_every: 20\neval_split: test\ndevice: cpu\n")
-    out = tmp_path / "results"
-    assert CliRunner().invoke(app, ["sweep", str(path), "--out", str(out), "--data-dir",
-                                    str(tiny_mnist)]).exit_code == 0
-    assert CliRunner().invoke(app, ["report", str(out / "t")]).exit_code == 0
-    figures = (out / "t" / "report.md").read_text().split("## Figures")[1]
+    md = sweep_and_report("t", "eval_split: test\n", tiny_mnist, tmp_path)
+    figures = md.split("## Figures")[1]
     assert "Test accuracy during training, one panel per grid cell" in figures
     assert ": test accuracy during training" in figures
     assert "alidation accuracy" not in figures
