@@ -227,8 +227,9 @@ class Stack:
         centred = torch.addcmul(d - sum_d / n, v_hat, sum_dv / n, value=-1)
         return centred * (self.gamma[l] * inv_std)
 
-    def _affine(self, v_hat: torch.Tensor, l: int) -> torch.Tensor:
-        return torch.addcmul(self.beta[l], v_hat, self.gamma[l])
+    def _affine(self, v_hat: torch.Tensor, l: int, out: torch.Tensor | None = None,
+                ) -> torch.Tensor:
+        return torch.addcmul(self.beta[l], v_hat, self.gamma[l], out=out)
 
     def _dropout_keep(self, l: int, step: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Each model's dropout mask of hidden layer l at this training step, (M, B, n)."""
@@ -269,7 +270,7 @@ class Stack:
                 biased = z if self.bias_mask is False else z + self.b[l]
                 v_hat, inv_std = self._normalize(biased, l, train)
                 if self.norm_mask is True:
-                    torch.addcmul(self.beta[l], v_hat, self.gamma[l], out=a)
+                    self._affine(v_hat, l, out=a)
                 else:
                     torch.where(self.norm_mask, self._affine(v_hat, l), biased, out=a)
             else:
