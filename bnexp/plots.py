@@ -31,10 +31,9 @@ def plot_run(folder: Path) -> Path:
     for name, curve in curves.items():
         _curve(ax, curve["step"], curve["val_acc"], LABELS.get(name, name),
                diverged_at(curve))
-    split = "Test" if config.get("eval_split") == "test" else "Validation"
     ax.set_ylim(0, 1)
     ax.set_xlabel("Training steps")
-    ax.set_ylabel(f"{split} accuracy")
+    ax.set_ylabel(f"{curve_split([config]).capitalize()} accuracy")
     init = (f"N(0, {config['init_scale']:g}²)" if config.get("init", "normal") == "normal"
             else config["init"])
     ax.set_title(f"{config['activation']}, learning rate {config['lr']:g}, "
@@ -55,6 +54,13 @@ def plot_run(folder: Path) -> Path:
         _share_y(panels)
     fig.tight_layout()
     return _save(fig, folder / "curves.png")
+
+
+def curve_split(configs: list[dict]) -> str:
+    """What the runs' accuracy curves measure: their eval_split (validation unless a file
+    sets test, as paper_fig1.yaml does)."""
+    splits = sorted({config.get("eval_split", "validation") for config in configs})
+    return " or ".join(splits)
 
 
 def diverged_at(curve: dict) -> int | None:

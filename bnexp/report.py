@@ -135,7 +135,7 @@ def captioned_figures(experiment_dir: Path, cells: list[Cell] | None = None,
     band = ("Lines: median over seeds; bands: the middle 50% of seeds (inter-quartile range)"
             if max(len(c.folders) for c in cells) > 1 else "One seed per cell: no band")
     curves = {c.key: _cell_curves(c) for c in cells}
-    split = _curve_split(cells)
+    split = plots.curve_split([c.config for c in cells])
     paper = plots.plot_small_multiples(
         [(c.label, curves[c.key]) for c in cells], _columns(cells),
         f"{experiment_dir.name}: {split} accuracy, {steps}, {seeds}", out / "paper",
@@ -155,7 +155,7 @@ def captioned_figures(experiment_dir: Path, cells: list[Cell] | None = None,
     for cell in cells:
         n = len(cell.folders)
         title = f"{cell.label}\n{_steps_text(cell)}, {n} seed{'s' * (n > 1)}"
-        split = _curve_split([cell])
+        split = plots.curve_split([cell.config])
         path = plots.plot_seed_bands(curves[cell.key], title, out / f"curves-{cell.slug}.png",
                                      f"{split.capitalize()} accuracy")
         figures.append((path, f"{cell.label}: {split} accuracy during training "
@@ -164,13 +164,6 @@ def captioned_figures(experiment_dir: Path, cells: list[Cell] | None = None,
     if "batch_size" in cells[0].varying:
         figures += _batch_size_figures(cells, out)
     return figures
-
-
-def _curve_split(cells: list[Cell]) -> str:
-    """What the cells' curves measure: their runs' eval_split (validation unless a file sets
-    test, as paper_fig1.yaml does)."""
-    splits = sorted({c.config.get("eval_split", "validation") for c in cells})
-    return splits[0] if len(splits) == 1 else " or ".join(splits)
 
 
 def _cell_curves(cell: Cell) -> dict[str, list]:
