@@ -12,6 +12,7 @@ from bnexp.data import BatchStream
 from bnexp.engine import group_runs, train_population, train_reference
 from bnexp.engine.common import eval_blocks
 from bnexp.engine.population import _build_stacks
+from bnexp.engine.threads import cpu_shards
 from bnexp.models import MLP, initial_weights
 
 CPU = torch.device("cpu")
@@ -298,6 +299,15 @@ def test_a_runs_numbers_do_not_depend_on_its_population_or_threads(split):
     finally:
         torch.set_num_threads(before)
     assert torch.get_num_threads() == before, "the caller's thread setting is restored"
+
+
+def test_shards_are_about_the_square_root_of_the_population():
+    """Each shard's thread holds the GIL while it dispatches: a pair trains on one thread,
+    larger populations on up to sqrt(M) of the threads given (any number if compiled)."""
+    assert cpu_shards(2, 2) == cpu_shards(16, 3) == cpu_shards(1, 240) == 1
+    assert cpu_shards(2, 4) == cpu_shards(2, 24) == 2
+    assert cpu_shards(16, 24) == 4 and cpu_shards(16, 240) == 15
+    assert cpu_shards(2, 2, compiled=True) == 2 and cpu_shards(16, 24, compiled=True) == 16
 
 
 def test_paired_models_start_from_identical_weights():

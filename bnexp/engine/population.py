@@ -32,7 +32,7 @@ from bnexp.engine.common import (
 )
 from bnexp.engine.precision import cuda_precision
 from bnexp.engine.stack import Member, Stack, StackKind
-from bnexp.engine.threads import shard_pool, single_threaded_kernels
+from bnexp.engine.threads import cpu_shards, shard_pool, single_threaded_kernels
 from bnexp.models import initial_weights
 
 
@@ -208,7 +208,8 @@ def train_population(runs: list[RunConfig], split: Split, device: torch.device,
     resume holds one checkpoint per run, all taken at the same step; on_checkpoint(r, data)
     receives run r's checkpoint at the first evaluation after every checkpoint_every steps
     and at the end; on_evaluate(r, models) follows every evaluation (and a resume).
-    On the CPU the models are spread over torch.get_num_threads() threads; on CUDA the step
+    On the CPU the models are spread over up to torch.get_num_threads() threads
+    (threads.cpu_shards); on CUDA the step
     is captured as a CUDA graph. Either is compiled first where compile_step and
     should_compile say so (the result's execution says which path ran); products are in
     TF32 only for dtype tf32. A run's numbers are the same alone, in any population, resumed
@@ -216,12 +217,14 @@ def train_population(runs: list[RunConfig], split: Split, device: torch.device,
     """
     with single_threaded_kernels(device) as threads, cuda_precision(runs[0].dtype, device):
         n_models = sum(len(run.batch_norm) for run in runs)
-        shards = min(threads, n_models) if device.type == "cpu" else 1
-        with shard_pool(shards) as pool:
+        compiled = should_compile(runs, device, compile_step)
+        cpu = device.type == "cpu"
+        shards = cpu_shards(threads, n_models, compiled) if cpu else 1
+        # evaluation's products are large: every stack may have a thread there
+        with shard_pool(min(threads, n_models) if cpu else 1) as pool:
             return _train(runs, split.astype(DTYPES[runs[0].dtype]), device, shards, pool,
                           progress, keep_states, cuda_graph, resume, on_checkpoint,
-                          on_evaluate or (lambda r, models: None),
-                          should_compile(runs, device, compile_step), stop)
+                          on_evaluate or (lambda r, models: None), compiled, stop)
 
 
 def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progress,
@@ -242,6 +245,7 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
     if compile_step and device.type == "cpu":
         _compile_cpu(shards, stacks)
     each = pool.map if pool else map
+    each_shard = each if len(shards) > 1 else map
     results = [[ModelResult(variant_name(bn, run.norm)) for bn in run.batch_norm]
                for run in runs]
     on_test = first.eval_split == "test"
@@ -286,7 +290,7 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
     for n_block in remaining_blocks(first, done):
         block[:n_block].copy_(_next_block(streams.values(), n_block))
         tick = time.perf_counter()
-        list(each(lambda shard, n=n_block: shard.train_block(n), shards))
+        list(each_shard(lambda shard, n=n_block: shard.train_block(n), shards))
         sync(device)
         train_time += time.perf_counter() - tick
         done += n_block
