@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from bnexp.cli import app
 
-GRID = ("name: g\nlr: 0.1\nsteps: 3000\neval_every: 100\ncheckpoint_every: 500\n"
+GRID = ("name: g\nlr: 0.1\nsteps: 2000\neval_every: 100\ncheckpoint_every: 400\n"
         "device: cpu\ngrid:\n  batch_size: [50, 60]\n")  # two populations
 
 
@@ -76,7 +76,7 @@ def test_killed_sweep_resumes_bit_identically(grid, tmp_path):
     out = tmp_path / "b"
     kill_points = [
         lambda: bool(checkpoint_steps(out)),                          # first checkpoint
-        lambda: max(checkpoint_steps(out), default=0) >= 1500,         # mid-run, later
+        lambda: max(checkpoint_steps(out), default=0) >= 1200,         # mid-run, later
         lambda: bool(list(out.rglob("summary.json"))),                  # one run finished
     ]
     kills = 0
@@ -94,7 +94,7 @@ def test_killed_sweep_resumes_bit_identically(grid, tmp_path):
     assert not list(out.rglob("*.tmp")), "no half-written files"
     for path in out.rglob("checkpoint.pt"):
         checkpoint = torch.load(path, weights_only=True)
-        assert checkpoint["step"] == 3000 and set(checkpoint["models"]) == {"plain", "bn"}
+        assert checkpoint["step"] == 2000 and set(checkpoint["models"]) == {"plain", "bn"}
 
 
 def test_two_sweeps_share_a_results_folder(grid, tmp_path):
@@ -240,10 +240,10 @@ def test_ctrl_c_checkpoints_the_current_step_and_the_rerun_resumes_from_it(grid,
     stderr = proc.communicate(timeout=120)[1].decode()
     assert proc.returncode == 130, stderr
     (step,) = set(checkpoint_steps(out))
-    assert 200 <= step < 3000 and step % 100 == 0
+    assert 200 <= step < 2000 and step % 100 == 0
     assert f"interrupted at step {step:,}: its checkpoint is written" in " ".join(stderr.split())
     again = start_sweep(grid, out, *args, capture=True)
     stderr = again.communicate(timeout=300)[1].decode()
     assert again.returncode == 0
-    assert f"from step {step:,} of 3,000" in " ".join(stderr.split())
+    assert f"from step {step:,} of 2,000" in " ".join(stderr.split())
     assert results_of(out) == results_of(whole), "resumed bytes equal an uninterrupted run"
