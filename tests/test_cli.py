@@ -58,6 +58,25 @@ def test_run_writes_the_documented_layout(env):
     assert not list(exp.rglob("*.tmp")), "no temporary files left behind"
 
 
+def test_the_time_line_counts_each_population_once():
+    """Runs of one population share its times; two populations with equal times are two."""
+    import time
+
+    from bnexp import sweep
+    from bnexp.cli import timing
+    from bnexp.config import RunConfig
+    from bnexp.engine.common import RunResult
+
+    def done(population: str) -> sweep.Outcome:
+        result = RunResult(RunConfig(experiment="t"), "cpu", "population", [], 2.0, 2,
+                           train_time_s=1.0, eval_time_s=0.5, population_id=population)
+        return sweep.Outcome(None, "done", result=result)
+
+    line = timing.time_line([done("a"), done("a"), done("b")], time.perf_counter())
+    assert ("4.0 s in 2 population(s) (2.0 s training steps, 1.0 s evaluating, 1.0 s setting "
+            "up and checkpointing)") in line
+
+
 def test_run_says_where_its_time_went(env):
     path = experiment(env, "name: t\ngrid:\n  lr: [0.1, 0.5]\n")
     result = invoke("run", path, *FAST, "--set", "eval_every=10")

@@ -30,8 +30,9 @@ def time_line(outcomes: list[sweep.Outcome], training_began: float) -> str | Non
     if not results:
         return None
     # The runs of one population share its times: count each population once.
-    populations = {(r.wall_time_s, r.train_time_s or 0.0, r.eval_time_s, r.compile_time_s)
-                   for r in results}
+    populations = list({r.population_id: (r.wall_time_s, r.train_time_s or 0.0,
+                                          r.eval_time_s, r.compile_time_s)
+                        for r in results}.values())
     wall, steps, evals, compiling = (sum(p[i] for p in populations) for i in range(4))
     now = time.perf_counter()
     starting = training_began - process_start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -76,6 +77,8 @@ class RunResult:
     train_time_s: float | None = None  # training steps alone, without evaluation and set-up
     compile_time_s: float = 0.0  # compiling and capturing the step (inside wall_time_s)
     eval_time_s: float = 0.0  # evaluating while training, live metrics written (inside too)
+    # The runs trained together share it (and the times above); each call trains one.
+    population_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 class Interrupted(Exception):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable
 
 import torch
@@ -307,10 +308,11 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
             raise Interrupted(done, checkpointed=on_checkpoint is not None)
     _finish(runs, stacks, where, results, split, keep_states)
     wall = time.perf_counter() - start
+    population = uuid.uuid4().hex
     return [RunResult(run, str(device), "population", results[r], wall, n_models,
                       shards[0].execution, train_time_s=train_time,
                       compile_time_s=sum(shard.compile_s for shard in shards),
-                      eval_time_s=eval_time)
+                      eval_time_s=eval_time, population_id=population)
             for r, run in enumerate(runs)]
 
 
