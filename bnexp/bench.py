@@ -101,7 +101,14 @@ def bench_population(split: Split, device: torch.device, n_models: int, steps: i
     ratio = rate / reference.network_steps_per_s if reference else None
     return BenchRow("population", str(device), result.population_size, steps, seconds,
                     steps / seconds, rate, ratio, _peak_memory_mib(device),
-                    note=result.execution, compile_s=result.compile_time_s)
+                    note=_execution(result), compile_s=result.compile_time_s)
+
+
+def _execution(result) -> str:
+    """How a population ran: eager or compiled, and on the CPU on how many threads."""
+    if result.device != "cpu":
+        return result.execution
+    return f"{result.execution}, {result.threads} thread{'s' if result.threads > 1 else ''}"
 
 
 def bench_grid(runs: list[RunConfig], split: Split, device: torch.device,

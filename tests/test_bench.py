@@ -30,6 +30,9 @@ def test_bench_command_writes_its_table(tmp_path):
     for row in record["rows"]:
         assert row["network_steps_per_s"] > 0 and row["peak_memory_mib"] > 0
     assert record["rows"][1]["ratio"] > 0
+    # on 2 or more threads a pair trains on one (the GIL), 4 networks on two
+    four = "eager, 2 threads" if torch.get_num_threads() >= 2 else "eager, 1 thread"
+    assert [r["note"] for r in record["rows"][1:]] == ["eager, 1 thread", four]
     assert record["environment"]["cpu_count"] >= 1 and record["environment"]["torch"]
     assert record["environment"]["tf32"] is False
     ops = record["ops_per_step"]

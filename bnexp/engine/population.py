@@ -312,7 +312,7 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
     return [RunResult(run, str(device), "population", results[r], wall, n_models,
                       shards[0].execution, train_time_s=train_time,
                       compile_time_s=sum(shard.compile_s for shard in shards),
-                      eval_time_s=eval_time, population_id=population)
+                      eval_time_s=eval_time, threads=len(shards), population_id=population)
             for r, run in enumerate(runs)]
 
 
