@@ -33,7 +33,7 @@ def plot_run(folder: Path) -> Path:
                diverged_at(curve))
     ax.set_ylim(0, 1)
     ax.set_xlabel("Training steps")
-    ax.set_ylabel(f"{curve_split([config]).capitalize()} accuracy")
+    ax.set_ylabel(accuracy_label([config]))
     init = (f"N(0, {config['init_scale']:g}²)" if config.get("init", "normal") == "normal"
             else config["init"])
     ax.set_title(f"{config['activation']}, learning rate {config['lr']:g}, "
@@ -61,6 +61,11 @@ def curve_split(configs: list[dict]) -> str:
     sets test, as paper_fig1.yaml does)."""
     splits = sorted({config.get("eval_split", "validation") for config in configs})
     return " or ".join(splits)
+
+
+def accuracy_label(configs: list[dict]) -> str:
+    """The y-axis label of the runs' accuracy curves, e.g. 'Test accuracy'."""
+    return f"{curve_split(configs).capitalize()} accuracy"
 
 
 def diverged_at(curve: dict) -> int | None:
@@ -117,7 +122,7 @@ def _save(fig, path: Path, close: bool = True) -> Path:
 
 
 def plot_seed_bands(curves: dict[str, list[tuple[list[int], list[float]]]], title: str,
-                    path: Path, ylabel: str = "Validation accuracy") -> Path:
+                    path: Path, ylabel: str) -> Path:
     """Median accuracy over seeds per variant (on the runs' eval_split, named by ylabel),
     with the inter-quartile band.
 
@@ -159,7 +164,7 @@ def _bands(ax, curves: dict[str, list[tuple[list[int], list[float]]]]) -> None:
 
 
 def plot_small_multiples(panels: list[tuple[str, dict]], columns: int, title: str,
-                         stem: Path, ylabel: str = "Validation accuracy") -> list[Path]:
+                         stem: Path, ylabel: str) -> list[Path]:
     """The paper figure: one panel per grid cell (its title) with every variant's median
     curve and inter-quartile band over seeds, a shared y-axis and one legend; PNG and SVG."""
     rows = -(-len(panels) // columns)

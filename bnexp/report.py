@@ -139,7 +139,7 @@ def captioned_figures(experiment_dir: Path, cells: list[Cell] | None = None,
     paper = plots.plot_small_multiples(
         [(c.label, curves[c.key]) for c in cells], _columns(cells),
         f"{experiment_dir.name}: {split} accuracy, {steps}, {seeds}", out / "paper",
-        f"{split.capitalize()} accuracy")
+        plots.accuracy_label([c.config for c in cells]))
     figures = [(paper[0], f"{split.capitalize()} accuracy during training, one panel per grid cell "
                           f"({steps}, {seeds}; the same y-scale in every panel). {band}; "
                           "crosses mark the first divergence among a cell's seeds. "
@@ -157,7 +157,7 @@ def captioned_figures(experiment_dir: Path, cells: list[Cell] | None = None,
         title = f"{cell.label}\n{_steps_text(cell)}, {n} seed{'s' * (n > 1)}"
         split = plots.curve_split([cell.config])
         path = plots.plot_seed_bands(curves[cell.key], title, out / f"curves-{cell.slug}.png",
-                                     f"{split.capitalize()} accuracy")
+                                     plots.accuracy_label([cell.config]))
         figures.append((path, f"{cell.label}: {split} accuracy during training "
                               f"({_steps_text(cell)}, {n} seed{'s' * (n > 1)}). {band}; a "
                               "cross marks the first divergence among the seeds."))

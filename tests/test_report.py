@@ -117,9 +117,9 @@ def test_divergence_is_marked_in_seed_bands_and_small_multiples(tmp_path):
               "bn": [(steps, [0.1, 0.8, 0.9], None), (steps, [0.1, 0.7, 0.9], None)]}
     assert plots.diverged_at({"step": steps, "train_loss": [float("nan"), 1.0, float("inf")]}
                              ) == 20, "a NaN before the first step is no divergence"
-    path = plots.plot_seed_bands(curves, "t", tmp_path / "bands.png")
+    path = plots.plot_seed_bands(curves, "t", tmp_path / "bands.png", "Validation accuracy")
     assert path.read_bytes()[:4] == b"\x89PNG"
     png, svg = plots.plot_small_multiples([("a", curves), ("b", curves)], 2, "t",
-                                          tmp_path / "paper")
+                                          tmp_path / "paper", "Validation accuracy")
     assert "first divergence among the seeds" in svg.read_text()
     assert png.read_bytes()[:4] == b"\x89PNG"
