@@ -36,9 +36,10 @@ def single_threaded_kernels(device: torch.device) -> Iterator[int]:
 def cpu_shards(threads: int, n_models: int, compiled: bool = False) -> int:
     """How many shards (threads) train a CPU population of n_models networks.
 
-    A shard's thread holds Python's GIL while it dispatches its step's ~140 operators per stack
-    (about 0.5 ms), so k shards serialise about k times that per step, while a network's own
-    arithmetic is about 0.5 ms per step: shards pay only where each has enough networks, about
+    A shard's thread holds Python's GIL while it dispatches its step's operators (83 for a
+    stack of plain networks, 140 for BN; 0.5-0.9 ms besides the products), so k shards
+    serialise about k times that per step, while a network's own products take about 0.6 ms
+    per step: shards pay only where each has enough networks, about
     sqrt(n_models) shards. On 2 threads (lesson MLP, ms per step, serial vs 2 shards): 2
     networks 2.55 vs 3.01 (two threads are slower), 4: 4.0 vs 3.7, 8: 7.6 vs 5.6, 24: 21 vs 12.
     A compiled step is a few calls per step, so there every network may have a thread.
