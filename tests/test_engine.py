@@ -161,25 +161,31 @@ def test_dropout_masks_are_bernoulli_and_a_function_of_seed_step_layer_and_unit(
     assert torch.equal(both[1], masks(0.5, torch.tensor(dropout_key(1)), 2, [5])[0])
 
 
-def test_a_dropout_run_resumes_to_the_bytes_of_an_uninterrupted_one(split):
+@pytest.mark.parametrize("runs, stop_at", [
+    ([run(activation="relu", dropout=0.5, lr=0.1, steps=60, eval_every=20)], 20),
+    # a network retired at step 20 or 40 (dead), resumed from step 60 beside a live one
+    ([run(lr=1e6, init_scale=5.0, steps=100, eval_every=20, batch_norm=[False]),
+      run(lr=0.1, steps=100, eval_every=20, batch_norm=[False])], 60),
+], ids=["dropout", "dead-network"])
+def test_a_run_resumes_to_the_bytes_of_an_uninterrupted_one(split, runs, stop_at):
     import threading
 
     from bnexp.engine.common import Interrupted
 
-    cfg = run(activation="relu", dropout=0.5, lr=0.1, steps=60, eval_every=20)
-    whole = train_population([cfg], split, CPU, keep_states=True)[0]
+    whole = train_population(runs, split, CPU, keep_states=True)
     stop, saved = threading.Event(), {}
 
-    def at_step_20(r, models) -> None:
-        if models[0].steps[-1] == 20:
+    def at_step(r, models) -> None:
+        if models[0].steps[-1] == stop_at:
             stop.set()
 
     with pytest.raises(Interrupted):
-        train_population([cfg], split, CPU, on_evaluate=at_step_20, stop=stop,
+        train_population(runs, split, CPU, on_evaluate=at_step, stop=stop,
                          on_checkpoint=lambda r, data: saved.update({r: data}))
-    assert saved[0]["step"] == 20
-    resumed = train_population([cfg], split, CPU, keep_states=True, resume=[saved[0]])[0]
-    assert fingerprint(resumed) == fingerprint(whole)
+    assert [saved[r]["step"] for r in range(len(runs))] == [stop_at] * len(runs)
+    resumed = train_population(runs, split, CPU, keep_states=True,
+                               resume=[saved[r] for r in range(len(runs))])
+    assert [fingerprint(r) for r in resumed] == [fingerprint(r) for r in whole]
 
 
 def test_seeds_train_in_one_population_as_they_would_alone(split):
@@ -362,6 +368,36 @@ def test_divergence_is_recorded_and_isolated(split):
         assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
     ref = train_reference(exploding, split, CPU)
     assert ref.models[0].diverged_step == bad.diverged_step
+
+
+def test_a_dead_network_stops_training_and_writes_what_training_on_would(split, monkeypatch):
+    """A diverged network whose outputs are all NaN leaves the step: its curves, accuracies
+    and divergence step are the bytes of training on, and its stack-mates' everything."""
+    from bnexp.engine.stack import Stack
+
+    runs = [run(lr=1e6, init_scale=5.0, steps=100, eval_every=20),  # both die
+            run(lr=0.1, steps=100, eval_every=20)]
+    trained = []
+    real_step = Stack.train_step
+
+    def counted(self, x, y, step):
+        trained.append(self.m)
+        real_step(self, x, y, step)
+
+    monkeypatch.setattr(Stack, "train_step", counted)
+    retired = train_population(runs, split, CPU, keep_states=True)
+    retired_steps = sum(trained)
+    trained.clear()
+    with monkeypatch.context() as m:
+        m.setattr(Stack, "dead", lambda self: [])
+        whole = train_population(runs, split, CPU, keep_states=True)
+    assert retired_steps <= 4 * 100 - 2 * 60 and sum(trained) == 4 * 100, "both dead by 40"
+    for dead in retired[0].models:
+        assert dead.diverged_step is not None and torch.isnan(dead.state["linears.3.bias"]).all()
+        assert math.isnan(dead.train_loss[-1]) and dead.val_acc[-1] == dead.val_acc[2]
+    # everything but the dead networks' final weights (those would only have gained NaNs)
+    assert [f[:8] for f in fingerprint(retired[0])] == [f[:8] for f in fingerprint(whole[0])]
+    assert fingerprint(retired[1]) == fingerprint(whole[1])
 
 
 def test_eval_schedule():

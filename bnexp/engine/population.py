@@ -130,6 +130,34 @@ class _Shard:
                 self.run_step()
 
 
+def _retire(shards: list[_Shard], where: dict) -> list[Stack]:
+    """Take the networks that can no longer change (Stack.dead) out of eager shards' steps:
+    each stack with any is split into its live networks, which train on, and the dead ones,
+    whose state is kept as it is; where follows. Returns the stacks of the dead networks.
+    (A captured or compiled step keeps its shapes: its networks train to the end.)"""
+    retired = []
+    for shard in shards:
+        if shard.execution != "eager":
+            continue
+        live = []
+        for stack in shard.stacks:
+            dead = stack.dead()
+            if not dead:
+                live.append(stack)
+                continue
+            alive = [i for i in range(stack.m) if i not in dead]
+            parts = [(stack.select(dead), dead)] + ([(stack.select(alive), alive)] if alive
+                                                    else [])
+            moved = {i: (part, j) for part, rows in parts for j, i in enumerate(rows)}
+            for key, (old, i) in list(where.items()):
+                if old is stack:
+                    where[key] = moved[i]
+            retired.append(parts[0][0])
+            live += [part for part, _ in parts[1:]]
+        shard.stacks = live
+    return retired
+
+
 def _compile_cpu(shards: list[_Shard], stacks: list[Stack]) -> None:
     """Compile each CPU shard's step (its execution and compile time recorded on it)."""
     pads = [stack.canvas_pad for stack in stacks]
@@ -255,28 +283,42 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
     train_x, train_y = (split.train_x[:TRAIN_EVAL_EXAMPLES], split.train_y[:TRAIN_EVAL_EXAMPLES])
 
     eval_time = 0.0
+    # Dead networks stop training; where a unit is tracked they train on, since its input
+    # may still move in a network whose outputs cannot.
+    graves: list[Stack] = []
+    retire = probe is None
 
     def evaluate(done: int, n_block: int) -> None:
         nonlocal eval_time
         tick = time.perf_counter()
+        live = [stack for shard in shards for stack in shard.stacks]
         # Both accuracies in one pass over the shards (each shard's thread evaluates its own).
         outs = list(each(lambda s: (*s.correct(eval_x, eval_y, probe),
-                                    s.correct(train_x, train_y)[0]), stacks))
+                                    s.correct(train_x, train_y)[0]), live))
         accs = [[n / eval_x.shape[0] for n in c.tolist()] for c, _, _ in outs]
         fits = [[n / train_x.shape[0] for n in c.tolist()] for _, _, c in outs]
         percentiles = [None if p is None else p.tolist() for _, p, _ in outs]
-        losses = [(s.loss_sum / max(n_block, 1)).tolist() for s in stacks]
-        for s in stacks:
+        losses = [(s.loss_sum / max(n_block, 1)).tolist() for s in live]
+        for s in live:
             s.loss_sum.zero_()
         for (r, bn), (stack, i) in where.items():
-            j = stacks.index(stack)
+            model = results[r][run_variant(runs[r], bn)]
+            if stack in graves:  # what training on would have measured: its NaN outputs'
+                model.record(done, model.val_acc[-1], float("nan"), None,
+                             train_acc=model.train_acc[-1])
+                continue
+            j = live.index(stack)
             loss = losses[j][i] if n_block else float("nan")
             unit = percentiles[j][i] if percentiles[j] is not None else None
-            results[r][run_variant(runs[r], bn)].record(done, accs[j][i], loss, unit,
-                                                        train_acc=fits[j][i])
+            model.record(done, accs[j][i], loss, unit, train_acc=fits[j][i])
         for r in range(len(runs)):
             on_evaluate(r, results[r])
+        if retire:
+            graves.extend(_retire(shards, where))
         eval_time += time.perf_counter() - tick
+
+    def all_stacks() -> list[Stack]:
+        return [stack for shard in shards for stack in shard.stacks] + graves
 
     done, train_time = 0, 0.0
     if resume:
@@ -285,6 +327,8 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
             shard.step.fill_(done)
         for r in range(len(runs)):  # the live metrics go back to the checkpoint's step
             on_evaluate(r, results[r])
+        if retire:  # as the uninterrupted run did at this step
+            graves.extend(_retire(shards, where))
     else:
         evaluate(0, 0)
     next_checkpoint = done + first.checkpoint_every
@@ -298,15 +342,15 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
         evaluate(done, n_block)
         stopping = stop is not None and stop.is_set() and done < first.steps
         if on_checkpoint and (done >= next_checkpoint or done == first.steps or stopping):
-            for r, data in enumerate(make_checkpoints(runs, stacks, where, results, streams,
-                                                      done, train_time, eval_time)):
+            for r, data in enumerate(make_checkpoints(runs, all_stacks(), where, results,
+                                                      streams, done, train_time, eval_time)):
                 on_checkpoint(r, data)
             next_checkpoint = done + first.checkpoint_every
         if progress:
             progress(n_block * n_models)
         if stopping:
             raise Interrupted(done, checkpointed=on_checkpoint is not None)
-    _finish(runs, stacks, where, results, split, keep_states)
+    _finish(runs, all_stacks(), where, results, split, keep_states)
     wall = time.perf_counter() - start
     population = uuid.uuid4().hex
     return [RunResult(run, str(device), "population", results[r], wall, n_models,

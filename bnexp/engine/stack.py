@@ -30,7 +30,7 @@ scalar tail would fall on whichever models come last. Evaluation uses a fixed ro
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.nn import functional as F
@@ -100,6 +100,7 @@ class Stack:
                  dtype: torch.dtype = torch.float32):
         self.m = len(members)
         self.kind = kind
+        self.members = [replace(m, weights=[]) for m in members]  # not the initial weights
         self.device = torch.device(device)
         # 0 for a compiled step: Inductor writes no strided out= buffers (and its kernels
         # do not keep models apart anyway)
@@ -395,6 +396,28 @@ class Stack:
         """Every tensor a training step changes."""
         return (self.w + self.b + self.gamma + self.beta + self.running_mean
                 + self.running_var + [self.loss_sum, self.diverged_at])
+
+    def dead(self) -> list[int]:
+        """The models whose numbers can no longer change: diverged, with every output bias
+        NaN. Their logits are NaN for any input from now on (NaN plus anything is NaN, and an
+        SGD step keeps a NaN bias NaN), so their accuracy stays what it is and their loss
+        NaN; only weights that no output depends on still move."""
+        nan_out = torch.isnan(self.b[-1]).flatten(1).all(dim=1) & (self.diverged_at >= 0)
+        return nan_out.nonzero().flatten().tolist()
+
+    def select(self, rows: list[int]) -> Stack:
+        """Models rows (ascending) as a stack of their own, holding copies of their state;
+        their numbers go on as they would have here (a model's never depend on its stack)."""
+        members = [replace(self.members[i], weights=[w[i] for w in self.w]) for i in rows]
+        part = Stack(members, self.kind, self.device, self.w[0].dtype)
+        part.canvas_pad = self.canvas_pad
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        for name in ("b", "gamma", "beta", "running_mean", "running_var"):
+            for new, old in zip(getattr(part, name), getattr(self, name)):
+                new.copy_(old.index_select(0, index))
+        part.loss_sum.copy_(self.loss_sum.index_select(0, index))
+        part.diverged_at.copy_(self.diverged_at.index_select(0, index))
+        return part
 
     # -- evaluation and per-model state ---------------------------------------------------
 
