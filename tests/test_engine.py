@@ -11,6 +11,7 @@ from bnexp.config import RunConfig
 from bnexp.data import BatchStream
 from bnexp.engine import group_runs, train_population, train_reference
 from bnexp.engine.common import eval_blocks
+from bnexp.engine.members import load_model_state, model_state
 from bnexp.engine.population import _build_stacks
 from bnexp.engine.threads import cpu_shards
 from bnexp.models import MLP, initial_weights
@@ -243,11 +244,11 @@ def test_single_steps_match_reference_along_trajectory(split, activation, lr, in
         if k % 40 == 0:
             state = {n: t.clone() for n, t in model.state_dict().items()
                      if not n.endswith("num_batches_tracked")}
-            stack.load_model_state(0, state)
+            load_model_state(stack, 0, state)
             stack.train_step(x[None], y[None], step)  # one stream's batch
             reference_step(model, lr, x, y)
             expected = {n: model.state_dict()[n] for n in state}
-            assert_states_close(stack.model_state(0), expected, rel=1e-12)
+            assert_states_close(model_state(stack, 0), expected, rel=1e-12)
             model.eval()
             logits = model(data.val_x).detach()
             model.train()
@@ -373,6 +374,7 @@ def test_divergence_is_recorded_and_isolated(split):
 def test_a_dead_network_stops_training_and_writes_what_training_on_would(split, monkeypatch):
     """A diverged network whose outputs are all NaN leaves the step: its curves, accuracies
     and divergence step are the bytes of training on, and its stack-mates' everything."""
+    from bnexp.engine import population
     from bnexp.engine.stack import Stack
 
     runs = [run(lr=1e6, init_scale=5.0, steps=100, eval_every=20),  # both die
@@ -389,7 +391,7 @@ def test_a_dead_network_stops_training_and_writes_what_training_on_would(split, 
     retired_steps = sum(trained)
     trained.clear()
     with monkeypatch.context() as m:
-        m.setattr(Stack, "dead", lambda self: [])
+        m.setattr(population, "dead", lambda stack: [])
         whole = train_population(runs, split, CPU, keep_states=True)
     assert retired_steps <= 4 * 100 - 2 * 60 and sum(trained) == 4 * 100, "both dead by 40"
     for dead in retired[0].models:

@@ -7,6 +7,7 @@ import math
 from bnexp.config import RunConfig
 from bnexp.data import BatchStream
 from bnexp.engine.common import eval_blocks, run_variant, variant_name
+from bnexp.engine.members import load_model_state, model_state
 
 CHECKPOINT_FORMAT = 1
 
@@ -34,7 +35,7 @@ def make_checkpoints(runs, stacks, where, results, streams: dict[int, BatchStrea
     for (r, bn), (stack, i) in where.items():
         model = results[r][run_variant(runs[r], bn)]
         out[r]["models"][model.name] = {
-            "state": stack.model_state(i), "diverged_at": diverged[id(stack)][i],
+            "state": model_state(stack, i), "diverged_at": diverged[id(stack)][i],
             "steps": list(model.steps), "val_acc": list(model.val_acc),
             "train_loss": list(model.train_loss), "train_acc": list(model.train_acc),
             "unit_percentiles": [list(p) for p in model.unit_percentiles],
@@ -53,7 +54,7 @@ def restore(resume: list[dict], runs, stacks, where, results,
         stream.load_state(next(c for c, run in zip(resume, runs) if run.seed == seed)["stream"])
     for (r, bn), (stack, i) in where.items():
         saved = resume[r]["models"][variant_name(bn, runs[r].norm)]
-        stack.load_model_state(i, saved["state"])
+        load_model_state(stack, i, saved["state"])
         stack.diverged_at[i] = saved["diverged_at"]
         model = results[r][run_variant(runs[r], bn)]
         model.steps, model.val_acc = list(saved["steps"]), list(saved["val_acc"])

@@ -31,6 +31,7 @@ from bnexp.engine.common import (
     tracked_unit,
     variant_name,
 )
+from bnexp.engine.members import correct, dead, model_state, select
 from bnexp.engine.precision import cuda_precision
 from bnexp.engine.stack import Member, Stack, StackKind
 from bnexp.engine.threads import cpu_shards, shard_pool, single_threaded_kernels
@@ -131,7 +132,7 @@ class _Shard:
 
 
 def _retire(shards: list[_Shard], where: dict) -> list[Stack]:
-    """Take the networks that can no longer change (Stack.dead) out of eager shards' steps:
+    """Take the networks that can no longer change (members.dead) out of eager shards' steps:
     each stack with any is split into its live networks, which train on, and the dead ones,
     whose state is kept as it is; where follows. Returns the stacks of the dead networks.
     (A captured or compiled step keeps its shapes: its networks train to the end.)"""
@@ -141,13 +142,13 @@ def _retire(shards: list[_Shard], where: dict) -> list[Stack]:
             continue
         live = []
         for stack in shard.stacks:
-            dead = stack.dead()
-            if not dead:
+            gone = dead(stack)
+            if not gone:
                 live.append(stack)
                 continue
-            alive = [i for i in range(stack.m) if i not in dead]
-            parts = [(stack.select(dead), dead)] + ([(stack.select(alive), alive)] if alive
-                                                    else [])
+            alive = [i for i in range(stack.m) if i not in gone]
+            parts = [(select(stack, gone), gone)] + ([(select(stack, alive), alive)] if alive
+                                                     else [])
             moved = {i: (part, j) for part, rows in parts for j, i in enumerate(rows)}
             for key, (old, i) in list(where.items()):
                 if old is stack:
@@ -293,8 +294,8 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
         tick = time.perf_counter()
         live = [stack for shard in shards for stack in shard.stacks]
         # Both accuracies in one pass over the shards (each shard's thread evaluates its own).
-        outs = list(each(lambda s: (*s.correct(eval_x, eval_y, probe),
-                                    s.correct(train_x, train_y)[0]), live))
+        outs = list(each(lambda s: (*correct(s, eval_x, eval_y, probe),
+                                    correct(s, train_x, train_y)[0]), live))
         accs = [[n / eval_x.shape[0] for n in c.tolist()] for c, _, _ in outs]
         fits = [[n / train_x.shape[0] for n in c.tolist()] for _, _, c in outs]
         percentiles = [None if p is None else p.tolist() for _, p, _ in outs]
@@ -361,7 +362,7 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
 
 
 def _accuracies(stack: Stack, x: torch.Tensor, y: torch.Tensor) -> list[float]:
-    return [c / x.shape[0] for c in stack.correct(x, y)[0].tolist()]
+    return [c / x.shape[0] for c in correct(stack, x, y)[0].tolist()]
 
 
 def _finish(runs, stacks, where, results, split: Split, keep_states: bool) -> None:
@@ -376,4 +377,4 @@ def _finish(runs, stacks, where, results, split: Split, keep_states: bool) -> No
         model.final_test_acc = tests[k][i]
         model.diverged_step = diverged[k][i] if diverged[k][i] >= 0 else None
         if keep_states:
-            model.state = stack.model_state(i)
+            model.state = model_state(stack, i)

@@ -28,8 +28,8 @@ from bnexp.engine.common import (
     tracked_unit,
     variant_name,
 )
+from bnexp.engine.members import PERCENTILES
 from bnexp.engine.precision import cuda_precision
-from bnexp.engine.stack import PERCENTILES
 from bnexp.engine.threads import single_threaded_kernels
 from bnexp.models import MLP, ConvNet, initial_conv_weights, initial_weights
 

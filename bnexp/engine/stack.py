@@ -24,12 +24,12 @@ gathered per model, never multiplied as one wide GEMM); reductions run over cont
 per-model blocks; softmax is row-wise; and activations are written into a *canvas*, a buffer
 whose per-model rows are padded, so that an elementwise kernel walks each model's block as a
 row of its own (vectorised body, scalar tail) instead of one population-sized run whose
-scalar tail would fall on whichever models come last. Evaluation uses a fixed row count.
+scalar tail would fall on whichever models come last. Evaluation uses a fixed row count
+(engine/members.py).
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -47,10 +47,7 @@ from bnexp.models import (
     dropout_threshold,
 )
 
-EVAL_ELEMENTS = 1 << 25  # activations per evaluation chunk (128 MiB of fp32)
-EVAL_ROWS = 1000  # examples per evaluation product: fixed, so a model's logits never depend on M
 CANVAS_PAD = 64  # elements after each model's block in a CPU canvas (keeps rows apart, aligned)
-PERCENTILES = (0.15, 0.50, 0.85)  # of a tracked unit's input, as in the BN paper's Figure 1
 
 ACTIVATIONS_INPLACE = {
     "relu": F.relu_,
@@ -396,96 +393,6 @@ class Stack:
         """Every tensor a training step changes."""
         return (self.w + self.b + self.gamma + self.beta + self.running_mean
                 + self.running_var + [self.loss_sum, self.diverged_at])
-
-    def dead(self) -> list[int]:
-        """The models whose numbers can no longer change: diverged, with every output bias
-        NaN. Their logits are NaN for any input from now on (NaN plus anything is NaN, and an
-        SGD step keeps a NaN bias NaN), so their accuracy stays what it is and their loss
-        NaN; only weights that no output depends on still move."""
-        nan_out = torch.isnan(self.b[-1]).flatten(1).all(dim=1) & (self.diverged_at >= 0)
-        return nan_out.nonzero().flatten().tolist()
-
-    def select(self, rows: list[int]) -> Stack:
-        """Models rows (ascending) as a stack of their own, holding copies of their state;
-        their numbers go on as they would have here (a model's never depend on its stack)."""
-        members = [replace(self.members[i], weights=[w[i] for w in self.w]) for i in rows]
-        part = Stack(members, self.kind, self.device, self.w[0].dtype)
-        part.canvas_pad = self.canvas_pad
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        for name in ("b", "gamma", "beta", "running_mean", "running_var"):
-            for new, old in zip(getattr(part, name), getattr(self, name)):
-                new.copy_(old.index_select(0, index))
-        part.loss_sum.copy_(self.loss_sum.index_select(0, index))
-        part.diverged_at.copy_(self.diverged_at.index_select(0, index))
-        return part
-
-    # -- evaluation and per-model state ---------------------------------------------------
-
-    @torch.no_grad()
-    def correct(self, x: torch.Tensor, y: torch.Tensor, probe: tuple[int, int] | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Inference-mode correct predictions per model of x (N, n_in) shared by all, batched
-        over the population; with a probe, also the 15/50/85th percentiles of that unit's
-        activation input, (M, 3)."""
-        widest = max([x.shape[1]] + [w.shape[1] for w in self.w])
-        per_chunk = max(1, EVAL_ELEMENTS // (EVAL_ROWS * widest))
-        counts, percentiles = [], []
-        for lo in range(0, self.m, per_chunk):
-            part = self._models(lo, min(lo + per_chunk, self.m))
-            correct = torch.zeros(part.m, dtype=torch.long, device=x.device)
-            probed: list[torch.Tensor] = []
-            for start in range(0, x.shape[0], EVAL_ROWS):
-                rows = slice(start, start + EVAL_ROWS)
-                logits = part.forward(x[None, rows], train=False, probe=probe, probed=probed)
-                correct += (logits.argmax(dim=2) == y[rows]).sum(dim=1)
-            counts.append(correct)
-            if probed:
-                q = torch.tensor(PERCENTILES, device=x.device, dtype=x.dtype)
-                percentiles.append(torch.quantile(torch.cat(probed, dim=1), q, dim=1).t())
-        return torch.cat(counts), (torch.cat(percentiles) if percentiles else None)
-
-    def _models(self, lo: int, hi: int) -> Stack:
-        """Models lo..hi-1 reading one shared batch, as a stack of their own that shares
-        this stack's tensors (for inference)."""
-        part = copy.copy(self)
-        part.m = hi - lo
-        for name in ("w", "b", "gamma", "beta", "running_mean", "running_var"):
-            setattr(part, name, [t[lo:hi] for t in getattr(self, name)])
-        for name in ("norm_mask", "bias_mask"):
-            mask = getattr(self, name)
-            setattr(part, name, mask[lo:hi] if isinstance(mask, torch.Tensor) else mask)
-        part.slices = [(a, max(s, lo) - lo, min(e, hi) - lo) for a, s, e in self.slices
-                       if s < hi and e > lo]
-        part.one_stream = 0
-        return part
-
-    def model_state(self, i: int) -> dict[str, torch.Tensor]:
-        """Model i's parameters and BN statistics, named as in models.MLP's state_dict."""
-        return {k: v.detach().cpu().clone() for k, v in self._named_views(i).items()}
-
-    @torch.no_grad()
-    def load_model_state(self, i: int, state: dict[str, torch.Tensor]) -> None:
-        """Set model i from a state named as in models.MLP's state_dict (inverse of model_state)."""
-        for key, target in self._named_views(i).items():
-            target.copy_(state[key])
-
-    def _has(self, mask, i: int) -> bool:
-        return bool(mask[i]) if isinstance(mask, torch.Tensor) else mask
-
-    def _named_views(self, i: int) -> dict[str, torch.Tensor]:
-        views = {f"linears.{l}.weight": w[i] for l, w in enumerate(self.w)}
-        has_bias = [self._has(self.bias_mask, i)] * self.n_hidden + [True]
-        views.update({f"linears.{l}.bias": b[i, 0] for l, b in enumerate(self.b)
-                      if has_bias[l]})
-        if not self._has(self.norm_mask, i):
-            return views
-        for l in range(self.n_hidden):
-            views[f"norms.{l}.weight"] = self.gamma[l][i, 0]
-            views[f"norms.{l}.bias"] = self.beta[l][i, 0]
-            if self.running_mean:
-                views[f"norms.{l}.running_mean"] = self.running_mean[l][i, 0]
-                views[f"norms.{l}.running_var"] = self.running_var[l][i, 0]
-        return views
 
 
 def _activation_slices(names: list[str]) -> list[tuple[str, int, int]]:
