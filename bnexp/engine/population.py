@@ -284,15 +284,23 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
     train_x, train_y = (split.train_x[:TRAIN_EVAL_EXAMPLES], split.train_y[:TRAIN_EVAL_EXAMPLES])
 
     eval_time = 0.0
-    # Dead networks stop training; where a unit is tracked they train on, since its input
-    # may still move in a network whose outputs cannot.
-    graves: list[Stack] = []
-    retire = probe is None
+    graves: list[Stack] = []  # the stacks of networks that left the step (_retire)
+
+    def live_stacks() -> list[Stack]:
+        return [stack for shard in shards for stack in shard.stacks]
+
+    def all_stacks() -> list[Stack]:
+        return live_stacks() + graves
+
+    def retire_dead() -> None:
+        # where a unit is tracked dead networks train on: its input may still move
+        if probe is None:
+            graves.extend(_retire(shards, where))
 
     def evaluate(done: int, n_block: int) -> None:
         nonlocal eval_time
         tick = time.perf_counter()
-        live = [stack for shard in shards for stack in shard.stacks]
+        live = live_stacks()
         # Both accuracies in one pass over the shards (each shard's thread evaluates its own).
         outs = list(each(lambda s: (*correct(s, eval_x, eval_y, probe),
                                     correct(s, train_x, train_y)[0]), live))
@@ -314,12 +322,8 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
             model.record(done, accs[j][i], loss, unit, train_acc=fits[j][i])
         for r in range(len(runs)):
             on_evaluate(r, results[r])
-        if retire:
-            graves.extend(_retire(shards, where))
+        retire_dead()
         eval_time += time.perf_counter() - tick
-
-    def all_stacks() -> list[Stack]:
-        return [stack for shard in shards for stack in shard.stacks] + graves
 
     done, train_time = 0, 0.0
     if resume:
@@ -328,8 +332,7 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
             shard.step.fill_(done)
         for r in range(len(runs)):  # the live metrics go back to the checkpoint's step
             on_evaluate(r, results[r])
-        if retire:  # as the uninterrupted run did at this step
-            graves.extend(_retire(shards, where))
+        retire_dead()  # as the uninterrupted run did at this step
     else:
         evaluate(0, 0)
     next_checkpoint = done + first.checkpoint_every
