@@ -33,8 +33,28 @@ app = typer.Typer(
     rich_markup_mode=None,  # plain help: flags without type labels such as <bool>
     pretty_exceptions_enable=False,
 )
-out_console = Console()
-err_console = Console(stderr=True)
+# Where no standard stream is a terminal (CI logs, cron, a subprocess) Rich would lay tables
+# out for 80 columns and fold every run id over three lines; such output is read in files and
+# log viewers, so it gets room for a table's natural width. $COLUMNS still decides if set.
+LOG_WIDTH = 200
+
+
+def _console(stderr: bool) -> Console:
+    width = None
+    if "COLUMNS" not in os.environ and not any(_is_terminal(fd) for fd in (0, 1, 2)):
+        width = LOG_WIDTH
+    return Console(stderr=stderr, width=width)
+
+
+def _is_terminal(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
+out_console = _console(stderr=False)
+err_console = _console(stderr=True)
 
 
 def _version(value: bool) -> None:
