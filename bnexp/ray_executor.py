@@ -12,9 +12,12 @@ driver killed and started again skips what finished and resumes the rest.
 from __future__ import annotations
 
 import functools
+import socket
 import time
 import traceback
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 INSTALL_HINT = "pip install 'bnexp[ray]'"
@@ -23,6 +26,26 @@ MAX_RETRIES = 3  # attempts after a worker process dies (a task that raises is n
 # (several share a GPU), never below MIN_GPU_FRACTION.
 GPU_NETWORKS = 1024
 MIN_GPU_FRACTION = 0.125
+# ray.init waits without end on an address where nothing listens: a TCP probe goes first.
+PROBE_TIMEOUT_S = 5.0
+
+
+class Unreachable(Exception):
+    """No Ray cluster to join at the address given (the message says why, for the user)."""
+
+
+class NodeUnfit(RuntimeError):
+    """A task landed on a node that cannot train its population (no GPU for a cuda run)."""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    cpus: float
+    gpus: float
+    seconds: float  # connecting (or starting the local instance) took
+
+
+_joined: Cluster | None = None  # the cluster this process joined (ray.init happens once)
 
 
 def available() -> bool:
@@ -37,6 +60,69 @@ def resources(networks: int, device: str, cluster_gpus: float) -> dict[str, floa
         share = min(1.0, max(MIN_GPU_FRACTION, networks / GPU_NETWORKS))
         return {"num_gpus": share, "num_cpus": 1}
     return {"num_cpus": 1}
+
+
+def connect(address: str | None) -> Cluster:
+    """Join the cluster at address ("auto", "HOST:PORT" or "ray://HOST:PORT"), or start a local
+    instance (None); once per process. Unreachable where there is no cluster to join."""
+    global _joined
+    import ray
+
+    if _joined is not None and ray.is_initialized():
+        return _joined
+    started = time.perf_counter()
+    if address not in (None, "auto"):
+        _probe(address)
+    # Ray runs workers at niceness 15 so that other work on a node comes first; on a busy
+    # machine that starved a local sweep (a 20 s sweep took 270 s beside two busy loops). A
+    # local instance is this sweep's own: its workers compete like a local sweep's process.
+    # A cluster keeps its own setting (RAY_worker_niceness when `ray start` runs).
+    system = {"worker_niceness": 0} if address is None else None
+    # Ray tells every driver that a future version will stop hiding GPUs from tasks that ask
+    # for none; a population on the cpu never touches one either way.
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray",
+                            category=FutureWarning)
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 ignore_reinit_error=True, configure_logging=False, _system_config=system,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    except (ConnectionError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise Unreachable(f"--address {address}: {reason}") from None
+    resources = ray.cluster_resources()
+    _joined = Cluster(resources.get("CPU", 0), resources.get("GPU", 0),
+                      time.perf_counter() - started)
+    return _joined
+
+
+def _probe(address: str) -> None:
+    """Unreachable unless something accepts a TCP connection at address's host and port."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if not host or not port.isdigit():
+        raise Unreachable(f"--address {address}: expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        with socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise Unreachable(f"--address {address}: no Ray cluster answers there "
+                          f"({exc.strerror or exc}); start one with `ray start --head` or "
+                          "check the address") from None
+
+
+def node_problem(device: str, dtype: str) -> str | None:
+    """Why this node cannot train a population planned for device and dtype, or None: the
+    driver planned it for the cluster's GPUs, not for the node the task landed on."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return f"node {socket.gethostname()}: torch sees no CUDA GPU, and the run asks for cuda"
+    if dtype == "tf32":
+        from bnexp.engine.precision import tf32_problem
+
+        if problem := tf32_problem(torch.device(device)):
+            return f"node {socket.gethostname()}: dtype tf32 {problem}"
+    return None
 
 
 @functools.cache
@@ -57,12 +143,14 @@ def train_population_task(planned: list, out: str, data_dir: str, compile_step: 
     from bnexp import sweep
 
     torch.set_num_threads(1)  # one CPU per task, as asked of Ray
+    first = planned[0]
+    if problem := node_problem(str(first.device), first.run.dtype):
+        raise NodeUnfit(problem)  # every run of the population fails with this line
     root = Path(out)
     folders = [sweep.results.run_folder(root, p.run, str(p.device)) for p in planned]
     for folder in folders:  # the driver holds the locks: only a dead attempt left these
         sweep.results.remove_stale_temp_files(folder)
     ready = [(p, sweep.usable_checkpoint(folder, p)) for p, folder in zip(planned, folders)]
-    first = planned[0]
     splits = {(first.run.dataset, str(first.device)):
               _split(first.run.dataset, data_dir, str(first.device))}
     outcomes: list = []
@@ -91,20 +179,11 @@ def execute_batches(batches: list, out: Path, data_dir: Path, fail_fast: bool, p
 
     if not batches:
         return
-    started = time.perf_counter()
-    # Ray runs workers at niceness 15 so that other work on a node comes first; on a busy
-    # machine that starved a local sweep (a 20 s sweep took 270 s beside two busy loops). A
-    # local instance is this sweep's own: its workers compete like a local sweep's process.
-    # A cluster keeps its own setting (RAY_worker_niceness when `ray start` runs).
-    system = {"worker_niceness": 0} if address is None else None
-    ray.init(address=address, include_dashboard=False, log_to_driver=False,
-             ignore_reinit_error=True, configure_logging=False, _system_config=system,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    notice(f"ray: connected in {time.perf_counter() - started:.1f} s "
-           f"({ray.cluster_resources().get('CPU', 0):g} CPUs, "
-           f"{ray.cluster_resources().get('GPU', 0):g} GPUs)")
+    cluster = connect(address)
+    notice(f"ray: connected in {cluster.seconds:.1f} s ({cluster.cpus:g} CPUs, "
+           f"{cluster.gpus:g} GPUs)")
     task = ray.remote(max_retries=MAX_RETRIES)(train_population_task)
-    gpus = ray.cluster_resources().get("GPU", 0)
+    gpus = cluster.gpus
     pending: dict = {}
     for batch in batches:
         planned = [p for p, _ in batch]
@@ -179,6 +258,8 @@ def _collect(ref, planned: list, out: Path, outcomes: list, report, sweep) -> bo
         found = ray.get(ref)
     except Exception as exc:  # the task raised, or died more often than Ray retries
         detail = traceback.format_exception_only(type(exc), exc)[-1].strip()[:500]
+        if isinstance(getattr(exc, "cause", None), NodeUnfit):  # the line, no traceback
+            detail = str(exc.cause)
         found = []
         for p in planned:
             sweep.results.write_failure(sweep.results.run_folder(out, p.run, str(p.device)),

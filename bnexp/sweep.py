@@ -53,16 +53,18 @@ class Outcome:
     analyses: dict | None = None
 
 
-def plan(runs: list[RunConfig], out: Path) -> list[Planned]:
+def plan(runs: list[RunConfig], out: Path, cuda: bool | None = None) -> list[Planned]:
     """Resolve each run's device and run_id and what is already on disk for it.
 
     A run listed twice (the same file given twice, say) is planned once: same config, same
     folder, same numbers. ConfigError where a run asks for what its device cannot do (tf32).
+    cuda: whether the machines that train have a CUDA GPU, for a Ray cluster's (its nodes then
+    check what their GPU can do); None: this process's.
     """
     planned, seen, problems = [], set(), {}
     for run in runs:
-        device = resolve_device(run.device)
-        if run.dtype == "tf32" and (problem := tf32_problem(device)):
+        device = resolve_device(run.device, cuda)
+        if run.dtype == "tf32" and (problem := _tf32_problem(device, cuda)):
             problems.setdefault(f"{run.experiment}: dtype: tf32 {problem}; float32 runs "
                                 "anywhere", None)
         run_id = run.run_id(str(device))
@@ -74,6 +76,12 @@ def plan(runs: list[RunConfig], out: Path) -> list[Planned]:
     if problems:
         raise ConfigError(list(problems))
     return planned
+
+
+def _tf32_problem(device: torch.device, cuda: bool | None) -> str | None:
+    if cuda is not None and device.type == "cuda":
+        return None  # a cluster's GPU: the node the task lands on checks it
+    return tf32_problem(device)
 
 
 def to_train(planned: list[Planned], force: bool = False, retry_failed: bool = False,
@@ -165,12 +173,15 @@ def _train(batch, split: Split, out: Path, progress: Progress | None,
             log.close()
 
 
-def load_data(todo: list[Planned], data_dir: Path) -> dict[tuple[str, str], Split]:
-    """Every split the runs need, by (dataset, device); raises DataError before any write."""
-    keys = {(p.run.dataset, str(p.device)) for p in todo}
+def load_data(todo: list[Planned], data_dir: Path, device: str | None = None,
+              ) -> dict[tuple[str, str], Split]:
+    """Every split the runs need, by (dataset, device); raises DataError before any write.
+    device: load there instead of on each run's device (a Ray driver checks the data for its
+    workers, which may have GPUs it lacks)."""
+    keys = {(p.run.dataset, device or str(p.device)) for p in todo}
     splits = {key: load_split(key[0], data_dir, torch.device(key[1])) for key in sorted(keys)}
     for p in todo:  # the files decide how many training images there are
-        n = splits[(p.run.dataset, str(p.device))].train_x.shape[0]
+        n = splits[(p.run.dataset, device or str(p.device))].train_x.shape[0]
         if p.run.batch_size > n:
             raise DataError(f"{p.run.experiment}: batch_size {p.run.batch_size} is more than "
                             f"the {n:,} training images of {p.run.dataset} in {data_dir}")

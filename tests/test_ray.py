@@ -44,7 +44,9 @@ def cluster(tiny_mnist):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "BNEXP_DATA_DIR": str(tiny_mnist),
            "RAY_worker_niceness": "0"}
     ray = [sys.executable, "-m", "ray.scripts.scripts"]
-    subprocess.run([*ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+    # One GPU declared whatever the machine has: a cluster with GPUs for a driver that sees none
+    # (test_a_driver_without_a_gpu_plans_for_the_clusters); runs on the cpu never ask for it.
+    subprocess.run([*ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=1",
                     "--node-ip-address=127.0.0.1", "--include-dashboard=false",
                     "--disable-usage-stats"], check=True, env=env, capture_output=True)
     try:
@@ -127,6 +129,31 @@ def test_a_killed_driver_resumes_on_the_next_sweep(cluster, grid, local, tiny_mn
     assert results_of(out) == local
 
 
+def test_a_driver_without_a_gpu_plans_for_the_clusters(cluster, tiny_mnist, tmp_path):
+    """device auto and cuda resolve against the cluster's GPUs, not the driver's: a CPU-only
+    head node plans cuda runs (their run ids, their folders) and a node without a usable GPU
+    fails them with one line that names it."""
+    path = tmp_path / "g.yaml"
+    path.write_text("name: g\nsteps: 20\neval_every: 10\ndevice: auto\n")
+    env = {**os.environ, "BNEXP_DATA_DIR": str(tiny_mnist), "RAY_USAGE_STATS_ENABLED": "0",
+           "CUDA_VISIBLE_DEVICES": ""}  # the driver sees no GPU, on any machine
+    command = [sys.executable, "-m", "bnexp", "sweep", str(path), "--out", str(tmp_path / "o"),
+               "--executor", "ray", "--address", cluster]
+    dry = subprocess.run([*command, "--dry-run"], capture_output=True, text=True, env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert " cuda " in dry.stdout and " cpu " not in dry.stdout, "auto: the cluster's GPU"
+    ran = subprocess.run([*command, "--device", "cuda"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    (folder,) = (tmp_path / "o" / "g").iterdir() if ran.returncode == 0 else [None]
+    if ran.returncode == 0:  # the node has a GPU: the run trained there
+        assert "cuda" in folder.name
+    else:
+        assert ran.returncode == 1, ran.stderr
+        text = " ".join(ran.stdout.split())
+        assert "1 failed" in text and "torch sees no CUDA GPU, and the run asks for cuda" in text
+        assert "Traceback" not in ran.stderr and "File " not in text, "one line"
+
+
 def test_executor_errors_are_one_line(tmp_path, monkeypatch):
     path = tmp_path / "e.yaml"
     path.write_text("name: e\n")
@@ -136,6 +163,14 @@ def test_executor_errors_are_one_line(tmp_path, monkeypatch):
     assert bad.stderr.strip() == "error: --executor dask: expected local or ray"
     alone = runner.invoke(app, ["sweep", str(path), "--address", "auto"])
     assert alone.stderr.strip() == "error: --address auto: only with --executor ray"
+    for address, why in ((f"127.0.0.1:{free_port()}", "no Ray cluster answers there"),
+                         ("nowhere", "expected auto, HOST:PORT or ray://HOST:PORT")):
+        unreachable = runner.invoke(app, ["sweep", str(path), "--executor", "ray", "--address",
+                                          address, "--out", str(tmp_path / "o")])
+        assert unreachable.exit_code == 2, unreachable.output
+        assert unreachable.stderr.startswith(f"error: --address {address}: {why}")
+        assert len(unreachable.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "o").exists(), "nothing planned, locked or written"
     monkeypatch.setattr(ray_executor, "available", lambda: False)
     missing = runner.invoke(app, ["sweep", str(path), "--executor", "ray"])
     assert missing.exit_code == 2
@@ -155,10 +190,10 @@ def test_a_local_instance_runs_its_workers_unniced(monkeypatch):
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray_executor, "_probe", lambda address: None)
     for address in (None, "127.0.0.1:1"):
         with pytest.raises(RuntimeError, match="stop here"):
-            ray_executor.execute_batches([["population"]], Path("."), Path("."), False, None,
-                                         [], print, None, print, address)
+            ray_executor.connect(address)
     assert asked == [{"worker_niceness": 0}, None]
 
 

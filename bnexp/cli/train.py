@@ -55,7 +55,8 @@ def _execute(planned: list[sweep.Planned], out: Path, data_dir: Path | None, lab
     todo = sweep.to_train(planned, force, retry_failed)
     folder = resolve_data_dir(data_dir)
     try:  # loaded here once to fail cleanly before any progress output; cached below
-        splits = sweep.load_data(todo, folder)
+        # (Ray: only checked, on this CPU; the workers load it for their own devices)
+        splits = sweep.load_data(todo, folder, "cpu" if executor == "ray" else None)
     except DataError as exc:
         fail([str(exc)])
     check_writable(out, {p.run.experiment for p in planned})
@@ -216,11 +217,22 @@ def _analysis_lines(analyses: dict[str, dict]) -> list[str]:
     return lines
 
 
-def _plan(runs: list[cfg.RunConfig], out: Path) -> list[sweep.Planned]:
+def _plan(runs: list[cfg.RunConfig], out: Path, executor: str = "local",
+          address: str | None = None) -> list[sweep.Planned]:
+    """The runs planned for this machine, or for a Ray cluster's (joined here: `auto` means
+    cuda where the cluster has GPUs, whatever this process sees)."""
     from bnexp import sweep
 
+    cuda = None
+    if executor == "ray":
+        from bnexp import ray_executor
+
+        try:
+            cuda = ray_executor.connect(address).gpus > 0
+        except ray_executor.Unreachable as exc:
+            fail([str(exc)])
     try:
-        return sweep.plan(runs, out)
+        return sweep.plan(runs, out, cuda)
     except cfg.ConfigError as exc:
         fail(exc.problems)
     raise AssertionError("unreachable")
@@ -262,7 +274,7 @@ def sweep_command(
     check_executor(executor, address)
     runs = load_runs(files or [DEFAULT_GRID], overrides(set_, device=device), seeds,
                       allow_large=yes, labels=labels(device=device))
-    planned = _plan(runs, out)
+    planned = _plan(runs, out, executor, address)
     if dry_run:
         _dry_run(planned, force, retry_failed, out)
         return

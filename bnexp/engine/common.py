@@ -130,11 +130,13 @@ def group_runs(runs: list[RunConfig], max_networks: int = MAX_POPULATION_NETWORK
     return [chunk for chunks in groups.values() for chunk in chunks]
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error."""
+def resolve_device(name: str, cuda: bool | None = None) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error. cuda: whether
+    the machines that will train have a CUDA GPU (a Ray cluster's); None: this process's torch."""
+    where = "torch sees no CUDA GPU" if cuda is None else "the Ray cluster has no GPU"
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(["device: 'cuda' asked for, but torch sees no CUDA GPU "
-                           "(use auto or cpu)"])
+        return torch.device("cuda" if cuda else "cpu")
+    if name == "cuda" and not cuda:
+        raise ConfigError([f"device: 'cuda' asked for, but {where} (use auto or cpu)"])
     return torch.device(name)
