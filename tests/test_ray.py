@@ -4,6 +4,7 @@ Skipped without the `ray` extra, and in parallel test workers (make test-threads
 cluster at a time on a small machine.
 """
 
+import json
 import os
 import signal
 import socket
@@ -144,9 +145,9 @@ def test_a_driver_without_a_gpu_plans_for_the_clusters(cluster, tiny_mnist, tmp_
     assert " cuda " in dry.stdout and " cpu " not in dry.stdout, "auto: the cluster's GPU"
     ran = subprocess.run([*command, "--device", "cuda"], capture_output=True, text=True,
                          env=env, timeout=300)
-    (folder,) = (tmp_path / "o" / "g").iterdir() if ran.returncode == 0 else [None]
     if ran.returncode == 0:  # the node has a GPU: the run trained there
-        assert "cuda" in folder.name
+        (summary,) = (tmp_path / "o" / "g").glob("*/summary.json")
+        assert json.loads(summary.read_text())["device"].startswith("cuda")
     else:
         assert ran.returncode == 1, ran.stderr
         text = " ".join(ran.stdout.split())
