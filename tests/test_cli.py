@@ -277,26 +277,26 @@ def test_light_commands_do_not_import_torch(tmp_path):
     assert out.stdout.strip() == "[]"
 
 
-def test_tables_keep_their_width_where_no_stream_is_a_terminal(env):
+def test_tables_keep_their_width_where_no_stream_is_a_terminal(env, monkeypatch):
     """In a log (no terminal anywhere, no $COLUMNS) a run id stays on one line; $COLUMNS still
     decides where it is set."""
     import os
     import subprocess
     import sys
 
+    from bnexp.cli import common
+
     path = experiment(env, "name: g\ngrid:\n  lr: [0.01, 0.5]\n")
-    command = [sys.executable, "-m", "bnexp", "sweep", str(path), "--dry-run", *FAST]
     environ = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
-
-    def dry(**extra: str) -> str:
-        out = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                             env=environ | extra)
-        assert out.returncode == 0, out.stderr
-        return out.stdout
-
-    run_id = re.search(r"relu-lr0\.01-init[^ ]*-seed0-[0-9a-f]{8}", dry())
-    assert run_id, "the run id is whole on its line"
-    assert run_id.group() not in dry(COLUMNS="80"), "folded to fit 80 columns"
+    out = subprocess.run([sys.executable, "-m", "bnexp", "sweep", str(path), "--dry-run", *FAST],
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL, env=environ)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"│ relu-lr0\.01-init[^ ]*-seed0-[0-9a-f]{8} +│", out.stdout), out.stdout
+    monkeypatch.setattr(common, "_is_terminal", lambda fd: False)
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert common._console(stderr=False).width == common.LOG_WIDTH
+    monkeypatch.setenv("COLUMNS", "80")
+    assert common._console(stderr=False).width == 80
 
 
 def test_version_threads_and_umask(env):

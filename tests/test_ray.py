@@ -131,20 +131,16 @@ def test_a_killed_driver_resumes_on_the_next_sweep(cluster, grid, local, tiny_mn
 
 
 def test_a_driver_without_a_gpu_plans_for_the_clusters(cluster, tiny_mnist, tmp_path):
-    """device auto and cuda resolve against the cluster's GPUs, not the driver's: a CPU-only
-    head node plans cuda runs (their run ids, their folders) and a node without a usable GPU
-    fails them with one line that names it."""
+    """device auto resolves against the cluster's GPUs, not the driver's: a CPU-only head node
+    plans a cuda run (its run id, its folder), which trains where the node has a GPU and
+    otherwise fails with one line that names the node."""
     path = tmp_path / "g.yaml"
     path.write_text("name: g\nsteps: 20\neval_every: 10\ndevice: auto\n")
     env = {**os.environ, "BNEXP_DATA_DIR": str(tiny_mnist), "RAY_USAGE_STATS_ENABLED": "0",
            "CUDA_VISIBLE_DEVICES": ""}  # the driver sees no GPU, on any machine
-    command = [sys.executable, "-m", "bnexp", "sweep", str(path), "--out", str(tmp_path / "o"),
-               "--executor", "ray", "--address", cluster]
-    dry = subprocess.run([*command, "--dry-run"], capture_output=True, text=True, env=env)
-    assert dry.returncode == 0, dry.stderr
-    assert " cuda " in dry.stdout and " cpu " not in dry.stdout, "auto: the cluster's GPU"
-    ran = subprocess.run([*command, "--device", "cuda"], capture_output=True, text=True,
-                         env=env, timeout=300)
+    ran = subprocess.run([sys.executable, "-m", "bnexp", "sweep", str(path), "--out",
+                          str(tmp_path / "o"), "--executor", "ray", "--address", cluster],
+                         capture_output=True, text=True, env=env, timeout=300)
     if ran.returncode == 0:  # the node has a GPU: the run trained there
         (summary,) = (tmp_path / "o" / "g").glob("*/summary.json")
         assert json.loads(summary.read_text())["device"].startswith("cuda")
