@@ -257,9 +257,9 @@ def _collect(ref, planned: list, out: Path, outcomes: list, report, sweep) -> bo
     try:
         found = ray.get(ref)
     except Exception as exc:  # the task raised, or died more often than Ray retries
-        detail = traceback.format_exception_only(type(exc), exc)[-1].strip()[:500]
-        if isinstance(getattr(exc, "cause", None), NodeUnfit):  # the line, no traceback
-            detail = str(exc.cause)
+        cause = getattr(exc, "cause", None)  # a task's own exception, inside Ray's
+        detail = (str(cause) if isinstance(cause, NodeUnfit)  # the line, no traceback
+                  else traceback.format_exception_only(type(exc), exc)[-1].strip()[:500])
         found = []
         for p in planned:
             sweep.results.write_failure(sweep.results.run_folder(out, p.run, str(p.device)),

@@ -292,7 +292,7 @@ def test_tables_keep_their_width_where_no_stream_is_a_terminal(env, monkeypatch)
                          capture_output=True, text=True, stdin=subprocess.DEVNULL, env=environ)
     assert out.returncode == 0, out.stderr
     assert re.search(r"│ relu-lr0\.01-init[^ ]*-seed0-[0-9a-f]{8} +│", out.stdout), out.stdout
-    monkeypatch.setattr(common, "_is_terminal", lambda fd: False)
+    monkeypatch.setattr(common.os, "isatty", lambda fd: False)
     monkeypatch.delenv("COLUMNS", raising=False)
     assert common._console(stderr=False).width == common.LOG_WIDTH
     monkeypatch.setenv("COLUMNS", "80")

@@ -41,16 +41,9 @@ LOG_WIDTH = 200
 
 def _console(stderr: bool) -> Console:
     width = None
-    if "COLUMNS" not in os.environ and not any(_is_terminal(fd) for fd in (0, 1, 2)):
-        width = LOG_WIDTH
+    if "COLUMNS" not in os.environ and not any(os.isatty(fd) for fd in (0, 1, 2)):
+        width = LOG_WIDTH  # (os.isatty is False for a closed descriptor too)
     return Console(stderr=stderr, width=width)
-
-
-def _is_terminal(fd: int) -> bool:
-    try:
-        return os.isatty(fd)
-    except OSError:
-        return False
 
 
 out_console = _console(stderr=False)
