@@ -72,6 +72,21 @@ def _flat_layout(folder: Path) -> bool:
     return all((folder / name).is_file() for name in RAW_FILES)
 
 
+def _missing(folder: Path) -> list[str]:
+    """The dataset files (packed or unpacked) that folder lacks."""
+    return [name for name in RAW_FILES if not (folder / name).is_file()
+            and not (folder / name.removesuffix(".gz")).is_file()]
+
+
+def _check_partly_flat(folder: Path, dataset: str) -> None:
+    """A flat folder with some of the four files but not all is a mistake to name: read as
+    a torchvision root instead, it would only say that nothing was found there."""
+    absent = [name for name in RAW_FILES if not (folder / name).is_file()]
+    if 0 < len(absent) < len(RAW_FILES):
+        raise DataError(f"{folder}: holds {len(RAW_FILES) - len(absent)} of the four "
+                        f"{dataset} files; missing {', '.join(absent)}")
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bnexp"
 
@@ -129,13 +144,17 @@ def _check_archives(raw: Path, cls: str) -> None:
                             "file's); replace it, or delete it to download it again")
 
 
-def _dataset_root(data_dir: Path, cls: str, system_dir: Path | None) -> Path:
+def _dataset_root(data_dir: Path, dataset: str, system_dir: Path | None) -> Path:
+    cls = DATASET_CLASSES[dataset]
     if _flat_layout(data_dir):
         return _stage_flat_files(data_dir, cls)
     if _flat_layout(data_dir / "raw") and not (data_dir / cls).exists():
         return _stage_flat_files(data_dir / "raw", cls)
     if system_dir and not (data_dir / cls).exists() and _flat_layout(system_dir):
         return _stage_flat_files(system_dir, cls)
+    if len(_missing(data_dir / cls / "raw")) == len(RAW_FILES):  # nothing there (yet)
+        for folder in (data_dir, data_dir / "raw"):
+            _check_partly_flat(folder, dataset)
     return data_dir
 
 
@@ -143,7 +162,7 @@ def _root(dataset: str, data_dir: Path) -> Path:
     """The root torchvision reads the dataset from (flat folders staged into the cache)."""
     cls = DATASET_CLASSES[dataset]
     try:
-        root = _dataset_root(data_dir, cls, SYSTEM_DIRS.get(dataset))
+        root = _dataset_root(data_dir, dataset, SYSTEM_DIRS.get(dataset))
         _check_archives(root / cls / "raw", cls)
     except OSError as exc:  # an unreadable folder or cache
         where = exc.filename or data_dir
@@ -206,7 +225,10 @@ def _load(dataset: str, root: Path, train: bool) -> tuple[torch.Tensor, torch.Te
         ds = getattr(datasets, cls)(str(root), train=train, download=True)
     except Exception as exc:  # torchvision raises RuntimeError, URLError, OSError, ...
         text = str(exc).strip()
-        if text.startswith("Error downloading") or "Dataset not found" in text:
+        absent = _missing(root / cls / "raw")
+        if absent and len(absent) < len(RAW_FILES):
+            reason = f"missing {', '.join(absent)}, and downloading failed"
+        elif text.startswith("Error downloading") or "Dataset not found" in text:
             reason = "files not found, and downloading them failed"
         else:
             reason = text.splitlines()[0] if text else type(exc).__name__

@@ -40,6 +40,32 @@ def test_missing_data_says_where_and_how(tmp_path):
     assert "BNEXP_DATA_DIR" in message and "\n" not in message
 
 
+def test_missing_files_are_named(tmp_path, monkeypatch):
+    """A flat folder short of a file, or a torchvision folder whose file could not be
+    downloaded, names the files it lacks (not only that nothing usable was found)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    flat, src = write_flat_gz_mnist(tmp_path)
+    (flat / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError) as info:
+        load_split("mnist", flat)
+    assert str(info.value) == (f"{flat}: holds 3 of the four mnist files; missing "
+                               "t10k-labels-idx1-ubyte.gz")
+    (flat / "MNIST" / "raw").mkdir(parents=True)  # left by an earlier download attempt
+    with pytest.raises(DataError, match="holds 3 of the four"):
+        load_split("mnist", flat)
+    (src / "train-images-idx3-ubyte").unlink()
+    import torchvision.datasets
+
+    class Offline(torchvision.datasets.MNIST):  # as torchvision is where nothing answers
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", Offline)
+    with pytest.raises(DataError, match=r"\(missing train-images-idx3-ubyte.gz, and "
+                       r"downloading failed\)"):
+        load_split("mnist", src.parent.parent)
+
+
 def test_corrupt_file_is_a_data_error(tmp_path):
     root = write_tiny_mnist(tmp_path)
     (root / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03garbage")
