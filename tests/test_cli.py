@@ -368,6 +368,19 @@ def test_command_line_problems_are_named_as_such(env):
     assert any(line.startswith("error: --device tpu: device:") for line in lines)
 
 
+def test_sweep_takes_steps_as_run_does(env):
+    """--steps N is --set steps=N for every run of every file (a steps axis included), and
+    its problems are named as --steps."""
+    path = experiment(env, "name: g\ngrid:\n  lr: [0.01, 0.5]\n  steps: [100, 200]\n")
+    short = invoke("sweep", path, "--dry-run", "--device", "cpu", "--steps", "30")
+    assert short.exit_code == 0, short.output
+    text = " ".join(short.stdout.split())
+    assert "2 run(s) to train in 1 population(s), 120 network-steps" in text
+    result = invoke("sweep", path, "--steps", "0")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: --steps 0: steps: Input should be greater than 0"
+
+
 def test_runs_lists_what_is_on_disk(env):
     path = experiment(env, "name: g\ngrid:\n  lr: [0.01, 0.5]\n  seed: [0, 1]\n")
     assert invoke("sweep", path, *FAST).exit_code == 0

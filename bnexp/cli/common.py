@@ -71,6 +71,9 @@ DataDirOption = Annotated[Path | None, typer.Option(
     "--data-dir", metavar="DIR", help="Dataset folder (else $BNEXP_DATA_DIR, else ./data).")]
 DeviceOption = Annotated[str | None, typer.Option(
     "--device", metavar="NAME", help="auto | cpu | cuda (overrides the file).")]
+StepsOption = Annotated[int | None, typer.Option(
+    "--steps", metavar="N", help="Training steps of every run (overrides the file and a grid's "
+    "steps axis; a shorter run also evaluates more often, see README).")]
 YesOption = Annotated[bool, typer.Option(
     "--yes", help=f"Allow grids of more than {cfg.LARGE_GRID_RUNS:,} runs.")]
 SetOption = Annotated[list[str] | None, typer.Option(

@@ -22,6 +22,7 @@ from bnexp.cli.common import (
     DeviceOption,
     OutOption,
     SetOption,
+    StepsOption,
     TensorBoardOption,
     ThreadsOption,
     YesOption,
@@ -142,8 +143,7 @@ def run(
     device: DeviceOption = None,
     engine: Annotated[str | None, typer.Option(
         "--engine", metavar="NAME", help="population (default) | reference.")] = None,
-    steps: Annotated[int | None, typer.Option(
-        "--steps", metavar="N", help="Training steps.")] = None,
+    steps: StepsOption = None,
     seed: Annotated[int | None, typer.Option(
         "--seed", metavar="S", help="Seed of weights and batches.")] = None,
     out: OutOption = Path("results"),
@@ -254,6 +254,7 @@ def sweep_command(
     force: Annotated[bool, typer.Option(
         "--force", help="Retrain every run, finished or damaged ones too.")] = False,
     device: DeviceOption = None,
+    steps: StepsOption = None,
     out: OutOption = Path("results"),
     data_dir: DataDirOption = None,
     set_: SetOption = None,
@@ -272,8 +273,9 @@ def sweep_command(
     """Run whole grids: skip finished runs, resume interrupted ones from their checkpoints."""
     set_threads(threads)
     check_executor(executor, address)
-    runs = load_runs(files or [DEFAULT_GRID], overrides(set_, device=device), seeds,
-                      allow_large=yes, labels=labels(device=device))
+    named = dict(device=device, steps=steps)
+    runs = load_runs(files or [DEFAULT_GRID], overrides(set_, **named), seeds,
+                     allow_large=yes, labels=labels(**named))
     planned = _plan(runs, out, executor, address)
     if dry_run:
         _dry_run(planned, force, retry_failed, out)
