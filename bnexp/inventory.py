@@ -17,6 +17,8 @@ from pathlib import Path
 from bnexp.config import NON_RESULT_FIELDS, RunConfig
 from bnexp.readback import DamagedRun, check_run, read_config, read_metrics, read_summary
 
+STATUSES = ("done", "partial", "failed", "damaged", "mismatch", "started")
+
 # Settings never shown as "varied": they name or describe a run rather than configure it.
 HIDDEN = {"experiment", "description"} | set(NON_RESULT_FIELDS)
 

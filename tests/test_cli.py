@@ -416,8 +416,14 @@ def test_runs_lists_what_is_on_disk(env):
     rows = list(csv.DictReader(done.stdout.splitlines()))
     assert [r["status"] for r in rows] == ["done"] * len(rows) and rows
     assert all(r["run_id"].startswith("relu-lr0.5") for r in rows)
-    bad = invoke("runs", "results", "--where", "colour=red", "--where", "nonsense")
+    partial = invoke("runs", "results", "--csv", "--where", "status=partial")
+    assert [r["run_id"] for r in csv.DictReader(partial.stdout.splitlines())] == [
+        folders[0].name]
+    bad = invoke("runs", "results", "--where", "colour=red", "--where", "nonsense",
+                 "--where", "status=finished")
     assert bad.exit_code == 2
     assert bad.stderr.splitlines() == [
         "error: --where colour=red: colour is not a run setting",
-        "error: --where nonsense: expected KEY=VALUE, e.g. --where lr=0.1"]
+        "error: --where nonsense: expected KEY=VALUE, e.g. --where lr=0.1",
+        "error: --where status=finished: a status is one of done, partial, failed, damaged, "
+        "mismatch, started"]

@@ -42,8 +42,9 @@ def runs(
         help="Results folder, or one experiment's folder in it.")] = Path("results"),
     where: Annotated[list[str] | None, typer.Option(
         "--where", metavar="KEY=VALUE",
-        help="Only runs with KEY=VALUE (a setting, or status); repeatable, e.g. "
-        "--where activation=relu --where status=done.")] = None,
+        help="Only runs with KEY=VALUE (a setting, or status: done, partial, failed, damaged, "
+        "mismatch, started); repeatable, e.g. --where activation=relu --where status=done.")
+        ] = None,
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV on stdout instead of a table.")
                       ] = False,
 ) -> None:
@@ -62,6 +63,9 @@ def runs(
             continue
         if ".".join(key) not in cfg.RunConfig.model_fields and key != ["status"]:
             problems.append(f"--where {text}: {'.'.join(key)} is not a run setting")
+        elif key == ["status"] and value not in inventory.STATUSES:
+            problems.append(f"--where {text}: a status is one of "
+                            f"{', '.join(inventory.STATUSES)}")
         conditions.append((".".join(key), value))
     if problems:
         fail(problems)
