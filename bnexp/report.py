@@ -365,8 +365,8 @@ def write_report(experiment_dir: Path) -> tuple[Path, Path]:
 
 COMPARISON_NOTE = (
     "Medians over seeds; BN − plain is the mean paired difference of final test accuracy "
-    f"(percentile bootstrap, {stats.BOOTSTRAP_SAMPLES:,} resamples; {ONE_SEED} where a cell "
-    f"has one seed); a failure is a final validation accuracy below "
+    f"with its 95% confidence interval (Student's t over the seeds' differences; {ONE_SEED} "
+    f"where a cell has one seed); a failure is a final validation accuracy below "
     f"{stats.FAILURE_THRESHOLD:.0%}.")
 
 

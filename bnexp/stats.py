@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
-import random
 from dataclasses import dataclass
-from statistics import median
+from statistics import fmean, median, stdev
 
 FAILURE_THRESHOLD = 0.2  # final accuracy below this is a failed training (chance is 0.1)
-BOOTSTRAP_SAMPLES = 10_000
 THRESHOLDS = (0.90, 0.95)
 
 
@@ -26,18 +25,69 @@ def iqr(values: list[float]) -> tuple[float, float]:
     return quantile(values, 0.25), quantile(values, 0.75)
 
 
-def bootstrap_ci(diffs: list[float], level: float = 0.95, samples: int = BOOTSTRAP_SAMPLES,
-                 seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of paired differences (seeded, reproducible)."""
+@functools.lru_cache(maxsize=256)
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile of Student's t distribution with df degrees of freedom (p > 0.5)."""
+    lo, hi = 0.0, 1.0
+    while _t_cdf(hi, df) < p:
+        hi *= 2
+    for _ in range(100):  # bisection to the last bit
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _t_cdf(t: float, df: int) -> float:
+    """P(T <= t), from the regularized incomplete beta function."""
+    tail = 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
+    return 1 - tail if t > 0 else tail
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """I_x(a, b), by its continued fraction (Numerical Recipes' betai)."""
+    if x <= 0.0 or x >= 1.0:
+        return max(0.0, min(1.0, x))
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                     + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _beta_fraction(a, b, x) / a
+    return 1 - front * _beta_fraction(b, a, 1 - x) / b
+
+
+def _beta_fraction(a: float, b: float, x: float) -> float:
+    """The incomplete beta function's continued fraction, by the modified Lentz method."""
+    tiny = 1e-300
+
+    def guard(v: float) -> float:
+        return v if abs(v) > tiny else tiny
+
+    c, d = 1.0, 1 / guard(1 - (a + b) * x / (a + 1))
+    h = d
+    for m in range(1, 300):
+        for num in (m * (b - m) * x / ((a - 1 + 2 * m) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 1 + 2 * m))):
+            d = 1 / guard(1 + num * d)
+            c = guard(1 + num / c)
+            h *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    return h
+
+
+def paired_ci(diffs: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Student's t interval of the mean of paired differences: mean +- t * s / sqrt(n).
+
+    Exact where the differences are normal, at any n. (A percentile bootstrap is too narrow
+    for the few seeds a sweep has: its nominal 95% covered 48% of normal means at 2 seeds,
+    75% at 3, 84% at 5 and 91% at 10, where this interval covers 95%.)
+    """
     if not diffs:
         return math.nan, math.nan
-    if len(diffs) == 1:
-        return diffs[0], diffs[0]
-    rng = random.Random(seed)
-    n = len(diffs)
-    means = sorted(sum(rng.choices(diffs, k=n)) / n for _ in range(samples))
-    alpha = (1 - level) / 2
-    return quantile(means, alpha), quantile(means, 1 - alpha)
+    n, mean = len(diffs), fmean(diffs)
+    if n == 1:
+        return mean, mean
+    half = t_quantile(0.5 + level / 2, n - 1) * stdev(diffs) / math.sqrt(n)
+    return mean - half, mean + half
 
 
 def steps_to_reach(steps: list[int], accuracies: list[float], threshold: float) -> int | None:
@@ -89,12 +139,15 @@ def variant_stats(final_val: list[float], final_test: list[float],
 
 def paired_stats(plain_val: list[float], bn_val: list[float], plain_test: list[float],
                  bn_test: list[float]) -> PairedStats:
-    """BN minus plain per seed (the pairs share weights and batches), with bootstrap CIs."""
+    """BN minus plain per seed (the pairs share weights and batches), with t intervals."""
     d_val = [b - p for p, b in zip(plain_val, bn_val, strict=True)]
     d_test = [b - p for p, b in zip(plain_test, bn_test, strict=True)]
 
     def mean(xs: list[float]) -> float:
-        return sum(xs) / len(xs) if xs else math.nan
+        return fmean(xs) if xs else math.nan
 
-    return PairedStats(len(d_test), mean(d_test), bootstrap_ci(d_test), mean(d_val),
-                       bootstrap_ci(d_val))
+    def ci(diffs: list[float]) -> tuple[float, float]:
+        lo, hi = paired_ci(diffs)  # a difference of accuracies lies within [-1, 1]
+        return max(lo, -1.0), min(hi, 1.0)
+
+    return PairedStats(len(d_test), mean(d_test), ci(d_test), mean(d_val), ci(d_val))

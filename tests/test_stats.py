@@ -1,4 +1,6 @@
 import math
+import random
+import statistics
 
 import pytest
 
@@ -13,16 +15,32 @@ def test_quantiles_match_numpy_linear():
     assert math.isnan(stats.quantile([], 0.5))
 
 
-def test_bootstrap_ci_is_reproducible_and_brackets_the_mean():
+def test_t_quantiles_are_the_tables():
+    # two-sided 95%: Student's table (df 1, 2, 3, 4, 9, 29) and the normal limit
+    table = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 9: 2.2622, 29: 2.0452}
+    for df, t in table.items():
+        assert stats.t_quantile(0.975, df) == pytest.approx(t, abs=1e-4)
+    assert stats.t_quantile(0.975, 100_000) == pytest.approx(1.95998, abs=1e-4)
+    assert stats.t_quantile(0.95, 4) == pytest.approx(2.1318, abs=1e-4)
+
+
+def test_paired_ci_is_the_t_interval_and_covers_its_level():
     diffs = [0.1, 0.2, 0.15, 0.3, -0.05, 0.25, 0.12]
-    lo, hi = stats.bootstrap_ci(diffs)
-    assert (lo, hi) == stats.bootstrap_ci(diffs)
-    mean = sum(diffs) / len(diffs)
-    assert lo < mean < hi
-    assert min(diffs) <= lo and hi <= max(diffs)
-    assert stats.bootstrap_ci([0.2]) == (0.2, 0.2)
-    wide = stats.bootstrap_ci([-1.0, 1.0, -1.0, 1.0])
-    assert wide[0] < 0 < wide[1]
+    lo, hi = stats.paired_ci(diffs)
+    mean, half = sum(diffs) / 7, 2.4469 * statistics.stdev(diffs) / math.sqrt(7)
+    assert lo == pytest.approx(mean - half, abs=1e-5) and hi == pytest.approx(mean + half,
+                                                                              abs=1e-5)
+    assert stats.paired_ci([0.2]) == (0.2, 0.2)
+    assert stats.paired_ci([0.3, 0.3, 0.3]) == pytest.approx((0.3, 0.3))
+    assert all(math.isnan(v) for v in stats.paired_ci([]))
+    # 95% of intervals from 3 seeds hold the true mean (a percentile bootstrap held 75%)
+    rng = random.Random(0)
+    trials = 4000
+    held = 0
+    for _ in range(trials):
+        low, high = stats.paired_ci([rng.gauss(1.0, 2.0) for _ in range(3)])
+        held += low <= 1.0 <= high
+    assert 0.94 <= held / trials <= 0.96
 
 
 def test_steps_to_reach():
@@ -39,5 +57,10 @@ def test_variant_and_paired_stats():
     assert v.median_steps_to[0.9] == 500 and v.never_reached[0.9] == 1
     p = stats.paired_stats([0.1, 0.5], [0.9, 0.9], [0.1, 0.5], [0.9, 0.95])
     assert p.n_pairs == 2 and p.mean_diff_test == pytest.approx(0.625)
+    # the t interval (0.625 +- 3.18) clipped to what a difference of accuracies can be
+    assert p.ci_test == pytest.approx((-1.0, 1.0))
+    near = stats.paired_stats([0.5] * 3, [0.6, 0.62, 0.61], [0.5] * 3, [0.6, 0.62, 0.61])
+    assert near.ci_test == pytest.approx(stats.paired_ci([0.1, 0.12, 0.11]))
+    assert near.ci_test == pytest.approx((0.11 - 0.02484, 0.11 + 0.02484), abs=1e-5)
     with pytest.raises(ValueError):
         stats.paired_stats([0.1], [0.2, 0.3], [0.1], [0.2])
