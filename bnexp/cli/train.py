@@ -244,7 +244,8 @@ def sweep_command(
         help=f"Experiment YAML files (default: {DEFAULT_GRID}).")] = None,
     seeds: Annotated[int | None, typer.Option(
         "--seeds", metavar="N", min=1, max=cfg.MAX_RUNS,
-        help="Repeat every comparison with N seeds (seed .. seed+N-1).")] = None,
+        help="Repeat every comparison with N seeds (seed .. seed+N-1, from the file's base "
+        "seed; replaces a seed axis of the file).")] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="List the runs, train nothing.")] = False,
     fail_fast: Annotated[bool, typer.Option(
