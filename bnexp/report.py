@@ -1,4 +1,4 @@
-"""Per-cell statistics over seeds and the experiment report (Markdown and self-contained HTML).
+"""The experiment report: the comparison table over seeds, Markdown and self-contained HTML.
 
 Everything here reads the files of finished runs; nothing is retrained.
 """
@@ -9,219 +9,14 @@ import base64
 import html
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from bnexp import plots, stats
-from bnexp.readback import read_config, read_metrics, read_summary, run_folders
+from bnexp import stats
+from bnexp.cells import NORMALISED, Cell, collect_cells, sort_key
+from bnexp.report_figures import captioned_figures, seeds_and_steps
 from bnexp.results import atomic_write
-
-CELL_IGNORES = ("seed",)  # runs differing only in these form one comparison (grid cell)
-NORMALISED = ("bn", "ln", "gn")  # variant names with a normaliser; "plain" has none
-VARIANT_ORDER = ("plain", *NORMALISED)
-
-
-@dataclass
-class Cell:
-    """One comparison of the grid: every seed of one configuration."""
-
-    key: tuple
-    config: dict
-    folders: list[Path] = field(default_factory=list)
-    summaries: list[dict] = field(default_factory=list)  # of the folders, in their order
-    seeds: list[int] = field(default_factory=list)
-    variants: list[str] = field(default_factory=list)
-    stats: dict[str, stats.VariantStats] = field(default_factory=dict)
-    paired: stats.PairedStats | None = None
-
-    varying: tuple[str, ...] = ()  # settings that differ between the experiment's cells
-
-    @property
-    def label(self) -> str:
-        c = self.config
-        init = f"init={c['init_scale']:g}" if c.get("init", "normal") == "normal" else c["init"]
-        label = f"{c['activation']} lr={c['lr']:g} {init}"
-        extra = [f"{k}={_short(c[k])}" for k in self.varying if k not in LABEL_BASE]
-        return " ".join([label, *extra])
-
-    @property
-    def slug(self) -> str:
-        text = self.label.replace(" ", "-").replace("=", "")
-        return "".join(ch for ch in text if ch.isalnum() or ch in "-_.")
-
-
-LABEL_BASE = ("activation", "lr", "init_scale", "init")
-
-
-def _short(value: object) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _load_run(folder: Path) -> tuple[dict, dict, dict]:
-    return read_config(folder), read_summary(folder), read_metrics(folder)
-
-
-def collect_cells(experiment_dir: Path, failure_threshold: float = stats.FAILURE_THRESHOLD,
-                  ) -> list[Cell]:
-    """Group an experiment's finished runs into cells and compute their statistics."""
-    cells: dict[tuple, Cell] = {}
-    loaded = {}
-    for folder in run_folders(experiment_dir):
-        config, summary, curves = _load_run(folder)
-        key_items = {k: v for k, v in config.items() if k not in CELL_IGNORES}
-        key_items["engine_device"] = (summary["engine"], summary["device"])
-        key = tuple(sorted((k, json.dumps(v)) for k, v in key_items.items()))
-        cell = cells.setdefault(key, Cell(key, config))
-        cell.folders.append(folder)
-        cell.summaries.append(summary)
-        cell.seeds.append(config["seed"])
-        loaded[folder] = (summary, curves)
-    configs = [c.config for c in cells.values()]
-    varying = tuple(k for k in configs[0] if k not in CELL_IGNORES and k != "examples"
-                    and len({json.dumps(c.get(k)) for c in configs}) > 1) if configs else ()
-    for cell in cells.values():
-        cell.varying = varying
-        _fill_stats(cell, loaded, failure_threshold)
-    order = ("activation", "lr", "init", "init_scale", *varying)
-    return sorted(cells.values(), key=lambda c: [_sort_key(c.config.get(k)) for k in order])
-
-
-def _sort_key(value: object) -> tuple:
-    """Numbers before text, each in its own order (so 2 < 10 and 'none' < 'value')."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (0, value, "")
-    return (1, 0, json.dumps(value))
-
-
-def _fill_stats(cell: Cell, loaded: dict, failure_threshold: float) -> None:
-    per_variant: dict[str, dict[str, list]] = {}
-    for folder in sorted(cell.folders):
-        summary, curves = loaded[folder]
-        for name, model in summary["models"].items():
-            acc = per_variant.setdefault(name, {"val": [], "test": [], "reach": {}})
-            acc["val"].append(model["final_val_acc"])
-            acc["test"].append(model["final_test_acc"])
-            for t in stats.THRESHOLDS:
-                curve = curves[name]
-                acc["reach"].setdefault(t, []).append(
-                    stats.steps_to_reach(curve["step"], curve["val_acc"], t))
-    cell.variants = list(per_variant)
-    cell.stats = {name: stats.variant_stats(v["val"], v["test"], v["reach"], failure_threshold)
-                  for name, v in per_variant.items()}
-    normed = [v for v in NORMALISED if v in per_variant]
-    if "plain" in per_variant and normed:
-        p, b = per_variant["plain"], per_variant[normed[0]]
-        cell.paired = stats.paired_stats(p["val"], b["val"], p["test"], b["test"])
-
-
-def draw_figures(experiment_dir: Path, cells: list[Cell] | None = None) -> list[Path]:
-    """Every figure file of the experiment under <experiment>/plots/ (see captioned_figures;
-    the paper figure's SVG included)."""
-    paths = [path for path, _ in captioned_figures(experiment_dir, cells)]
-    return paths + [p.with_suffix(".svg") for p in paths if p.name == "paper.png"]
-
-
-def captioned_figures(experiment_dir: Path, cells: list[Cell] | None = None,
-                      ) -> list[tuple[Path, str]]:
-    """(figure, caption): the paper figure (PNG, with an SVG beside it), the grid overview,
-    seed-band curves per cell and, where batch size varies, accuracy against batch size."""
-    cells = cells if cells is not None else collect_cells(experiment_dir)
-    if not cells:
-        return []
-    out = experiment_dir / "plots"
-    seeds, steps = _seeds_and_steps(cells)
-    band = ("Lines: median over seeds; bands: the middle 50% of seeds (inter-quartile range)"
-            if max(len(c.folders) for c in cells) > 1 else "One seed per cell: no band")
-    curves = {c.key: _cell_curves(c) for c in cells}
-    split = plots.curve_split([c.config for c in cells])
-    paper = plots.plot_small_multiples(
-        [(c.label, curves[c.key]) for c in cells], _columns(cells),
-        f"{experiment_dir.name}: {split} accuracy, {steps}, {seeds}", out / "paper",
-        plots.accuracy_label([c.config for c in cells]))
-    figures = [(paper[0], f"{split.capitalize()} accuracy during training, one panel per grid cell "
-                          f"({steps}, {seeds}; the same y-scale in every panel). {band}; "
-                          "crosses mark the first divergence among a cell's seeds. "
-                          f"Also as {paper[1].name} (vector).")]
-    variants = sorted({v for c in cells for v in c.variants}, key=VARIANT_ORDER.index)
-    values = [[c.stats[v].median_test if v in c.stats else math.nan for v in variants]
-              for c in cells]
-    overview = plots.plot_overview([c.label for c in cells], variants, values,
-                                   out / "overview.png",
-                                   f"Median final test accuracy ({steps}, {seeds})")
-    figures.append((overview, f"Median final test accuracy of every cell and variant over "
-                              f"{seeds} ({steps})."))
-    for cell in cells:
-        n = len(cell.folders)
-        title = f"{cell.label}\n{_steps_text(cell)}, {n} seed{'s' * (n > 1)}"
-        split = plots.curve_split([cell.config])
-        path = plots.plot_seed_bands(curves[cell.key], title, out / f"curves-{cell.slug}.png",
-                                     plots.accuracy_label([cell.config]))
-        figures.append((path, f"{cell.label}: {split} accuracy during training "
-                              f"({_steps_text(cell)}, {n} seed{'s' * (n > 1)}). {band}; a "
-                              "cross marks the first divergence among the seeds."))
-    if "batch_size" in cells[0].varying:
-        figures += _batch_size_figures(cells, out)
-    return figures
-
-
-def _cell_curves(cell: Cell) -> dict[str, list]:
-    curves: dict[str, list] = {}
-    for folder in sorted(cell.folders):
-        for name, curve in read_metrics(folder).items():
-            curves.setdefault(name, []).append((curve["step"], curve["val_acc"],
-                                                plots.diverged_at(curve)))
-    return curves
-
-
-def _steps_text(cell: Cell) -> str:
-    examples = cell.config.get("examples")
-    text = f"{cell.config['steps']:,} steps"
-    return text + (f" ({examples:,} examples)" if examples else "")
-
-
-def _seeds_and_steps(cells: list[Cell]) -> tuple[str, str]:
-    counts = sorted({len(c.folders) for c in cells})
-    seeds = (f"{counts[0]} seed{'s' * (counts[0] > 1)} per cell" if len(counts) == 1
-             else f"{counts[0]}–{counts[-1]} seeds per cell")
-    steps = sorted({c.config["steps"] for c in cells})
-    steps_text = (f"{steps[0]:,} steps" if len(steps) == 1
-                  else f"{steps[0]:,}–{steps[-1]:,} steps")
-    return seeds, steps_text
-
-
-def _columns(cells: list[Cell]) -> int:
-    """Panels per row: one per learning rate where the grid varies it (the lesson's layout),
-    else about a square."""
-    lrs = {c.config["lr"] for c in cells}
-    if 1 < len(lrs) <= 6 and len(cells) % len(lrs) == 0:
-        return len(lrs)
-    return max(1, math.ceil(math.sqrt(len(cells))))
-
-
-def _batch_size_figures(cells: list[Cell], out: Path) -> list[tuple[Path, str]]:
-    """Median final test accuracy against batch size, one line per normaliser, one figure
-    per training budget: runs of different budgets are never drawn together."""
-    budgets: dict[str, dict[str, dict[int, list[float]]]] = {}
-    for cell in cells:
-        examples = cell.config.get("examples")
-        budget = (f"{examples:,} examples seen" if examples
-                  else f"{cell.config['steps']:,} steps")
-        for variant, v in cell.stats.items():
-            budgets.setdefault(budget, {}).setdefault(variant, {}).setdefault(
-                cell.config["batch_size"], []).append(v.median_test)
-    figures = []
-    for i, (budget, points) in enumerate(sorted(budgets.items())):
-        # plain appears once per normaliser cell; the copies are the same runs' numbers.
-        series = {v: sorted((b, sum(a) / len(a)) for b, a in by_size.items())
-                  for v, by_size in sorted(points.items(),
-                                           key=lambda item: VARIANT_ORDER.index(item[0]))}
-        name = "batch_size.png" if len(budgets) == 1 else f"batch_size-{i + 1}.png"
-        path = plots.plot_batch_sizes(series, out / name, budget)
-        figures.append((path, f"Median final test accuracy against batch size ({budget} "
-                              "for every point; log2 axis)."))
-    return figures
 
 
 def _pct(x: float | None) -> str:
@@ -302,7 +97,7 @@ def _grid_axes(cells: list[Cell]) -> dict:
     axes = {}
     for key in cells[0].varying:
         values = sorted({json.dumps(c.config.get(key)) for c in cells},
-                        key=lambda v: _sort_key(json.loads(v)))
+                        key=lambda v: sort_key(json.loads(v)))
         axes[key] = [json.loads(v) for v in values]
     return axes
 
@@ -322,7 +117,7 @@ def _header(experiment_dir: Path, cells: list[Cell]) -> list[tuple[str, str]]:
     description = cells[0].config.get("description")
     if description:
         rows.append(("description", description))
-    per_cell, steps = _seeds_and_steps(cells)
+    per_cell, steps = seeds_and_steps(cells)
     rows += [("runs", f"{len(folders)} in {len(cells)} grid cell(s)"),
              ("seeds", f"{seeds_text}; {per_cell}"),
              ("steps", steps),

@@ -96,7 +96,7 @@ def _runs_table(rows: list, varied: list[str], models: list[str], root: Path) ->
 def plot(root: Annotated[Path, typer.Argument(help="Results folder to redraw.")] = Path("results"),
          ) -> None:
     """Redraw every figure under a results folder from the files on disk."""
-    from bnexp import plots, report
+    from bnexp import plots, report_figures
     if not root.is_dir():
         fail([f"{root}: no such results folder"])
     try:
@@ -104,7 +104,7 @@ def plot(root: Annotated[Path, typer.Argument(help="Results folder to redraw.")]
         experiments = {p.parent.parent for p in root.rglob("summary.json")
                        if (p.parent / "config.yaml").is_file()}
         for experiment in sorted(experiments):
-            paths += report.draw_figures(experiment)
+            paths += report_figures.draw_figures(experiment)
     except OSError as exc:
         fail([f"{exc.filename or root}: cannot write a figure ({exc.strerror or exc})"])
     _warn_damaged(damaged)
@@ -124,6 +124,7 @@ def report_command(
         help="An experiment folder, e.g. results/lesson_grid.")],
 ) -> None:
     """Write report.md and a self-contained report.html: statistics over seeds and figures."""
+    from bnexp import cells as grid_cells
     from bnexp import readback, report
 
     if not experiment.is_dir():
@@ -135,7 +136,7 @@ def report_command(
     except OSError as exc:
         fail([f"{exc.filename or experiment}: cannot write the report ({exc.strerror or exc})"])
     _warn_damaged(readback.damaged_runs(experiment))
-    cells = report.collect_cells(experiment)
+    cells = grid_cells.collect_cells(experiment)
     table = Table(title=f"{experiment.name}: comparison over seeds")
     for column in report.TABLE_HEADER:
         table.add_column(column, overflow="fold")
