@@ -65,6 +65,32 @@ def test_report_files_and_table(experiment):
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg
 
 
+def test_the_interval_is_the_seeds_t_interval(experiment):
+    """Each cell's BN − plain entry: the mean of its seeds' paired differences of final test
+    accuracy and Student's t interval (two degrees of freedom for three seeds), in points."""
+    import json
+    import math
+    import statistics
+
+    import yaml
+
+    assert CliRunner().invoke(app, ["report", str(experiment)]).exit_code == 0
+    md = (experiment / "report.md").read_text()
+    diffs: dict[float, list[float]] = {}
+    for path in experiment.glob("*/summary.json"):
+        models = json.loads(path.read_text())["models"]
+        lr = yaml.safe_load((path.parent / "config.yaml").read_text())["lr"]
+        diffs.setdefault(lr, []).append(models["bn"]["final_test_acc"]
+                                        - models["plain"]["final_test_acc"])
+    assert sorted(len(d) for d in diffs.values()) == [3, 3]
+    for lr, d in diffs.items():
+        mean, half = statistics.fmean(d), 4.302653 * statistics.stdev(d) / math.sqrt(3)
+        lo, hi = max(mean - half, -1.0), min(mean + half, 1.0)
+        entry = f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+        row = next(line for line in md.splitlines() if line.startswith(f"| relu lr={lr:g} "))
+        assert row.split(" | ")[4] == entry, (row, entry)
+
+
 def sweep_and_report(name: str, settings: str, tiny_mnist, tmp_path) -> str:
     """report.md of a one-seed sweep of a file with these settings (40 steps)."""
     path = tmp_path / f"{name}.yaml"
