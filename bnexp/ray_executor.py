@@ -12,6 +12,7 @@ driver killed and started again skips what finished and resumes the rest.
 from __future__ import annotations
 
 import functools
+import os
 import socket
 import time
 import traceback
@@ -26,8 +27,12 @@ MAX_RETRIES = 3  # attempts after a worker process dies (a task that raises is n
 # (several share a GPU), never below MIN_GPU_FRACTION.
 GPU_NETWORKS = 1024
 MIN_GPU_FRACTION = 0.125
-# ray.init waits without end on an address where nothing listens: a TCP probe goes first.
+# ray.init waits without end on an address where nothing listens, or where something that is
+# not Ray does: a probe goes first. Ray's GCS (and its client server behind ray://) are gRPC
+# servers: sent HTTP/2's client preface and an empty SETTINGS frame, they answer with a
+# SETTINGS frame (a 9-byte header whose type byte is 4).
 PROBE_TIMEOUT_S = 5.0
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 
 
 class Unreachable(Exception):
@@ -102,12 +107,35 @@ def _probe(address: str) -> None:
     if not host or not port.isdigit():
         raise Unreachable(f"--address {address}: expected auto, HOST:PORT or ray://HOST:PORT")
     try:
-        with socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S):
-            pass
-    except OSError as exc:
+        with socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S) as conn:
+            if _tls():  # the preface would have to go through TLS: the TCP check must do
+                return
+            conn.sendall(HTTP2_PREFACE)
+            head = _receive(conn, 9)
+    except OSError as exc:  # refused, unreachable, or silent (timed out)
         raise Unreachable(f"--address {address}: no Ray cluster answers there "
-                          f"({exc.strerror or exc}); start one with `ray start --head` or "
-                          "check the address") from None
+                          f"({exc.strerror or exc or type(exc).__name__}); start one with "
+                          "`ray start --head` or check the address") from None
+    if len(head) < 9 or head[3] != 4:
+        raise Unreachable(f"--address {address}: something answers there, but not a Ray "
+                          "cluster (it does not speak gRPC); give the head's GCS port (6379 "
+                          "unless `ray start --head --port` chose another)")
+
+
+def _receive(conn: socket.socket, n: int) -> bytes:
+    """Up to n bytes: fewer only where the peer closes first."""
+    data = b""
+    while len(data) < n:
+        part = conn.recv(n - len(data))
+        if not part:
+            break
+        data += part
+    return data
+
+
+def _tls() -> bool:
+    """Whether Ray connections use TLS here (RAY_USE_TLS, as Ray reads it)."""
+    return os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
 
 
 def node_problem(device: str, dtype: str) -> str | None:

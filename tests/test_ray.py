@@ -175,6 +175,45 @@ def test_executor_errors_are_one_line(tmp_path, monkeypatch):
                                       "(pip install 'bnexp[ray]')")
 
 
+def test_a_port_that_is_not_ray_is_a_one_line_error(tmp_path, monkeypatch):
+    """ray.init waited without end where a port answered that was not Ray's: an HTTP server
+    (answers, not in gRPC) and a server that accepts and says nothing (times out)."""
+    import threading
+
+    def serve(reply: bytes | None) -> str:
+        server = socket.create_server(("127.0.0.1", 0))
+
+        def answer() -> None:
+            conn, _ = server.accept()
+            if reply is not None:
+                conn.recv(1024)
+                conn.sendall(reply)
+                conn.close()
+            else:
+                time.sleep(3)
+                conn.close()
+            server.close()
+
+        threading.Thread(target=answer, daemon=True).start()
+        return f"127.0.0.1:{server.getsockname()[1]}"
+
+    monkeypatch.setattr(ray_executor, "PROBE_TIMEOUT_S", 0.5)
+    path = tmp_path / "e.yaml"
+    path.write_text("name: e\n")
+    for reply, why in ((b"HTTP/1.0 400 Bad Request\r\n\r\n", "something answers there, "
+                        "but not a Ray cluster (it does not speak gRPC)"),
+                       (None, "no Ray cluster answers there (timed out)")):
+        address = serve(reply)
+        started = time.monotonic()
+        result = CliRunner().invoke(app, ["sweep", str(path), "--executor", "ray", "--address",
+                                          address, "--out", str(tmp_path / "o")])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith(f"error: --address {address}: {why}"), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert time.monotonic() - started < 30
+        assert not (tmp_path / "o").exists()
+
+
 def test_a_local_instance_runs_its_workers_unniced(monkeypatch):
     """Ray's default niceness 15 starved a sweep on a busy machine: the instance a sweep
     starts itself runs workers at 0; a cluster it joins keeps its own setting."""
