@@ -66,9 +66,17 @@ def table_rows(cells: list[Cell]) -> list[list[str]]:
     return rows
 
 
-def _environment(experiment_dir: Path) -> dict:
-    path = experiment_dir / "environment.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _environments(cells: list[Cell]) -> list[dict]:
+    """Where the reported runs trained, as their summaries record it: one entry per distinct
+    environment (versions, platform, device, commit) with its number of runs. (The experiment's
+    environment.json names only its latest writer: on a Ray sweep the driver, not the nodes;
+    after a resume elsewhere, the last machine.)"""
+    found: dict[str, dict] = {}
+    for summary in (s for c in cells for s in c.summaries):
+        env = summary.get("environment", {})
+        entry = found.setdefault(json.dumps(env, sort_keys=True), {"runs": 0, **env})
+        entry["runs"] += 1
+    return list(found.values())
 
 
 # Settings a reader of the configuration block does not need: bookkeeping, or settings that
@@ -138,7 +146,7 @@ def write_report(experiment_dir: Path) -> tuple[Path, Path]:
     header = _header(experiment_dir, cells)
     axes = yaml.safe_dump(_grid_axes(cells), sort_keys=False, default_flow_style=None).strip()
     shared = yaml.safe_dump(_shared_config(cells), sort_keys=False).strip()
-    env = _environment(experiment_dir)
+    env = _environments(cells)
     name = experiment_dir.name
     md = [f"# {name}", ""] + [f"- **{k}**: {v}" for k, v in header] + [
           "", "## Configuration", "", "Grid axes:", "", "```yaml",
@@ -150,7 +158,8 @@ def write_report(experiment_dir: Path) -> tuple[Path, Path]:
     md += ["", "## Figures", ""]
     for path, caption in figures:
         md += [f"![{caption}](plots/{path.name})", "", f"*{caption}*", ""]
-    md += ["## Environment", "", "```json", json.dumps(env, indent=2), "```", ""]
+    md += ["## Environment", "", ENVIRONMENT_NOTE, "", "```json", json.dumps(env, indent=2),
+           "```", ""]
     md_path = experiment_dir / "report.md"
     atomic_write(md_path, "\n".join(md))
     html_path = experiment_dir / "report.html"
@@ -165,8 +174,12 @@ COMPARISON_NOTE = (
     f"{stats.FAILURE_THRESHOLD:.0%}.")
 
 
+ENVIRONMENT_NOTE = ("Where the runs trained, as each run's summary.json records it: one entry "
+                    "per distinct environment, with its number of runs.")
+
+
 def _html(name: str, header: list[tuple[str, str]], axes: str, shared: str,
-          rows: list[list[str]], figures: list[tuple[Path, str]], env: dict) -> str:
+          rows: list[list[str]], figures: list[tuple[Path, str]], env: list[dict]) -> str:
     e = html.escape
     facts = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in header)
     head = "".join(f"<th>{e(h)}</th>" for h in TABLE_HEADER)
@@ -187,5 +200,5 @@ def _html(name: str, header: list[tuple[str, str]], axes: str, shared: str,
             f"<p>Settings shared by every run:</p><pre>{e(shared)}</pre>"
             f"<h2>Comparison</h2><p>{e(COMPARISON_NOTE)}</p>"
             f"<table id=\"comparison\"><thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
-            f"</table><h2>Figures</h2>{images}<h2>Environment</h2>"
+            f"</table><h2>Figures</h2>{images}<h2>Environment</h2><p>{e(ENVIRONMENT_NOTE)}</p>"
             f"<pre>{e(json.dumps(env, indent=2))}</pre></body></html>\n")

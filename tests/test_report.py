@@ -65,6 +65,27 @@ def test_report_files_and_table(experiment):
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg
 
 
+def test_the_environment_is_the_runs(experiment, tmp_path):
+    """The report names where its runs trained (their summaries), not the experiment's latest
+    writer; runs from two machines give two entries with their counts."""
+    import json
+    import shutil
+
+    copy = tmp_path / "g"
+    shutil.copytree(experiment, copy)
+    (copy / "environment.json").write_text(json.dumps({"device": "the latest writer"}))
+    summary_path = sorted(copy.glob("*/summary.json"))[0]
+    summary = json.loads(summary_path.read_text())
+    summary["environment"]["torch"] = "0.0-elsewhere"
+    summary_path.write_text(json.dumps(summary))
+    assert CliRunner().invoke(app, ["report", str(copy)]).exit_code == 0
+    md = (copy / "report.md").read_text()
+    env = json.loads(md.split("## Environment")[1].split("```json")[1].split("```")[0])
+    assert sorted(e["runs"] for e in env) == [1, 5]
+    assert {e["torch"] for e in env if e["runs"] == 1} == {"0.0-elsewhere"}
+    assert all(e["device"] == "cpu" for e in env) and "the latest writer" not in md
+
+
 def test_the_interval_is_the_seeds_t_interval(experiment):
     """Each cell's BN − plain entry: the mean of its seeds' paired differences of final test
     accuracy and Student's t interval (two degrees of freedom for three seeds), in points."""
