@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from statistics import fmean, median, stdev
@@ -25,55 +24,6 @@ def iqr(values: list[float]) -> tuple[float, float]:
     return quantile(values, 0.25), quantile(values, 0.75)
 
 
-@functools.lru_cache(maxsize=256)
-def t_quantile(p: float, df: int) -> float:
-    """The p-quantile of Student's t distribution with df degrees of freedom (p > 0.5)."""
-    lo, hi = 0.0, 1.0
-    while _t_cdf(hi, df) < p:
-        hi *= 2
-    for _ in range(100):  # bisection to the last bit
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _t_cdf(mid, df) < p else (lo, mid)
-    return (lo + hi) / 2
-
-
-def _t_cdf(t: float, df: int) -> float:
-    """P(T <= t), from the regularized incomplete beta function."""
-    tail = 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
-    return 1 - tail if t > 0 else tail
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """I_x(a, b), by its continued fraction (Numerical Recipes' betai)."""
-    if x <= 0.0 or x >= 1.0:
-        return max(0.0, min(1.0, x))
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                     + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1) / (a + b + 2):
-        return front * _beta_fraction(a, b, x) / a
-    return 1 - front * _beta_fraction(b, a, 1 - x) / b
-
-
-def _beta_fraction(a: float, b: float, x: float) -> float:
-    """The incomplete beta function's continued fraction, by the modified Lentz method."""
-    tiny = 1e-300
-
-    def guard(v: float) -> float:
-        return v if abs(v) > tiny else tiny
-
-    c, d = 1.0, 1 / guard(1 - (a + b) * x / (a + 1))
-    h = d
-    for m in range(1, 300):
-        for num in (m * (b - m) * x / ((a - 1 + 2 * m) * (a + 2 * m)),
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 1 + 2 * m))):
-            d = 1 / guard(1 + num * d)
-            c = guard(1 + num / c)
-            h *= d * c
-        if abs(d * c - 1) < 1e-15:
-            break
-    return h
-
-
 def paired_ci(diffs: list[float], level: float = 0.95) -> tuple[float, float]:
     """Student's t interval of the mean of paired differences: mean +- t * s / sqrt(n).
 
@@ -86,7 +36,9 @@ def paired_ci(diffs: list[float], level: float = 0.95) -> tuple[float, float]:
     n, mean = len(diffs), fmean(diffs)
     if n == 1:
         return mean, mean
-    half = t_quantile(0.5 + level / 2, n - 1) * stdev(diffs) / math.sqrt(n)
+    from scipy.stats import t  # imported here: a second of start-up, for `report` only
+
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * stdev(diffs) / math.sqrt(n)
     return mean - half, mean + half
 
 
