@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -106,10 +107,17 @@ def _share_y(panels) -> None:
         p.set_ylim(min(lows), max(highs))
 
 
-def plot_tree(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Redraw the figure of every finished run found under root: (figures, damaged runs)."""
+def plot_tree(root: Path, on_figure: Callable[[], None] | None = None,
+              ) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Redraw the figure of every finished run found under root: (figures, damaged runs);
+    on_figure is called as each is written."""
     intact, damaged = sort_runs(sorted(p.parent for p in root.rglob("summary.json")))
-    return [plot_run(folder) for folder in intact], damaged
+    paths = []
+    for folder in intact:
+        paths.append(plot_run(folder))
+        if on_figure:
+            on_figure()
+    return paths, damaged
 
 
 def _save(fig, path: Path, close: bool = True) -> Path:

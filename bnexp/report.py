@@ -9,6 +9,7 @@ import base64
 import html
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -136,12 +137,15 @@ def _header(experiment_dir: Path, cells: list[Cell]) -> list[tuple[str, str]]:
     return rows
 
 
-def write_report(experiment_dir: Path) -> tuple[Path, Path]:
-    """report.md and a self-contained report.html (images embedded, no external resources)."""
-    cells = collect_cells(experiment_dir)
+def write_report(experiment_dir: Path, cells: list[Cell] | None = None,
+                 on_figure: Callable[[], None] | None = None) -> tuple[Path, Path]:
+    """report.md and a self-contained report.html (images embedded, no external resources);
+    cells: collect_cells(experiment_dir), where the caller has them; on_figure is called as
+    each figure is written."""
+    cells = collect_cells(experiment_dir) if cells is None else cells
     if not cells:
         raise FileNotFoundError(f"{experiment_dir}: no finished runs to report on")
-    figures = captioned_figures(experiment_dir, cells)
+    figures = captioned_figures(experiment_dir, cells, on_figure or (lambda: None))
     rows = table_rows(cells)
     header = _header(experiment_dir, cells)
     axes = yaml.safe_dump(_grid_axes(cells), sort_keys=False, default_flow_style=None).strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from bnexp import plots
@@ -10,17 +11,31 @@ from bnexp.cells import VARIANT_ORDER, Cell, collect_cells
 from bnexp.readback import read_metrics
 
 
-def draw_figures(experiment_dir: Path, cells: list[Cell] | None = None) -> list[Path]:
+def _nothing() -> None:
+    pass
+
+
+def draw_figures(experiment_dir: Path, cells: list[Cell] | None = None,
+                 on_figure: Callable[[], None] = _nothing) -> list[Path]:
     """Every figure file of the experiment under <experiment>/plots/ (see captioned_figures;
     the paper figure's SVG included)."""
-    paths = [path for path, _ in captioned_figures(experiment_dir, cells)]
+    paths = [path for path, _ in captioned_figures(experiment_dir, cells, on_figure)]
     return paths + [p.with_suffix(".svg") for p in paths if p.name == "paper.png"]
 
 
+def figure_count(cells: list[Cell]) -> int:
+    """How many figures captioned_figures draws for cells (for progress bars)."""
+    if not cells:
+        return 0
+    batch = len(_budgets(cells)) if "batch_size" in cells[0].varying else 0
+    return 2 + len(cells) + batch
+
+
 def captioned_figures(experiment_dir: Path, cells: list[Cell] | None = None,
-                      ) -> list[tuple[Path, str]]:
+                      on_figure: Callable[[], None] = _nothing) -> list[tuple[Path, str]]:
     """(figure, caption): the paper figure (PNG, with an SVG beside it), the grid overview,
-    seed-band curves per cell and, where batch size varies, accuracy against batch size."""
+    seed-band curves per cell and, where batch size varies, accuracy against batch size.
+    on_figure is called after each figure is written."""
     cells = cells if cells is not None else collect_cells(experiment_dir)
     if not cells:
         return []
@@ -38,6 +53,7 @@ def captioned_figures(experiment_dir: Path, cells: list[Cell] | None = None,
                           f"({steps}, {seeds}; the same y-scale in every panel). {band}; "
                           "crosses mark the first divergence among a cell's seeds. "
                           f"Also as {paper[1].name} (vector).")]
+    on_figure()
     variants = sorted({v for c in cells for v in c.variants}, key=VARIANT_ORDER.index)
     values = [[c.stats[v].median_test if v in c.stats else math.nan for v in variants]
               for c in cells]
@@ -46,6 +62,7 @@ def captioned_figures(experiment_dir: Path, cells: list[Cell] | None = None,
                                    f"Median final test accuracy ({steps}, {seeds})")
     figures.append((overview, f"Median final test accuracy of every cell and variant over "
                               f"{seeds} ({steps})."))
+    on_figure()
     for cell in cells:
         n = len(cell.folders)
         title = f"{cell.label}\n{_steps_text(cell)}, {n} seed{'s' * (n > 1)}"
@@ -55,8 +72,9 @@ def captioned_figures(experiment_dir: Path, cells: list[Cell] | None = None,
         figures.append((path, f"{cell.label}: {split} accuracy during training "
                               f"({_steps_text(cell)}, {n} seed{'s' * (n > 1)}). {band}; a "
                               "cross marks the first divergence among the seeds."))
+        on_figure()
     if "batch_size" in cells[0].varying:
-        figures += _batch_size_figures(cells, out)
+        figures += _batch_size_figures(cells, out, on_figure)
     return figures
 
 
@@ -94,9 +112,8 @@ def _columns(cells: list[Cell]) -> int:
     return max(1, math.ceil(math.sqrt(len(cells))))
 
 
-def _batch_size_figures(cells: list[Cell], out: Path) -> list[tuple[Path, str]]:
-    """Median final test accuracy against batch size, one line per normaliser, one figure
-    per training budget: runs of different budgets are never drawn together."""
+def _budgets(cells: list[Cell]) -> dict[str, dict[str, dict[int, list[float]]]]:
+    """Median final test accuracies by training budget, variant and batch size."""
     budgets: dict[str, dict[str, dict[int, list[float]]]] = {}
     for cell in cells:
         examples = cell.config.get("examples")
@@ -105,6 +122,14 @@ def _batch_size_figures(cells: list[Cell], out: Path) -> list[tuple[Path, str]]:
         for variant, v in cell.stats.items():
             budgets.setdefault(budget, {}).setdefault(variant, {}).setdefault(
                 cell.config["batch_size"], []).append(v.median_test)
+    return budgets
+
+
+def _batch_size_figures(cells: list[Cell], out: Path, on_figure: Callable[[], None],
+                        ) -> list[tuple[Path, str]]:
+    """Median final test accuracy against batch size, one line per normaliser, one figure
+    per training budget: runs of different budgets are never drawn together."""
+    budgets = _budgets(cells)
     figures = []
     for i, (budget, points) in enumerate(sorted(budgets.items())):
         # plain appears once per normaliser cell; the copies are the same runs' numbers.
@@ -115,4 +140,5 @@ def _batch_size_figures(cells: list[Cell], out: Path) -> list[tuple[Path, str]]:
         path = plots.plot_batch_sizes(series, out / name, budget)
         figures.append((path, f"Median final test accuracy against batch size ({budget} "
                               "for every point; log2 axis)."))
+        on_figure()
     return figures

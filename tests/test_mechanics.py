@@ -204,3 +204,9 @@ def test_small_batch_report_draws_accuracy_against_batch_size(tiny_mnist, tmp_pa
     assert (out / "sb" / "plots" / "batch_size.png").read_bytes()[:4] == b"\x89PNG"
     md = (out / "sb" / "report.md").read_text()
     assert "batch_size=4" in md and "norm=layer" in md
+    # the progress bar's total is the number of figures drawn, batch-size figure included
+    from bnexp import cells, report_figures
+    grid = cells.collect_cells(out / "sb")
+    drawn = []
+    figures = report_figures.captioned_figures(out / "sb", grid, lambda: drawn.append(1))
+    assert len(drawn) == len(figures) == report_figures.figure_count(grid) == 2 + 4 + 1

@@ -63,6 +63,11 @@ def test_report_files_and_table(experiment):
     assert "Validation accuracy during training, one panel per grid cell" in figures
     svg = (experiment / "plots" / "paper.svg").read_text()
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    from bnexp import cells, report_figures
+    grid = cells.collect_cells(experiment)
+    drawn = []
+    figures = report_figures.captioned_figures(experiment, grid, lambda: drawn.append(1))
+    assert len(drawn) == len(figures) == report_figures.figure_count(grid) == 4
 
 
 def test_the_environment_is_the_runs(experiment, tmp_path):

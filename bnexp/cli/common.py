@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -168,6 +170,15 @@ def progress_bar() -> Progress:
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
         console=err_console, transient=False,
     )
+
+
+@contextmanager
+def figure_progress(total: int | None) -> Iterator[Callable[[], None]]:
+    """A bar on stderr while figures are drawn (gone when done); yields what advances it."""
+    with Progress(TextColumn("[bold]drawing figures"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err_console, transient=True) as progress:
+        task = progress.add_task("figures", total=total)
+        yield lambda: progress.advance(task)
 
 
 def check_writable(out: Path, experiments: set[str]) -> None:

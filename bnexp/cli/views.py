@@ -17,6 +17,7 @@ from bnexp.cli.common import (
     app,
     err_console,
     fail,
+    figure_progress,
     out_console,
 )
 
@@ -100,11 +101,12 @@ def plot(root: Annotated[Path, typer.Argument(help="Results folder to redraw.")]
     if not root.is_dir():
         fail([f"{root}: no such results folder"])
     try:
-        paths, damaged = plots.plot_tree(root)
-        experiments = {p.parent.parent for p in root.rglob("summary.json")
-                       if (p.parent / "config.yaml").is_file()}
-        for experiment in sorted(experiments):
-            paths += report_figures.draw_figures(experiment)
+        with figure_progress(None) as advance:
+            paths, damaged = plots.plot_tree(root, advance)
+            experiments = {p.parent.parent for p in root.rglob("summary.json")
+                           if (p.parent / "config.yaml").is_file()}
+            for experiment in sorted(experiments):
+                paths += report_figures.draw_figures(experiment, on_figure=advance)
     except OSError as exc:
         fail([f"{exc.filename or root}: cannot write a figure ({exc.strerror or exc})"])
     _warn_damaged(damaged)
@@ -125,18 +127,19 @@ def report_command(
 ) -> None:
     """Write report.md and a self-contained report.html: statistics over seeds and figures."""
     from bnexp import cells as grid_cells
-    from bnexp import readback, report
+    from bnexp import readback, report, report_figures
 
     if not experiment.is_dir():
         fail([f"{experiment}: no such experiment folder"])
     try:
-        md, page = report.write_report(experiment)
+        cells = grid_cells.collect_cells(experiment)
+        with figure_progress(report_figures.figure_count(cells)) as advance:
+            md, page = report.write_report(experiment, cells, advance)
     except FileNotFoundError as exc:
         fail([str(exc)])
     except OSError as exc:
         fail([f"{exc.filename or experiment}: cannot write the report ({exc.strerror or exc})"])
     _warn_damaged(readback.damaged_runs(experiment))
-    cells = grid_cells.collect_cells(experiment)
     table = Table(title=f"{experiment.name}: comparison over seeds")
     for column in report.TABLE_HEADER:
         table.add_column(column, overflow="fold")
