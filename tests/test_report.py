@@ -70,6 +70,21 @@ def test_report_files_and_table(experiment):
     assert len(drawn) == len(figures) == report_figures.figure_count(grid) == 4
 
 
+def test_several_experiments_get_a_report_each(experiment, tmp_path):
+    """One command, several folders: each gets its report; a folder without finished runs is
+    an error line after the others are written (exit 2), a missing one before any is."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (experiment / "report.md").unlink(missing_ok=True)
+    result = CliRunner().invoke(app, ["report", str(empty), str(experiment)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: {empty}: no finished runs to report on"
+    assert (experiment / "report.md").is_file() and "comparison over seeds" in result.stdout
+    gone = CliRunner().invoke(app, ["report", str(experiment), str(tmp_path / "nowhere")])
+    assert gone.exit_code == 2 and gone.stdout == ""
+    assert gone.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such experiment folder"
+
+
 def test_the_environment_is_the_runs(experiment, tmp_path):
     """The report names where its runs trained (their summaries), not the experiment's latest
     writer; runs from two machines give two entries with their counts."""

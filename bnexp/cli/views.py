@@ -122,23 +122,32 @@ def _warn_damaged(damaged: list[tuple[Path, str]]) -> None:
 
 @app.command("report")
 def report_command(
-    experiment: Annotated[Path, typer.Argument(
-        help="An experiment folder, e.g. results/lesson_grid.")],
+    experiments: Annotated[list[Path], typer.Argument(
+        help="Experiment folders, e.g. results/lesson_grid (several: one report each).")],
 ) -> None:
     """Write report.md and a self-contained report.html: statistics over seeds and figures."""
+    missing = [f"{e}: no such experiment folder" for e in experiments if not e.is_dir()]
+    if missing:
+        fail(missing)
+    problems = [problem for experiment in dict.fromkeys(experiments)
+                if (problem := _report_one(experiment))]
+    if problems:
+        fail(problems)
+
+
+def _report_one(experiment: Path) -> str | None:
+    """Write one experiment's report and print its table; the problem where it cannot."""
     from bnexp import cells as grid_cells
     from bnexp import readback, report, report_figures
 
-    if not experiment.is_dir():
-        fail([f"{experiment}: no such experiment folder"])
     try:
         cells = grid_cells.collect_cells(experiment)
         with figure_progress(report_figures.figure_count(cells)) as advance:
             md, page = report.write_report(experiment, cells, advance)
     except FileNotFoundError as exc:
-        fail([str(exc)])
+        return str(exc)
     except OSError as exc:
-        fail([f"{exc.filename or experiment}: cannot write the report ({exc.strerror or exc})"])
+        return f"{exc.filename or experiment}: cannot write the report ({exc.strerror or exc})"
     _warn_damaged(readback.damaged_runs(experiment))
     table = Table(title=f"{experiment.name}: comparison over seeds")
     for column in report.TABLE_HEADER:
@@ -147,6 +156,7 @@ def report_command(
         table.add_row(*row)
     out_console.print(table)
     out_console.print(f"written {md} and {page}")
+    return None
 
 
 @app.command("bn-check")
