@@ -145,7 +145,7 @@ def write_report(experiment_dir: Path, cells: list[Cell] | None = None,
     cells = collect_cells(experiment_dir) if cells is None else cells
     if not cells:
         raise FileNotFoundError(f"{experiment_dir}: no finished runs to report on")
-    figures = captioned_figures(experiment_dir, cells, on_figure or (lambda: None))
+    figures = captioned_figures(experiment_dir, cells, on_figure)
     rows = table_rows(cells)
     header = _header(experiment_dir, cells)
     axes = yaml.safe_dump(_grid_axes(cells), sort_keys=False, default_flow_style=None).strip()

@@ -11,12 +11,8 @@ from bnexp.cells import VARIANT_ORDER, Cell, collect_cells
 from bnexp.readback import read_metrics
 
 
-def _nothing() -> None:
-    pass
-
-
 def draw_figures(experiment_dir: Path, cells: list[Cell] | None = None,
-                 on_figure: Callable[[], None] = _nothing) -> list[Path]:
+                 on_figure: Callable[[], None] | None = None) -> list[Path]:
     """Every figure file of the experiment under <experiment>/plots/ (see captioned_figures;
     the paper figure's SVG included)."""
     paths = [path for path, _ in captioned_figures(experiment_dir, cells, on_figure)]
@@ -32,10 +28,12 @@ def figure_count(cells: list[Cell]) -> int:
 
 
 def captioned_figures(experiment_dir: Path, cells: list[Cell] | None = None,
-                      on_figure: Callable[[], None] = _nothing) -> list[tuple[Path, str]]:
+                      on_figure: Callable[[], None] | None = None,
+                      ) -> list[tuple[Path, str]]:
     """(figure, caption): the paper figure (PNG, with an SVG beside it), the grid overview,
     seed-band curves per cell and, where batch size varies, accuracy against batch size.
     on_figure is called after each figure is written."""
+    on_figure = on_figure or (lambda: None)
     cells = cells if cells is not None else collect_cells(experiment_dir)
     if not cells:
         return []
