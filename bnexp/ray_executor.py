@@ -211,12 +211,11 @@ def execute_batches(batches: list, out: Path, data_dir: Path, fail_fast: bool, p
     notice(f"ray: connected in {cluster.seconds:.1f} s ({cluster.cpus:g} CPUs, "
            f"{cluster.gpus:g} GPUs)")
     task = ray.remote(max_retries=MAX_RETRIES)(train_population_task)
-    gpus = cluster.gpus
     pending: dict = {}
     for batch in batches:
         planned = [p for p, _ in batch]
         networks = sum(len(p.run.batch_norm) for p in planned)
-        ref = task.options(**resources(networks, str(planned[0].device), gpus)).remote(
+        ref = task.options(**resources(networks, str(planned[0].device), cluster.gpus)).remote(
             planned, str(out), str(data_dir), options.compile_step, options.tensorboard)
         pending[ref] = (planned, networks * planned[0].run.steps)
     total, finished, shown = len(pending), 0, None
