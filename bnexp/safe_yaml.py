@@ -108,8 +108,13 @@ def parse(text: str) -> Any:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise YamlError(f"invalid YAML at {where}{exc.problem or exc.context}") from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - text.rfind("\n", 0, exc.position)
+        raise YamlError(f"invalid YAML at line {line}, column {column}: the character "
+                        f"U+{exc.character:04X} is not allowed in YAML") from None
     except yaml.YAMLError as exc:
-        raise YamlError(f"invalid YAML ({exc})") from None
+        raise YamlError(f"invalid YAML ({' '.join(str(exc).split())})") from None
     except RecursionError:
         raise YamlError(f"nested more than {MAX_DEPTH} levels deep") from None
     except (ValueError, OverflowError) as exc:
