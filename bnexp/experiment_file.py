@@ -20,6 +20,7 @@ from bnexp.config import (
     MAX_RUNS,
     ConfigError,
     ExperimentSpec,
+    GridAxes,
     RunConfig,
     expand_grid,
     grid_size,
@@ -43,6 +44,9 @@ def _format_error(source: str, err: dict) -> str:
     elif err["type"] == "string_pattern_mismatch":
         msg = ("must be a plain name of letters, digits, '_', '.' and '-' that starts with a "
                f"letter or digit, got {err['input']!r}")
+    key = err["loc"][0] if len(err["loc"]) == 1 else None
+    if isinstance(err.get("input"), list) and key in GridAxes.model_fields:
+        msg += f" (to compare several values, list them under grid:, e.g. grid: {{{key}: [...]}})"
     return f"{source}: {loc}: {msg}"
 
 
