@@ -121,6 +121,17 @@ def test_other_bad_input(case, results_dir, tmp_path, monkeypatch):
     assert snapshot(results_dir) == before
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc here")
+def test_a_results_folder_that_cannot_be_made_is_found_before_training(tmp_path, tiny_mnist):
+    """/proc passes a permission check (for root, anything does) but takes no folders."""
+    experiment = tmp_path / "ok.yaml"
+    experiment.write_text(GOOD)
+    out = "/proc/bnexp-test/results"
+    result = CliRunner().invoke(app, ["run", str(experiment), "--data-dir", str(tiny_mnist),
+                                      "--out", out])
+    assert_clean_failure(result, out, "not writable", "cannot create anything in /proc")
+
+
 def fifo(tmp_path: Path) -> str:
     path = tmp_path / "pipe.yaml"
     os.mkfifo(path)

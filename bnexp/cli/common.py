@@ -7,7 +7,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -25,8 +25,6 @@ from bnexp import experiment_file
 
 # torch, matplotlib and the modules that use them are imported inside the commands that need
 # them, so that --help, validate, runs and completion start in a fraction of a second.
-if TYPE_CHECKING:
-    pass
 
 app = typer.Typer(
     help="Paired Batch Normalization experiments: YAML grids in, curves and tables out.",
@@ -195,10 +193,30 @@ def check_writable(out: Path, experiments: set[str]) -> None:
             except OSError as exc:
                 problems.append(f"{folder}: results folder is not writable "
                                 f"({exc.strerror or exc})")
-        elif folder == out:
-            parent = next(p for p in [out, *out.parents] if p.exists())
-            if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-                problems.append(f"{out}: results folder is not writable (cannot create it "
-                                f"in {parent})")
+        elif folder == out and (why := _cannot_create_in(out)):
+            problems.append(f"{out}: results folder is not writable ({why})")
     if problems:
         fail(problems)
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """Fail early, without creating anything, where a file cannot be written at path (a
+    command that works for minutes before writing checks first)."""
+    if path.is_dir():
+        fail([f"{option} {path}: is a folder; give a file name"])
+    if why := _cannot_create_in(path.parent):
+        fail([f"{option} {path}: cannot write there ({why})"])
+
+
+def _cannot_create_in(path: Path) -> str | None:
+    """Why nothing could be created at path's nearest existing folder (None if it can): a
+    folder made and removed there at once, since permissions alone do not tell (root, /proc,
+    a read-only mount)."""
+    parent = next(p for p in [path, *path.parents] if p.exists())
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".bnexp-write-test-"))
+    except OSError as exc:
+        return f"cannot create anything in {parent}: {exc.strerror or exc}"
+    return None
