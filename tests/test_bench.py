@@ -1,5 +1,7 @@
 import json
+from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -56,6 +58,22 @@ def test_the_lesson_population_needs_one_stack_on_cuda_and_two_on_the_cpu():
 def test_bench_rejects_bad_model_counts():
     result = CliRunner().invoke(app, ["bench", "--models", "two", "--device", "cpu"])
     assert result.exit_code == 2 and "--models two" in result.stderr
+
+
+@pytest.mark.parametrize("where", ["folder", "under a file", "proc"])
+def test_bench_checks_its_output_before_measuring(tmp_path, where, monkeypatch):
+    """The JSON is written after minutes of measuring: a place it cannot go is found first."""
+    if where == "proc" and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    (tmp_path / "a-file").write_text("")
+    out = {"folder": tmp_path, "under a file": tmp_path / "a-file" / "b.json",
+           "proc": Path("/proc/bnexp-test/b.json")}[where]
+    monkeypatch.setattr(bench, "bench_reference", lambda *a: pytest.fail("measured first"))
+    result = CliRunner().invoke(app, ["bench", "--device", "cpu", "--models", "2",
+                                      "--out", str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.stderr.startswith(f"error: --out {out}: ") and result.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"], "nothing created"
 
 
 def test_the_compiled_cpu_steps_calls_are_counted():

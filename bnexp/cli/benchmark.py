@@ -13,6 +13,7 @@ from bnexp.cli.common import (
     CompileOption,
     DataDirOption,
     app,
+    check_output_file,
     err_console,
     fail,
     load_runs,
@@ -87,6 +88,8 @@ def bench(
     n_steps = steps or (3000 if cuda else 300)
     grid_runs = (load_runs([grid], [f"device={dev.type}"] + (["dtype=tf32"] if tf32 else []),
                            grid_seeds) if grid else [])
+    path = out or bench_mod.default_out(Path("results"))
+    check_output_file(path, "--out")
     split = bench_mod.random_split(dev)
     rows = []
     with err_console.status("reference loop (one network at a time)..."):
@@ -128,7 +131,6 @@ def bench(
             f"{grid_record['eval_every']} steps; {grid_record['populations']} population(s), "
             f"{grid_record['seeds']} seed(s), {grid_record['compile_time_s']:.1f} s compiling, "
             f"{', '.join(grid_record['execution'])}", highlight=False)
-    path = out or bench_mod.default_out(Path("results"))
     atomic_write(path, json.dumps(bench_mod.as_record(rows, dev, grid_record, ops, tf32), indent=2))
     out_console.print(f"written {path}")
 
