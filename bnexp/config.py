@@ -14,6 +14,8 @@ from pydantic import (
     ConfigDict,
     Field,
     Strict,
+    TypeAdapter,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -254,6 +256,17 @@ class ExperimentSpec(Settings):
     name: PlainName  # the results folder: results/<name>/
     description: str = ""
     grid: GridAxes = GridAxes()
+
+
+def setting_problem(key: str, value: object) -> str | None:
+    """Why value can never be a run's setting key (None if it can be one)."""
+    field = RunConfig.model_fields[key]
+    kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    try:
+        TypeAdapter(kind).validate_python(value)
+    except ValidationError as exc:
+        return exc.errors()[0]["msg"]
+    return None
 
 
 def result_fields_of(config: dict) -> dict:

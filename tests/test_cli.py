@@ -420,10 +420,14 @@ def test_runs_lists_what_is_on_disk(env):
     assert [r["run_id"] for r in csv.DictReader(partial.stdout.splitlines())] == [
         folders[0].name]
     bad = invoke("runs", "results", "--where", "colour=red", "--where", "nonsense",
-                 "--where", "status=finished")
+                 "--where", "status=finished", "--where", "lr=fast",
+                 "--where", "activation=rellu")
     assert bad.exit_code == 2
     assert bad.stderr.splitlines() == [
         "error: --where colour=red: colour is not a run setting",
         "error: --where nonsense: expected KEY=VALUE, e.g. --where lr=0.1",
         "error: --where status=finished: a status is one of done, partial, failed, damaged, "
-        "mismatch, started"]
+        "mismatch, started",
+        "error: --where lr=fast: no run can have it (Input should be a valid number)",
+        "error: --where activation=rellu: no run can have it (Input should be 'relu', "
+        "'sigmoid', 'tanh', 'elu' or 'leaky_relu')"]

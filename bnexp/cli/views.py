@@ -67,6 +67,8 @@ def runs(
         elif key == ["status"] and value not in inventory.STATUSES:
             problems.append(f"--where {text}: a status is one of "
                             f"{', '.join(inventory.STATUSES)}")
+        elif key != ["status"] and (why := cfg.setting_problem(key[0], value)):
+            problems.append(f"--where {text}: no run can have it ({why})")
         conditions.append((".".join(key), value))
     if problems:
         fail(problems)
