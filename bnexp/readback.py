@@ -12,7 +12,10 @@ import json
 import math
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from bnexp import safe_yaml
+from bnexp.config import RunConfig
 
 
 class DamagedRun(Exception):
@@ -51,6 +54,13 @@ def check_run(folder: Path) -> None:
     for key in ("activation", "lr", "init_scale", "seed", "steps"):
         if key not in config:
             raise DamagedRun(f"config.yaml has no {key}")
+    try:
+        RunConfig(**config)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise DamagedRun(f"config.yaml is no run's configuration ({where}: {first['msg']})"
+                         ) from None
     curves = read_metrics(folder)
     missing = set(summary["models"]) - set(curves)
     if missing:

@@ -78,6 +78,23 @@ def test_a_damaged_run_is_reported_and_set_aside(case, grid, tmp_path):
     assert invoke("sweep", grid, "--out", out).exit_code == 0
 
 
+def test_a_config_edited_to_no_runs_values_is_left_out_by_the_readers(grid, tmp_path):
+    """config.yaml that still parses but holds a value no run can have (lr: fast): report and
+    plot leave the run out as damaged, as they do unreadable files, instead of crashing."""
+    out = tmp_path / "out"
+    assert invoke("sweep", grid, "--out", out).exit_code == 0
+    victim = sorted((out / "f").glob("*/summary.json"))[0].parent
+    text = (victim / "config.yaml").read_text()
+    (victim / "config.yaml").write_text(text.replace("\nlr: 0.05\n", "\nlr: fast\n"))
+    assert (victim / "config.yaml").read_text() != text
+    for command in (["report", out / "f"], ["plot", out]):
+        result = invoke(*command)
+        no_traceback(result)
+        assert result.exit_code == 0, result.output
+        assert (f"damaged {victim}: config.yaml is no run's configuration (lr: Input should be "
+                "a valid number)") in " ".join(result.stderr.split())
+
+
 def test_an_experiment_folder_that_is_a_file_is_an_error(grid, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
