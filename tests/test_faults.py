@@ -95,6 +95,17 @@ def test_a_config_edited_to_no_runs_values_is_left_out_by_the_readers(grid, tmp_
                 "a valid number)") in " ".join(result.stderr.split())
 
 
+def test_an_experiment_file_that_is_a_folder_is_found_before_training(grid, tmp_path):
+    out = tmp_path / "out"
+    (out / "f" / "summary.csv").mkdir(parents=True)
+    result = invoke("sweep", grid, "--out", out)
+    no_traceback(result)
+    assert result.exit_code == 2 and result.stderr == (
+        f"error: {out / 'f' / 'summary.csv'}: is a folder where a file is written; move it "
+        "away\n")
+    assert [p.name for p in (out / "f").iterdir()] == ["summary.csv"], "nothing trained"
+
+
 def test_an_experiment_folder_that_is_a_file_is_an_error(grid, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

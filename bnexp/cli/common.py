@@ -179,9 +179,10 @@ def figure_progress(total: int | None) -> Iterator[Callable[[], None]]:
         yield lambda: progress.advance(task)
 
 
-def check_writable(out: Path, experiments: set[str]) -> None:
+def check_writable(out: Path, experiments: set[str], files: tuple[str, ...] = ()) -> None:
     """Fail early, before any training and without creating anything, where results cannot
-    be written: the results folder and each experiment's folder that exists already."""
+    be written: the results folder, each experiment's folder that exists already, and the
+    files each experiment's folder gets beside its runs."""
     problems = []
     for folder in [out] + [out / name for name in sorted(experiments)]:
         if folder.exists() and not folder.is_dir():
@@ -193,6 +194,9 @@ def check_writable(out: Path, experiments: set[str]) -> None:
             except OSError as exc:
                 problems.append(f"{folder}: results folder is not writable "
                                 f"({exc.strerror or exc})")
+            if folder != out:
+                problems += [f"{folder / name}: is a folder where a file is written; move it "
+                             "away" for name in files if (folder / name).is_dir()]
         elif folder == out and (why := _cannot_create_in(out)):
             problems.append(f"{out}: results folder is not writable ({why})")
     if problems:

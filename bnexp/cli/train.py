@@ -50,7 +50,7 @@ def _execute(planned: list[sweep.Planned], out: Path, data_dir: Path | None, lab
              executor: str = "local", address: str | None = None,
              ) -> tuple[list[sweep.Outcome], float]:
     """The outcomes, and perf_counter() when training was about to begin."""
-    from bnexp import sweep
+    from bnexp import results, sweep
     from bnexp.data import DataError, resolve_data_dir
     from bnexp.engine.common import Interrupted
 
@@ -61,7 +61,7 @@ def _execute(planned: list[sweep.Planned], out: Path, data_dir: Path | None, lab
         splits = sweep.load_data(todo, folder, "cpu" if executor == "ray" else None)
     except DataError as exc:
         fail([str(exc)])
-    check_writable(out, {p.run.experiment for p in planned})
+    check_writable(out, {p.run.experiment for p in planned}, results.EXPERIMENT_FILES)
     with progress_bar() as progress:
         task = progress.add_task(label, total=max(sweep.network_steps(todo), 1), rate="")
 
