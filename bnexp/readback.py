@@ -11,8 +11,9 @@ import csv
 import json
 import math
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from bnexp import safe_yaml
 from bnexp.config import RunConfig
@@ -33,16 +34,33 @@ def read_config(folder: Path) -> dict:
     return config
 
 
+class _Model(BaseModel):
+    """What the readers take from one model's entry of summary.json."""
+    final_val_acc: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False, strict=True)]
+    final_test_acc: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False, strict=True)]
+    diverged_step: Annotated[int, Field(ge=0, strict=True)] | None
+
+
+class _Summary(BaseModel):
+    """What the readers take from summary.json (other entries are not checked)."""
+    models: dict[str, _Model]
+    engine: str
+    device: str
+    wall_time_s: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
+    population_size: Annotated[int, Field(ge=1, strict=True)] = 1
+    environment: dict = {}
+
+
 def read_summary(folder: Path) -> dict:
     """A run's summary.json, checked for what the tables need; DamagedRun otherwise."""
     try:
         summary = json.loads((folder / "summary.json").read_text())
-        models = summary["models"]
-        summary["engine"], summary["device"]  # noqa: B018 - the report groups by them
-        for model in models.values():
-            for key in ("final_val_acc", "final_test_acc", "diverged_step"):
-                model[key]  # noqa: B018 - present, or the summary is damaged
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        _Summary.model_validate(summary)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise DamagedRun(f"summary.json cannot be read ({where}: {first['msg']})") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise DamagedRun(f"summary.json cannot be read ({type(exc).__name__})") from None
     return summary
 

@@ -42,10 +42,24 @@ def files(folder: Path) -> dict[str, bytes]:
             if p.is_file() and p.name not in ("summary.csv", "summary.md", "environment.json")}
 
 
+def retype(summary: bytes, key: str, value) -> bytes:
+    """summary.json, still JSON, with key of every model set to value."""
+    data = json.loads(summary)
+    for model in data["models"].values():
+        model[key] = value
+    return json.dumps(data).encode()
+
+
 DAMAGE = {
     "summary.json not JSON": ("summary.json", lambda b: b[: len(b) // 2]),
     "summary.json without models": ("summary.json", lambda b: b'{"run_id": "x"}'),
     "config.yaml garbage": ("config.yaml", lambda b: b"\xff\xfe: [unclosed"),
+    "summary.json accuracy a string": ("summary.json", lambda b: retype(b, "final_test_acc",
+                                                                        "abc")),
+    "summary.json accuracy NaN": ("summary.json", lambda b: retype(b, "final_val_acc",
+                                                                   float("nan"))),
+    "summary.json diverged_step a list": ("summary.json", lambda b: retype(b, "diverged_step",
+                                                                           [])),
     "metrics.csv truncated": ("metrics.csv", lambda b: b[:30]),
     "metrics.csv empty": ("metrics.csv", lambda b: b""),
 }
