@@ -65,8 +65,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Return a copy of raw with each `a.b=value` override applied."""
     out = json.loads(json.dumps(raw))
-    for text in overrides:
-        path, value = parse_override(text)
+    parsed = [parse_override(text) for text in overrides]
+    set_steps = any(path in (["steps"], ["grid", "steps"]) for path, _ in parsed)
+    for path, value in parsed:
         node = out
         for part in path[:-1]:
             if not isinstance(node.get(part), dict):
@@ -76,6 +77,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         # A base value given on the command line wins over a grid axis of the same name.
         if len(path) == 1 and isinstance(out.get("grid"), dict):
             out["grid"].pop(path[0], None)
+        # examples on the command line replace the file's steps (it sets them); steps on the
+        # command line beside the file's examples stay an error: that file fixes a budget.
+        if path == ["examples"] and value is not None and not set_steps:
+            out.pop("steps", None)
+            if isinstance(out.get("grid"), dict):
+                out["grid"].pop("steps", None)
     return out
 
 
@@ -96,7 +103,8 @@ def _conflicts(raw: dict, source: str) -> list[str]:
     grid = raw.get("grid") if isinstance(raw.get("grid"), dict) else {}
     if raw.get("examples") is not None and ("steps" in raw or "steps" in grid):
         return [f"{source}: examples: sets steps to ceil(examples / batch_size); give steps "
-                "or examples, not both (e.g. --set examples=N instead of --steps)"]
+                "or examples, not both (on the command line, --set examples=N replaces a "
+                "file's steps)"]
     return []
 
 

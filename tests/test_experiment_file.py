@@ -90,3 +90,20 @@ def test_eval_every_follows_steps_shortened_on_the_command_line(tmp_path):
     assert load_spec(plain, ["steps=300", "eval_every=100"]).eval_every == 100
     explicit = write(tmp_path, "name: e\nsteps: 50000\neval_every: 250\n")
     assert load_spec(explicit, ["steps=300"]).eval_every == 250, "the file's choice stands"
+
+
+def test_examples_on_the_command_line_replace_the_files_steps(tmp_path):
+    """--set examples=N switches a file that gives steps (a base value and an axis) to an
+    examples budget; steps set on the command line too, or a file's examples beside --steps,
+    stay an error."""
+    path = write(tmp_path, "name: x\nsteps: 500\nbatch_size: 60\ngrid:\n  steps: [100, 200]\n"
+                           "  lr: [0.1, 1]\n")
+    runs = expand_grid(load_spec(path, ["examples=3000"]))
+    assert [(r.lr, r.steps, r.examples) for r in runs] == [(0.1, 50, 3000), (1.0, 50, 3000)]
+    for overrides in (["examples=3000", "steps=10"], ["steps=10", "examples=3000"],
+                      ["grid.steps=[1, 2]", "examples=3000"]):
+        with pytest.raises(ConfigError, match="not both"):
+            load_spec(path, overrides)
+    budget = write(tmp_path, "name: x\nexamples: 3000\n")
+    with pytest.raises(ConfigError, match="not both"):
+        load_spec(budget, ["steps=10"])
