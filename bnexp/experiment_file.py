@@ -9,6 +9,7 @@ concerns.
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,8 @@ def _format_error(source: str, err: dict) -> str:
         msg = ("must be a plain name of letters, digits, '_', '.' and '-' that starts with a "
                f"letter or digit, got {err['input']!r}")
     key = err["loc"][0] if len(err["loc"]) == 1 else None
-    if isinstance(err.get("input"), list) and key in GridAxes.model_fields:
+    if (isinstance(err.get("input"), list) and key in GridAxes.model_fields
+            and typing.get_origin(ExperimentSpec.model_fields[key].annotation) is not tuple):
         msg += f" (to compare several values, list them under grid:, e.g. grid: {{{key}: [...]}})"
     return f"{source}: {loc}: {msg}"
 

@@ -107,3 +107,14 @@ def test_examples_on_the_command_line_replace_the_files_steps(tmp_path):
     budget = write(tmp_path, "name: x\nexamples: 3000\n")
     with pytest.raises(ConfigError, match="not both"):
         load_spec(budget, ["steps=10"])
+
+
+def test_a_list_outside_grid_is_pointed_to_grid_where_a_list_cannot_go(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_spec(write(tmp_path, "name: x\nlr: [0.1, 1]\n"))
+    assert info.value.problems == [f"{tmp_path / 'exp.yaml'}: lr: Input should be a valid number "
+                                   "(to compare several values, list them under grid:, e.g. "
+                                   "grid: {lr: [...]})"]
+    with pytest.raises(ConfigError) as info:  # batch_norm takes its list at the top level
+        load_spec(write(tmp_path, "name: x\nbatch_size: 1\nbatch_norm: [false, true]\n"))
+    assert "under grid:" not in " ".join(info.value.problems)
