@@ -69,12 +69,14 @@ def run_analyses(result: RunResult, split: Split) -> dict[str, dict]:
 
 
 def compare_batch_norms(batch: int = 60, features: int = 100, steps: int = 5,
-                        decay: float = 0.99, seed: int = 0) -> dict[str, float]:
+                        decay: float = 0.99, seed: int = 0,
+                        dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Largest absolute differences between ManualBatchNorm and nn.BatchNorm1d over a few
-    training steps on random data: outputs, gradients, running statistics, inference."""
+    training steps on random data (in dtype): outputs, gradients, running statistics,
+    inference."""
     g = torch.Generator().manual_seed(seed)
-    manual = ManualBatchNorm(features, BN_EPS, decay)
-    torch_bn = nn.BatchNorm1d(features, eps=BN_EPS, momentum=bn_momentum(decay))
+    manual = ManualBatchNorm(features, BN_EPS, decay).to(dtype)
+    torch_bn = nn.BatchNorm1d(features, eps=BN_EPS, momentum=bn_momentum(decay)).to(dtype)
     with torch.no_grad():  # a non-trivial gamma and beta
         gamma, beta = torch.rand(features, generator=g) + 0.5, torch.randn(features, generator=g)
         for bn in (manual, torch_bn):
@@ -83,8 +85,8 @@ def compare_batch_norms(batch: int = 60, features: int = 100, steps: int = 5,
     worst = dict.fromkeys(["output", "input_grad", "gamma_grad", "beta_grad", "running_mean",
                            "running_var", "inference_output"], 0.0)
     for _ in range(steps):
-        x = torch.randn(batch, features, generator=g) * 3 + 1
-        upstream = torch.randn(batch, features, generator=g)
+        x = (torch.randn(batch, features, generator=g) * 3 + 1).to(dtype)
+        upstream = torch.randn(batch, features, generator=g).to(dtype)
         outs = []
         for bn in (manual, torch_bn):
             xi = x.clone().requires_grad_()
@@ -102,6 +104,6 @@ def compare_batch_norms(batch: int = 60, features: int = 100, steps: int = 5,
     manual.eval()
     torch_bn.eval()
     with torch.no_grad():
-        x = torch.randn(batch, features, generator=g)
+        x = torch.randn(batch, features, generator=g).to(dtype)
         worst["inference_output"] = (manual(x) - torch_bn(x)).abs().max().item()
     return worst
