@@ -58,6 +58,8 @@ def test_the_lesson_population_needs_one_stack_on_cuda_and_two_on_the_cpu():
 def test_bench_rejects_bad_model_counts():
     result = CliRunner().invoke(app, ["bench", "--models", "two", "--device", "cpu"])
     assert result.exit_code == 2 and "--models two" in result.stderr
+    result = CliRunner().invoke(app, ["bench", "--models", "2,4097", "--device", "cpu"])
+    assert result.exit_code == 2 and "at most 4,096 networks" in result.stderr
 
 
 @pytest.mark.parametrize("where", ["folder", "under a file", "proc"])

@@ -22,12 +22,17 @@ from bnexp.cli.common import (
 
 
 def _model_counts(text: str) -> list[int]:
+    from bnexp.engine.common import MAX_POPULATION_NETWORKS
+
     try:
         counts = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         counts = []
     if not counts or min(counts) < 1:
         fail([f"--models {text}: expected positive integers separated by commas, e.g. 2,32,256"])
+    if max(counts) > MAX_POPULATION_NETWORKS:
+        fail([f"--models {text}: a population has at most {MAX_POPULATION_NETWORKS:,} networks "
+              "(about 5 GB; larger grids train as several populations)"])
     return counts
 
 
