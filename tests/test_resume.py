@@ -228,17 +228,20 @@ def metrics_steps(out: Path) -> list[int]:
     return steps
 
 
-def test_ctrl_c_checkpoints_the_current_step_and_the_rerun_resumes_from_it(grid, tmp_path):
-    """No regular checkpoint before the end: what Ctrl-C saves is all a resume can use."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_checkpoints_the_current_step_and_the_rerun_resumes_from_it(grid, tmp_path,
+                                                                           signum):
+    """No regular checkpoint before the end: what Ctrl-C (or SIGTERM, as kill, timeout and
+    batch schedulers send) saves is all a resume can use."""
     args = ["--set", "checkpoint_every=100000", "--set", "grid.batch_size=[50]"]
     whole = tmp_path / "whole"
     assert sweep_in_process(grid, whole, *args).exit_code == 0
     out = tmp_path / "stopped"
     proc = start_sweep(grid, out, *args, capture=True)
     assert wait_for(lambda: max(metrics_steps(out), default=0) >= 200, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     stderr = proc.communicate(timeout=120)[1].decode()
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 128 + signum, stderr
     (step,) = set(checkpoint_steps(out))
     assert 200 <= step < 2000 and step % 100 == 0
     assert f"interrupted at step {step:,}: its checkpoint is written" in " ".join(stderr.split())

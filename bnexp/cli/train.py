@@ -81,7 +81,7 @@ def _execute(planned: list[sweep.Planned], out: Path, data_dir: Path | None, lab
                                      address, status)
         began = time.perf_counter()
         try:
-            with _stop_on_ctrl_c(options.stop, notice):
+            with _stop_on_ctrl_c(options.stop, notice) as received:
                 return sweep.execute(planned, out, folder, force=force,
                                      retry_failed=retry_failed, fail_fast=fail_fast,
                                      progress=advance, splits=splits, on_notice=notice,
@@ -98,29 +98,36 @@ def _execute(planned: list[sweep.Planned], out: Path, data_dir: Path | None, lab
             where = f"interrupted at step {exc.step:,}" if exc.step is not None else "interrupted"
             err_console.print(f"{where}: {kept}; finished runs are kept. Run the same command "
                               "again to resume.", highlight=False, soft_wrap=True)
-            raise typer.Exit(130) from None
+            raise typer.Exit(128 + (received[0] if received else signal.SIGINT)) from None
     raise AssertionError("unreachable")
 
 
 @contextmanager
-def _stop_on_ctrl_c(stop: threading.Event, notice) -> Iterator[None]:
-    """First Ctrl-C: set stop (training ends at its next evaluation, checkpointed); a second
-    Ctrl-C stops at once, as usual."""
+def _stop_on_ctrl_c(stop: threading.Event, notice) -> Iterator[list[int]]:
+    """First Ctrl-C or SIGTERM (kill, timeout, a batch scheduler's time limit, docker stop):
+    set stop (training ends at its next evaluation, checkpointed) and note the signal in the
+    list yielded; the same signal again stops at once, as usual."""
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
+    again = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    name = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
     def first(signum, frame) -> None:
         stop.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        notice("Ctrl-C: stopping at the next evaluation to checkpoint it (Ctrl-C again "
-               "stops at once and loses the steps since the last checkpoint)")
+        received.append(signum)
+        signal.signal(signum, again[signum])
+        notice(f"{name[signum]}: stopping at the next evaluation to checkpoint it "
+               f"({name[signum]} again stops at once and loses the steps since the last "
+               "checkpoint)")
 
-    previous = signal.signal(signal.SIGINT, first)
+    previous = {signum: signal.signal(signum, first) for signum in again}
     try:
-        yield
+        yield received
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _accuracy_table(outcomes: list[sweep.Outcome]) -> Table:
