@@ -99,10 +99,12 @@ def _read_partial(row: RunRow) -> None:
 
 
 def varied_settings(rows: list[RunRow]) -> list[str]:
-    """The settings whose values differ between the rows, in config order."""
+    """The settings whose values differ between the rows, in config order (a key that is no
+    setting, in a damaged or foreign config.yaml, is not a column)."""
     keys: dict[str, None] = {}
     for row in rows:
-        keys.update(dict.fromkeys(k for k in row.config if k not in HIDDEN))
+        keys.update(dict.fromkeys(k for k in row.config
+                                  if k in RunConfig.model_fields and k not in HIDDEN))
     return [k for k in keys
             if len({repr(row.config.get(k)) for row in rows if row.config}) > 1]
 

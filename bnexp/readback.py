@@ -51,15 +51,18 @@ class _Summary(BaseModel):
     environment: dict = {}
 
 
+def _first_problem(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in first['loc']) or '(top level)'}: {first['msg']}"
+
+
 def read_summary(folder: Path) -> dict:
     """A run's summary.json, checked for what the tables need; DamagedRun otherwise."""
     try:
         summary = json.loads((folder / "summary.json").read_text())
         _Summary.model_validate(summary)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise DamagedRun(f"summary.json cannot be read ({where}: {first['msg']})") from None
+        raise DamagedRun(f"summary.json cannot be read ({_first_problem(exc)})") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise DamagedRun(f"summary.json cannot be read ({type(exc).__name__})") from None
     return summary
@@ -73,11 +76,9 @@ def check_run(folder: Path) -> None:
         if key not in config:
             raise DamagedRun(f"config.yaml has no {key}")
     try:
-        RunConfig(**config)
+        RunConfig.model_validate(config)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise DamagedRun(f"config.yaml is no run's configuration ({where}: {first['msg']})"
+        raise DamagedRun(f"config.yaml is no run's configuration ({_first_problem(exc)})"
                          ) from None
     curves = read_metrics(folder)
     missing = set(summary["models"]) - set(curves)

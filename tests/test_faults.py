@@ -92,21 +92,33 @@ def test_a_damaged_run_is_reported_and_set_aside(case, grid, tmp_path):
     assert invoke("sweep", grid, "--out", out).exit_code == 0
 
 
-def test_a_config_edited_to_no_runs_values_is_left_out_by_the_readers(grid, tmp_path):
-    """config.yaml that still parses but holds a value no run can have (lr: fast): report and
-    plot leave the run out as damaged, as they do unreadable files, instead of crashing."""
+@pytest.mark.parametrize("edit, problem", [
+    (lambda text: text.replace("\nlr: 0.05\n", "\nlr: fast\n"),
+     "lr: Input should be a valid number"),
+    (lambda text: text + "1: 2\n", "1: Keys should be strings"),
+], ids=["lr: fast", "a number as key"])
+def test_a_config_edited_to_no_runs_values_is_left_out_by_the_readers(grid, tmp_path, edit,
+                                                                      problem):
+    """config.yaml that still parses but holds what no run can have: report and plot leave
+    the run out as damaged, as they do unreadable files, and runs lists it as a mismatch,
+    instead of crashing."""
     out = tmp_path / "out"
     assert invoke("sweep", grid, "--out", out).exit_code == 0
     victim = sorted((out / "f").glob("*/summary.json"))[0].parent
     text = (victim / "config.yaml").read_text()
-    (victim / "config.yaml").write_text(text.replace("\nlr: 0.05\n", "\nlr: fast\n"))
+    (victim / "config.yaml").write_text(edit(text))
     assert (victim / "config.yaml").read_text() != text
     for command in (["report", out / "f"], ["plot", out]):
         result = invoke(*command)
         no_traceback(result)
         assert result.exit_code == 0, result.output
-        assert (f"damaged {victim}: config.yaml is no run's configuration (lr: Input should be "
-                "a valid number)") in " ".join(result.stderr.split())
+        assert (f"damaged {victim}: config.yaml is no run's configuration ({problem})"
+                in " ".join(result.stderr.split()))
+    listed = invoke("runs", out, "--csv")
+    assert listed.exit_code == 0 and f"{victim.name},mismatch" in listed.stdout
+    table = invoke("runs", out)
+    no_traceback(table)
+    assert table.exit_code == 0 and "mismatch" in table.stdout
 
 
 def test_an_experiment_file_that_is_a_folder_is_found_before_training(grid, tmp_path):
