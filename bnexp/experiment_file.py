@@ -177,9 +177,12 @@ MIN_EVALUATIONS = 10
 
 def follow_shortened_steps(file: dict, raw: dict, overridden: list[tuple[str, ...]]) -> dict:
     """raw with eval_every = min(default, ceil(steps / MIN_EVALUATIONS)) where an override
-    (overridden: the key paths they set) set the base steps and nothing set eval_every."""
+    (overridden: the key paths they set) set the base steps, or examples (steps then counted
+    at the largest batch size), and nothing set eval_every."""
     steps = raw.get("steps")
-    shortened = ("steps",) in overridden
+    if ("examples",) in overridden and type(raw.get("examples")) is int:
+        steps = _fewest_steps(raw)
+    shortened = ("steps",) in overridden or ("examples",) in overridden
     explicit = ("eval_every",) in overridden or (
         "eval_every" in file
         or (isinstance(file.get("grid"), dict) and "eval_every" in file["grid"]))
@@ -187,3 +190,14 @@ def follow_shortened_steps(file: dict, raw: dict, overridden: list[tuple[str, ..
         return raw
     default = RunConfig.model_fields["eval_every"].default
     return {**raw, "eval_every": min(default, -(-steps // MIN_EVALUATIONS))}
+
+
+def _fewest_steps(raw: dict) -> int | None:
+    """ceil(examples / batch_size) at the largest batch size raw gives (None if unclear)."""
+    grid = raw.get("grid") if isinstance(raw.get("grid"), dict) else {}
+    sizes = grid.get("batch_size", [raw.get("batch_size", RunConfig.model_fields["batch_size"]
+                                             .default)])
+    if not isinstance(sizes, list) or not sizes or any(type(b) is not int or b < 1
+                                                       for b in sizes):
+        return None
+    return -(-raw["examples"] // max(sizes))

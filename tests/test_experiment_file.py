@@ -90,6 +90,10 @@ def test_eval_every_follows_steps_shortened_on_the_command_line(tmp_path):
     assert load_spec(plain, ["steps=300", "eval_every=100"]).eval_every == 100
     explicit = write(tmp_path, "name: e\nsteps: 50000\neval_every: 250\n")
     assert load_spec(explicit, ["steps=300"]).eval_every == 250, "the file's choice stands"
+    examples = write(tmp_path, "name: e\nsteps: 50000\ngrid:\n  batch_size: [10, 100]\n")
+    runs = expand_grid(load_spec(examples, ["examples=3000"]))
+    assert [(r.steps, r.eval_every) for r in runs] == [(300, 3), (30, 3)], (
+        "examples given on the command line shorten too: counted at the largest batch")
 
 
 def test_examples_on_the_command_line_replace_the_files_steps(tmp_path):
