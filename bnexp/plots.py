@@ -121,6 +121,10 @@ def plot_tree(root: Path, on_figure: Callable[[], None] | None = None,
 
 
 def _save(fig, path: Path, close: bool = True) -> Path:
+    # tight_layout leaves a placeholder layout engine behind, for which savefig lays the
+    # figure out once more before drawing it; without it the PNG is the same bytes and a run's
+    # figure takes ~175 instead of ~200 ms (measured on a 2-core machine).
+    fig.set_layout_engine(None)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     if close:
