@@ -12,8 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from bnexp.files import atomic_write  # noqa: E402
 from bnexp.readback import read_config, read_metrics, sort_runs  # noqa: E402
-from bnexp.results import atomic_write  # noqa: E402
 
 LABELS = {"plain": "Without Batch Norm", "bn": "With Batch Norm", "ln": "With Layer Norm",
           "gn": "With Group Norm"}

@@ -16,8 +16,8 @@ import yaml
 
 from bnexp import stats
 from bnexp.cells import NORMALISED, Cell, collect_cells, sort_key
+from bnexp.files import atomic_write
 from bnexp.report_figures import captioned_figures, seeds_and_steps
-from bnexp.results import atomic_write
 
 
 def _pct(x: float | None) -> str:

@@ -20,7 +20,6 @@ import math
 import os
 import platform
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,36 +30,11 @@ import yaml
 import bnexp
 from bnexp.config import RunConfig, result_fields_of
 from bnexp.engine import ModelResult, RunResult
+from bnexp.files import atomic_write
 from bnexp.readback import DamagedRun, check_run, read_config, read_summary, run_folders
 
 SUMMARY_FIELDS = ("run_id", "model", "activation", "lr", "init_scale", "seed", "steps",
                   "final_val_acc", "final_test_acc", "diverged_step")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-UMASK = _umask()  # read once, at import: os.umask can only be read by setting it
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write to a temporary file beside path, then rename it into place (with the permissions
-    a plain open() would give: 0666 less the umask)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~UMASK)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def environment(device: str) -> dict:

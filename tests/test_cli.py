@@ -277,6 +277,25 @@ def test_light_commands_do_not_import_torch(tmp_path):
     assert out.stdout.strip() == "[]"
 
 
+def test_figures_and_reports_do_not_import_torch(env):
+    """plot and report read files and draw: torch (about 2 s of their start) stays out."""
+    import subprocess
+    import sys
+
+    path = experiment(env, "name: g\ngrid:\n  seed: [0, 1]\n")
+    assert invoke("sweep", path, *FAST).exit_code == 0
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom bnexp.cli import app\n"
+            "r = CliRunner()\n"
+            "for args in (['plot', 'results'], ['report', 'results/g']):\n"
+            "    assert r.invoke(app, args).exit_code == 0, args\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+    assert (env / "results" / "g" / "report.html").is_file()
+
+
 def test_tables_keep_their_width_where_no_stream_is_a_terminal(env, monkeypatch):
     """In a log (no terminal anywhere, no $COLUMNS) a run id stays on one line; $COLUMNS still
     decides where it is set."""
@@ -310,7 +329,7 @@ def test_version_threads_and_umask(env):
     result = invoke("run", path, *FAST, "--threads", "1")
     assert result.exit_code == 0, result.output
     # Files get what open() would give them, 0666 less the umask (read at import), not 0600.
-    from bnexp.results import UMASK
+    from bnexp.files import UMASK
     for name in ("summary.json", "metrics.csv", "config.yaml"):
         mode = stat.S_IMODE(next(env.rglob(name)).stat().st_mode)
         assert mode == 0o666 & ~UMASK, (name, oct(mode))

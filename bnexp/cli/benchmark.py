@@ -77,7 +77,7 @@ def bench(
     from bnexp.data import DataError, load_split, resolve_data_dir
     from bnexp.engine import resolve_device
     from bnexp.engine.precision import tf32_problem
-    from bnexp.results import atomic_write
+    from bnexp.files import atomic_write
 
     if device not in cfg.DEVICES:
         fail([f"--device {device}: expected one of {', '.join(cfg.DEVICES)}"])
