@@ -21,7 +21,6 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -133,23 +132,22 @@ def write_config(folder: Path, run: RunConfig) -> None:
                                                         sort_keys=False))
 
 
-def write_run(root: Path, result: RunResult, analyses: dict[str, dict] | None = None,
-              draw: Callable[[Path], object] | None = None) -> Path:
-    """Write one run's folder; summary.json goes last, so its presence means complete.
-
-    draw(folder) makes the run's figures from the files already written, before summary.json.
-    """
+def write_run(root: Path, result: RunResult, analyses: dict[str, dict] | None = None) -> Path:
+    """Write one run's folder but its summary.json (see finish_run): config, metrics and
+    analyses, which its figures are drawn from."""
     folder = run_folder(root, result.config, result.device)
     write_config(folder, result.config)
     write_metrics(folder, result.models)
     for name, data in (analyses or {}).items():
         atomic_write(folder / f"{name}.json", json.dumps(data, indent=2))
-    if draw is not None:
-        draw(folder)
+    return folder
+
+
+def finish_run(folder: Path, result: RunResult) -> None:
+    """summary.json, written last (after the figures too), so its presence means complete."""
     atomic_write(folder / "summary.json",
                  json.dumps(summary_record(result, folder.name), indent=2))
     (folder / "failed.json").unlink(missing_ok=True)
-    return folder
 
 
 def write_failure(folder: Path, run: RunConfig, error: str) -> None:

@@ -136,6 +136,7 @@ class TrainOptions:
     executor: str = "local"  # or "ray": populations as Ray tasks (bnexp/ray_executor.py)
     address: str | None = None  # Ray: a cluster to join ("auto", "host:port"); else local
     status: Callable[[str], None] | None = None  # Ray: "k done, m running, n queued" as it changes
+    parallel_figures: bool = False  # draw a population's run figures in worker processes
 
 
 def _train(batch, split: Split, out: Path, progress: Progress | None,
@@ -336,8 +337,11 @@ def execute_batch(batch, out: Path, splits, progress, outcomes: list[Outcome], r
             outcomes.append(Outcome(p, "failed", error=detail))
             report(outcomes[-1])
         raise BatchFailed from None
-    for (p, _), result in zip(batch, trained):
-        found = run_analyses(result, splits[key])
-        folder = results.write_run(out, result, found, draw=plots.plot_run)
-        outcomes.append(Outcome(p, "done", folder, result, analyses=found))
+    found = [run_analyses(result, splits[key]) for result in trained]
+    folders = [results.write_run(out, result, analyses)
+               for result, analyses in zip(trained, found)]
+    plots.plot_runs(folders, parallel=options.parallel_figures)
+    for (p, _), result, analyses, folder in zip(batch, trained, found, folders):
+        results.finish_run(folder, result)
+        outcomes.append(Outcome(p, "done", folder, result, analyses=analyses))
         report(outcomes[-1])

@@ -190,3 +190,55 @@ def test_divergence_is_marked_in_seed_bands_and_small_multiples(tmp_path):
                                           tmp_path / "paper", "Validation accuracy")
     assert "first divergence among the seeds" in svg.read_text()
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_figures_drawn_in_worker_processes_are_the_same_bytes(experiment, tmp_path,
+                                                                   monkeypatch):
+    """plot_runs draws a population's figures in spawned workers (two here, whatever the
+    machine): the same PNG bytes as drawing them one by one, in order; a pool that breaks
+    leaves the rest to be drawn in this process."""
+    import hashlib
+    import os
+    import shutil
+    from concurrent.futures.process import BrokenProcessPool
+
+    from bnexp import plots
+
+    runs = sorted(p.parent for p in experiment.glob("*/summary.json"))
+    folders = []
+    for i in range(18):
+        folders.append(tmp_path / f"run{i:02d}")
+        shutil.copytree(runs[i % len(runs)], folders[-1])
+
+    def digests():
+        return [hashlib.sha256((f / "curves.png").read_bytes()).hexdigest() for f in folders]
+
+    assert plots.plot_runs(folders) == [f / "curves.png" for f in folders]
+    serial = digests()
+    for f in folders:
+        (f / "curves.png").unlink()
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    drawn = []
+    assert plots.plot_runs(folders, parallel=True, on_figure=lambda: drawn.append(1)) == [
+        f / "curves.png" for f in folders]
+    assert digests() == serial and len(drawn) == 18
+
+    class Breaks:  # yields two figures, then its worker dies
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def map(self, fn, items, chunksize):
+            yield from map(fn, list(items)[:2])
+            raise BrokenProcessPool("a worker died")
+
+    for f in folders:
+        (f / "curves.png").unlink()
+    monkeypatch.setattr(plots, "ProcessPoolExecutor", Breaks)
+    assert plots.plot_runs(folders, parallel=True) == [f / "curves.png" for f in folders]
+    assert digests() == serial

@@ -78,7 +78,7 @@ def _execute(planned: list[sweep.Planned], out: Path, data_dir: Path | None, lab
             progress.update(task, description=f"{label} ({text})")
 
         options = sweep.TrainOptions(compile_step, threading.Event(), tensorboard, executor,
-                                     address, status)
+                                     address, status, parallel_figures=True)
         began = time.perf_counter()
         try:
             with _stop_on_ctrl_c(options.stop, notice) as received:
