@@ -131,7 +131,7 @@ def plot_runs(folders: list[Path], parallel: bool = False,
     """plot_run for every folder, in order; with parallel, in worker processes (one per core,
     at most one per 8 figures) where there are enough figures to pay for starting them. The
     figures are the same bytes either way."""
-    workers = min(os.cpu_count() or 1, len(folders) // 8)
+    workers = min(_cores(), len(folders) // 8)
     if (not parallel or workers < 2 or len(folders) < PARALLEL_FIGURES_MIN
             or not _spawn_can_start()):
         return [_advance(plot_run(folder), on_figure) for folder in folders]
@@ -147,6 +147,14 @@ def plot_runs(folders: list[Path], parallel: bool = False,
     except BrokenProcessPool:  # a worker died (killed, out of memory): draw the rest here
         paths += [_advance(plot_run(folder), on_figure) for folder in folders[len(paths):]]
     return paths
+
+
+def _cores() -> int:
+    """The cores this process may run on (a container's or a job's share, where set)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on this platform
+        return os.cpu_count() or 1
 
 
 def _spawn_can_start() -> bool:

@@ -198,7 +198,6 @@ def test_run_figures_drawn_in_worker_processes_are_the_same_bytes(experiment, tm
     machine): the same PNG bytes as drawing them one by one, in order; a pool that breaks
     leaves the rest to be drawn in this process."""
     import hashlib
-    import os
     import shutil
     from concurrent.futures.process import BrokenProcessPool
 
@@ -217,7 +216,7 @@ def test_run_figures_drawn_in_worker_processes_are_the_same_bytes(experiment, tm
     serial = digests()
     for f in folders:
         (f / "curves.png").unlink()
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(plots, "_cores", lambda: 2)
     drawn = []
     assert plots.plot_runs(folders, parallel=True, on_figure=lambda: drawn.append(1)) == [
         f / "curves.png" for f in folders]
