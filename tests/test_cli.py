@@ -248,6 +248,11 @@ def test_plot_redraws_from_disk_only(env):
     assert result.exit_code == 0 and "drew 5 figure" in result.stdout
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert invoke("plot", env / "nothing-here").exit_code == 2
+    before = {p: p.stat().st_mtime_ns for p in (env / "results").rglob("*") if p.is_file()}
+    one = invoke("plot", png.parent)  # a run's folder: its figure, nothing outside it
+    assert one.exit_code == 0 and "drew 1 figure" in one.stdout
+    after = {p: p.stat().st_mtime_ns for p in (env / "results").rglob("*") if p.is_file()}
+    assert {p for p in after if after[p] != before.get(p)} == {png}
 
 
 def test_help_explains_commands():
