@@ -42,6 +42,8 @@ def _format_error(source: str, err: dict) -> str:
         msg = f"{msg}, got {err['input']!r}"
     elif err["type"] == "value_error":
         msg = msg.removeprefix("Value error, ")
+    elif err["type"] == "model_type":
+        msg = "expected a mapping of keys to values"
     elif err["type"] == "string_pattern_mismatch":
         msg = ("must be a plain name of letters, digits, '_', '.' and '-' that starts with a "
                f"letter or digit, got {err['input']!r}")
@@ -112,8 +114,10 @@ def _conflicts(raw: dict, source: str) -> list[str]:
 
 def _origin(loc: tuple, source: str, origins: list[tuple[tuple, str]]) -> str:
     """Where a value came from: the command-line override that set it, else the file."""
+    where = tuple(str(p) for p in loc)
     for path, label in reversed(origins):  # the last override of a key is the one in force
-        if tuple(str(p) for p in loc[:len(path)]) == path:
+        # the override set that key, or something inside it (--set lr.x=5 makes lr a mapping)
+        if where[:len(path)] == path or (where and path[:len(where)] == where):
             return label
     return source
 

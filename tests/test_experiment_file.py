@@ -122,3 +122,17 @@ def test_a_list_outside_grid_is_pointed_to_grid_where_a_list_cannot_go(tmp_path)
     with pytest.raises(ConfigError) as info:  # batch_norm takes its list at the top level
         load_spec(write(tmp_path, "name: x\nbatch_size: 1\nbatch_norm: [false, true]\n"))
     assert "under grid:" not in " ".join(info.value.problems)
+
+
+def test_an_override_that_reshapes_a_key_is_named_as_the_problem(tmp_path):
+    path = write(tmp_path, "name: x\nlr: 1\nnorm: group\ngroup_norm_groups: 7\n")
+    with pytest.raises(ConfigError) as info:
+        load_spec(path, ["lr.x=5", "grid=5"])
+    assert sorted(info.value.problems) == [
+        "--set grid=5: grid: expected a mapping of keys to values",
+        "--set lr.x=5: lr: Input should be a valid number",
+    ]
+    with pytest.raises(ConfigError) as info:  # a problem of the whole file stays the file's
+        load_spec(path, ["lr=0.5"])
+    assert info.value.problems == [f"{path}: (top level): group_norm_groups 7 must divide "
+                                   "every width [100, 100, 100]"]
