@@ -128,13 +128,19 @@ PARALLEL_FIGURES_MIN = 16
 
 def plot_runs(folders: list[Path], parallel: bool = False,
               on_figure: Callable[[], None] | None = None) -> list[Path]:
-    """plot_run for every folder, in order; with parallel, in worker processes (one per core,
+    """plot_run for every folder, in order (see draw_all)."""
+    return draw_all(plot_run, [(folder,) for folder in folders], parallel, on_figure)
+
+
+def draw_all(draw: Callable[..., Path], jobs: list[tuple], parallel: bool = False,
+             on_figure: Callable[[], None] | None = None) -> list[Path]:
+    """draw(*job) for every job, in order; with parallel, in worker processes (one per core,
     at most one per 8 figures) where there are enough figures to pay for starting them. The
-    figures are the same bytes either way."""
-    workers = min(_cores(), len(folders) // 8)
-    if (not parallel or workers < 2 or len(folders) < PARALLEL_FIGURES_MIN
+    figures are the same bytes either way. draw must be a module-level function."""
+    workers = min(_cores(), len(jobs) // 8)
+    if (not parallel or workers < 2 or len(jobs) < PARALLEL_FIGURES_MIN
             or not _spawn_can_start()):
-        return [_advance(plot_run(folder), on_figure) for folder in folders]
+        return [_advance(draw(*job), on_figure) for job in jobs]
     # spawn: the parent may hold threads (torch's); the workers ignore Ctrl-C and SIGTERM,
     # which the parent handles (it lets the figures of a finished population complete)
     context = multiprocessing.get_context("spawn")
@@ -142,10 +148,10 @@ def plot_runs(folders: list[Path], parallel: bool = False,
     try:
         with ProcessPoolExecutor(workers, mp_context=context,
                                  initializer=_ignore_stops) as pool:
-            for path in pool.map(plot_run, folders, chunksize=4):
+            for path in pool.map(draw, *zip(*jobs), chunksize=4):
                 paths.append(_advance(path, on_figure))
     except BrokenProcessPool:  # a worker died (killed, out of memory): draw the rest here
-        paths += [_advance(plot_run(folder), on_figure) for folder in folders[len(paths):]]
+        paths += [_advance(draw(*job), on_figure) for job in jobs[len(paths):]]
     return paths
 
 

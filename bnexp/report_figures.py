@@ -61,16 +61,17 @@ def captioned_figures(experiment_dir: Path, cells: list[Cell] | None = None,
     figures.append((overview, f"Median final test accuracy of every cell and variant over "
                               f"{seeds} ({steps})."))
     on_figure()
+    jobs, captions = [], []
     for cell in cells:
         n = len(cell.folders)
         title = f"{cell.label}\n{_steps_text(cell)}, {n} seed{'s' * (n > 1)}"
-        split = plots.curve_split([cell.config])
-        path = plots.plot_seed_bands(curves[cell.key], title, out / f"curves-{cell.slug}.png",
-                                     plots.accuracy_label([cell.config]))
-        figures.append((path, f"{cell.label}: {split} accuracy during training "
-                              f"({_steps_text(cell)}, {n} seed{'s' * (n > 1)}). {band}; a "
-                              "cross marks the first divergence among the seeds."))
-        on_figure()
+        jobs.append((curves[cell.key], title, out / f"curves-{cell.slug}.png",
+                     plots.accuracy_label([cell.config])))
+        captions.append(f"{cell.label}: {plots.curve_split([cell.config])} accuracy during "
+                        f"training ({_steps_text(cell)}, {n} seed{'s' * (n > 1)}). {band}; a "
+                        "cross marks the first divergence among the seeds.")
+    paths = plots.draw_all(plots.plot_seed_bands, jobs, parallel=True, on_figure=on_figure)
+    figures += zip(paths, captions)
     if "batch_size" in cells[0].varying:
         figures += _batch_size_figures(cells, out, on_figure)
     return figures
