@@ -168,11 +168,16 @@ class Settings(_Strict):
         return v
 
 
+def steps_for(examples: int, batch_size: int) -> int:
+    """The steps that see examples at batch_size: ceil(examples / batch_size)."""
+    return -(-examples // batch_size)
+
+
 def _derive_steps(data: Any) -> Any:
     """examples -> steps, before validation (steps then holds the derived value)."""
     if isinstance(data, dict) and isinstance(data.get("examples"), int) and isinstance(
             data.get("batch_size", 60), int) and data.get("batch_size", 60) > 0:
-        data = {**data, "steps": -(-data["examples"] // data.get("batch_size", 60))}
+        data = {**data, "steps": steps_for(data["examples"], data.get("batch_size", 60))}
     return data
 
 
@@ -256,6 +261,11 @@ class ExperimentSpec(Settings):
     name: PlainName  # the results folder: results/<name>/
     description: str = ""
     grid: GridAxes = GridAxes()
+
+
+def format_loc(loc: tuple) -> str:
+    """A validation error's location as a key path, e.g. grid.lr.1 ('(top level)' if none)."""
+    return ".".join(str(p) for p in loc) if loc else "(top level)"
 
 
 def setting_problem(key: str, value: object) -> str | None:

@@ -24,17 +24,15 @@ from bnexp.config import (
     GridAxes,
     RunConfig,
     expand_grid,
+    format_loc,
     grid_size,
+    steps_for,
     with_seeds,
 )
 
 
-def _format_loc(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc) if loc else "(top level)"
-
-
 def _format_error(source: str, err: dict) -> str:
-    loc = _format_loc(err["loc"])
+    loc = format_loc(err["loc"])
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
@@ -204,4 +202,4 @@ def _fewest_steps(raw: dict) -> int | None:
     if not isinstance(sizes, list) or not sizes or any(type(b) is not int or b < 1
                                                        for b in sizes):
         return None
-    return -(-raw["examples"] // max(sizes))
+    return steps_for(raw["examples"], max(sizes))

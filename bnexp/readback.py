@@ -16,7 +16,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field, ValidationError
 
 from bnexp import safe_yaml
-from bnexp.config import RunConfig
+from bnexp.config import RunConfig, format_loc
 
 
 class DamagedRun(Exception):
@@ -53,7 +53,7 @@ class _Summary(BaseModel):
 
 def _first_problem(exc: ValidationError) -> str:
     first = exc.errors()[0]
-    return f"{'.'.join(str(p) for p in first['loc']) or '(top level)'}: {first['msg']}"
+    return f"{format_loc(first['loc'])}: {first['msg']}"
 
 
 def read_summary(folder: Path) -> dict:
