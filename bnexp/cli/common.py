@@ -187,18 +187,12 @@ def check_writable(out: Path, experiments: set[str], files: tuple[str, ...] = ()
     for folder in [out] + [out / name for name in sorted(experiments)]:
         if folder.exists() and not folder.is_dir():
             problems.append(f"{folder}: is a file, not a folder; move it away")
-        elif folder.is_dir():
-            try:  # a name of its own: sweeps starting together must not remove each other's
-                with tempfile.NamedTemporaryFile(dir=folder, prefix=".bnexp-write-test-"):
-                    pass
-            except OSError as exc:
-                problems.append(f"{folder}: results folder is not writable "
-                                f"({exc.strerror or exc})")
-            if folder != out:
-                problems += [f"{folder / name}: is a folder where a file is written; move it "
-                             "away" for name in files if (folder / name).is_dir()]
-        elif folder == out and (why := _cannot_create_in(out)):
-            problems.append(f"{out}: results folder is not writable ({why})")
+            continue
+        if (folder == out or folder.is_dir()) and (why := _cannot_create_in(folder)):
+            problems.append(f"{folder}: results folder is not writable ({why})")
+        if folder != out:
+            problems += [f"{folder / name}: is a folder where a file is written; move it "
+                         "away" for name in files if (folder / name).is_dir()]
     if problems:
         fail(problems)
 
@@ -215,7 +209,8 @@ def check_output_file(path: Path, option: str) -> None:
 def _cannot_create_in(path: Path) -> str | None:
     """Why nothing could be created at path's nearest existing folder (None if it can): a
     folder made and removed there at once, since permissions alone do not tell (root, /proc,
-    a read-only mount)."""
+    a read-only mount); its name is its own, so sweeps starting together never remove each
+    other's."""
     parent = next(p for p in [path, *path.parents] if p.exists())
     if not parent.is_dir():
         return f"{parent} is a file, not a folder"
