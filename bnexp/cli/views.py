@@ -107,8 +107,7 @@ def plot(root: Annotated[Path, typer.Argument(help="Results folder to redraw.")]
             paths, damaged = plots.plot_tree(root, advance)
             # an experiment's figures where root holds it (not where root is one of its runs)
             experiments = {p.parent.parent for p in root.rglob("summary.json")
-                           if (p.parent / "config.yaml").is_file()
-                           and (p.parent.parent == root or root in p.parent.parent.parents)}
+                           if (p.parent / "config.yaml").is_file() and p.parent != root}
             for experiment in sorted(experiments):
                 paths += report_figures.draw_figures(experiment, on_figure=advance)
     except OSError as exc:
