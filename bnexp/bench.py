@@ -24,7 +24,7 @@ from bnexp.config import RunConfig
 from bnexp.data import Split
 from bnexp.engine import group_runs, train_population, train_reference
 from bnexp.engine.capture import INDUCTOR_OPTIONS, compiled, sync
-from bnexp.engine.population import one_step
+from bnexp.engine.shards import one_step
 from bnexp.engine.threads import single_threaded_kernels
 
 LESSON_AXES = (("relu", "sigmoid"), (0.01, 1.0, 2.0), (0.05, 5.0))

@@ -45,13 +45,13 @@ def test_bench_command_writes_its_table(tmp_path):
 def test_the_lesson_population_needs_one_stack_on_cuda_and_two_on_the_cpu():
     """The lesson grid's 24 networks (two activations, BN on and off) share one stack on CUDA
     (each layer's product once for all of them); the CPU gives plain and BN their own."""
-    from bnexp.engine.population import _build_stacks
+    from bnexp.engine.shards import build_stacks
 
     runs = bench.population_runs(24, steps=1, eval_every=1)
-    groups, _ = _build_stacks(runs, torch.device("meta"))  # the CUDA layout, without a GPU
+    groups, _ = build_stacks(runs, torch.device("meta"))  # the CUDA layout, without a GPU
     assert [[s.m for s in group] for group in groups] == [[24]]
     assert [len(s.slices) for s in groups[0]] == [2], "relu and sigmoid: one slice each"
-    groups, _ = _build_stacks(runs, CPU)
+    groups, _ = build_stacks(runs, CPU)
     assert [[s.m for s in group] for group in groups] == [[12, 12]]
 
 

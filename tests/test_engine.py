@@ -10,9 +10,10 @@ from torch.nn import functional as F
 from bnexp.config import RunConfig
 from bnexp.data import BatchStream
 from bnexp.engine import group_runs, train_population, train_reference
+from bnexp.engine.backward import train_step
 from bnexp.engine.common import eval_blocks
 from bnexp.engine.members import load_model_state, model_state
-from bnexp.engine.population import _build_stacks
+from bnexp.engine.shards import build_stacks
 from bnexp.engine.threads import cpu_shards
 from bnexp.models import MLP, initial_weights
 
@@ -237,7 +238,7 @@ def test_single_steps_match_reference_along_trajectory(split, activation, lr, in
     model = MLP(initial_weights(cfg.layers, init_scale, cfg.seed), activation, batch_norm)
     model = model.to(torch.float64)
     stream = BatchStream(data.train_x.shape[0], cfg.batch_size, cfg.seed, "cpu")
-    ((stack,),), _ = _build_stacks([cfg], CPU)
+    ((stack,),), _ = build_stacks([cfg], CPU)
     step = torch.zeros((), dtype=torch.long)
     for k, idx in enumerate(stream.next_indices(120)):
         x, y = data.train_x[idx], data.train_y[idx]
@@ -245,7 +246,7 @@ def test_single_steps_match_reference_along_trajectory(split, activation, lr, in
             state = {n: t.clone() for n, t in model.state_dict().items()
                      if not n.endswith("num_batches_tracked")}
             load_model_state(stack, 0, state)
-            stack.train_step(x[None], y[None], step)  # one stream's batch
+            train_step(stack, x[None], y[None], step)  # one stream's batch
             reference_step(model, lr, x, y)
             expected = {n: model.state_dict()[n] for n in state}
             assert_states_close(model_state(stack, 0), expected, rel=1e-12)
@@ -374,25 +375,24 @@ def test_divergence_is_recorded_and_isolated(split):
 def test_a_dead_network_stops_training_and_writes_what_training_on_would(split, monkeypatch):
     """A diverged network whose outputs are all NaN leaves the step: its curves, accuracies
     and divergence step are the bytes of training on, and its stack-mates' everything."""
-    from bnexp.engine import population
-    from bnexp.engine.stack import Stack
+    from bnexp.engine import shards
 
     runs = [run(lr=1e6, init_scale=5.0, steps=100, eval_every=20),  # both die
             run(lr=0.1, steps=100, eval_every=20),
             run(lr=0.1, steps=100, eval_every=20, seed=1, dropout=0.3)]  # their stack-mates
     trained = []
-    real_step = Stack.train_step
+    real_step = shards.train_step
 
-    def counted(self, x, y, step):
-        trained.append(self.m)
-        real_step(self, x, y, step)
+    def counted(stack, x, y, step):
+        trained.append(stack.m)
+        real_step(stack, x, y, step)
 
-    monkeypatch.setattr(Stack, "train_step", counted)
+    monkeypatch.setattr(shards, "train_step", counted)
     retired = train_population(runs, split, CPU, keep_states=True)
     retired_steps = sum(trained)
     trained.clear()
     with monkeypatch.context() as m:
-        m.setattr(population, "dead", lambda stack: [])
+        m.setattr(shards, "dead", lambda stack: [])
         whole = train_population(runs, split, CPU, keep_states=True)
     assert retired_steps <= 6 * 100 - 2 * 60 and sum(trained) == 6 * 100, "both dead by 40"
     for dead in retired[0].models:

@@ -1,9 +1,10 @@
 """The population engine: many MLPs trained at once as stacked tensors on one batch stream.
 
-The math of a stack of models lives in engine/stack.py; this module builds the stacks of a
-population, runs the training loop over the shared mini-batch stream, evaluates, and
-checkpoints. Nothing in the loop reads a value back to the host: losses, the divergence step
-and the running loss sum stay on the device and are read at evaluation time only.
+The math of a stack of models lives in engine/stack.py and engine/backward.py, the stacks
+and shards of a population in engine/shards.py; this module runs the training loop over the
+shared mini-batch streams, evaluates, and checkpoints. Nothing in the loop reads a value
+back to the host: losses, the divergence step and the running loss sum stay on the device
+and are read at evaluation time only.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from bnexp.config import RunConfig
 from bnexp.data import BatchStream, Split
-from bnexp.engine.capture import capture_step, compile_cpu_steps, sync
+from bnexp.engine.capture import sync
 from bnexp.engine.checkpoint import make_checkpoints, remaining_blocks, restore
 from bnexp.engine.common import (
     DTYPES,
@@ -31,174 +32,24 @@ from bnexp.engine.common import (
     tracked_unit,
     variant_name,
 )
-from bnexp.engine.members import correct, dead, model_state, select
+from bnexp.engine.members import correct, model_state
 from bnexp.engine.precision import cuda_precision
-from bnexp.engine.stack import Member, Stack, StackKind
+from bnexp.engine.shards import (
+    Shard,
+    build_stacks,
+    compile_cpu,
+    next_block,
+    retire,
+    stack_kind,
+    stream_seeds,
+)
+from bnexp.engine.stack import Stack
 from bnexp.engine.threads import cpu_shards, shard_pool, single_threaded_kernels
-from bnexp.models import initial_weights
 
 
 def population_can_train(run: RunConfig) -> bool:
     """What the stacked engine expresses; the rest trains on the reference engine."""
     return run.arch == "mlp" and run.bn_impl == "torch"
-
-
-def _kind(run: RunConfig) -> StackKind:
-    return StackKind(run.norm, run.bn_position, run.group_norm_groups, run.bn_scale, run.clip,
-                     run.clip_threshold)
-
-
-def stream_seeds(runs: list[RunConfig]) -> list[int]:
-    """The population's batch streams: one per seed, in order of first appearance."""
-    return list(dict.fromkeys(run.seed for run in runs))
-
-
-def _build_stacks(runs: list[RunConfig], device: torch.device, shards: int = 1):
-    """Stacks by shard and StackKind, and each model's (stack, index) by (run index, batch_norm).
-
-    The models, ordered by kind and activation, are dealt into shards of nearly equal size; a
-    shard holds one stack per kind among its models (on the CPU, per kind and BN flag). A
-    model's numbers do not depend on its shard, its stack or its neighbours.
-    """
-    slot = {seed: i for i, seed in enumerate(stream_seeds(runs))}
-    weights = [initial_weights(run.layers, run.init_scale, run.seed, run.init) for run in runs]
-    # On the CPU, plain and normalised networks get stacks of their own: computing both
-    # branches for every network costs more there than a second stack does (a network's
-    # numbers are the same either way). On CUDA one stack means fewer kernels per step.
-    split_plain = device.type == "cpu"
-    models = sorted(((_kind(run), bn if split_plain else None, run.activation, r, bn)
-                     for r, run in enumerate(runs) for bn in run.batch_norm),
-                    key=lambda m: (repr(m[0]), repr(m[1]), m[2]))
-    shards = max(1, min(shards, len(models)))
-    bounds = [len(models) * s // shards for s in range(shards + 1)]
-    dtype = DTYPES[runs[0].dtype]
-    groups, where = [], {}
-    for lo, hi in zip(bounds, bounds[1:]):
-        members: dict[tuple, list[tuple[int, bool]]] = {}
-        for kind, apart, _, r, bn in models[lo:hi]:
-            members.setdefault((kind, apart), []).append((r, bn))
-        group = []
-        for (kind, _), part in members.items():
-            stack = Stack([Member(runs[r].activation, bn, runs[r].lr, weights[r],
-                                  slot[runs[r].seed], runs[r].bn_decay, runs[r].dropout,
-                                  runs[r].seed) for r, bn in part],
-                          kind, device, dtype)
-            for i, (r, bn) in enumerate(part):
-                where[(r, bn)] = (stack, i)
-            group.append(stack)
-        groups.append(group)
-    return groups, where
-
-
-class _Shard:
-    """Stacks trained by one thread (CPU) or one captured graph (CUDA), with their own counters.
-
-    step_all runs one training step of every stack, reading batch k of the block of batch
-    indices (one batch per stream); k and step live on the device, so a captured step replays
-    unchanged.
-    """
-
-    def __init__(self, stacks: list[Stack], split: Split, block: torch.Tensor, n_streams: int,
-                 device: torch.device, cuda_graph: bool, compile_step: bool):
-        self.stacks = stacks
-        self.k = torch.zeros(1, dtype=torch.long, device=device)
-        self.step = torch.zeros((), dtype=torch.long, device=device)
-        self._split, self._block, self._n_streams = split, block, n_streams
-        state = [t for stack in stacks for t in stack.state_tensors()] + [self.k, self.step]
-        self.state = state
-        self.graph, self.execution, self.compile_s = None, "eager", 0.0
-        self.run_step = self.step_all  # on the CPU, compiled where asked (compile_cpu_steps)
-        if cuda_graph and device.type == "cuda":
-            self.graph, self.execution, self.compile_s = capture_step(
-                self.step_all, state, device, compile_step)
-
-    def step_all(self) -> None:
-        batch_idx = self._block.index_select(0, self.k).view(-1)
-        x = self._split.train_x.index_select(0, batch_idx).view(self._n_streams, -1,
-                                                                 self._split.train_x.shape[1])
-        y = self._split.train_y.index_select(0, batch_idx).view(self._n_streams, -1)
-        self.k.add_(1)
-        self.step.add_(1)
-        for stack in self.stacks:
-            stack.train_step(x, y, self.step)
-
-    def train_block(self, n_steps: int) -> None:
-        self.k.zero_()
-        for _ in range(n_steps):
-            if self.graph is not None:
-                self.graph.replay()
-            else:
-                self.run_step()
-
-
-def _retire(shards: list[_Shard], where: dict) -> list[Stack]:
-    """Take the networks that can no longer change (members.dead) out of eager shards' steps:
-    each stack with any is split into its live networks, which train on, and the dead ones,
-    whose state is kept as it is; where follows. Returns the stacks of the dead networks.
-    (A captured or compiled step keeps its shapes: its networks train to the end.)"""
-    retired = []
-    for shard in shards:
-        if shard.execution != "eager":
-            continue
-        live = []
-        for stack in shard.stacks:
-            gone = dead(stack)
-            if not gone:
-                live.append(stack)
-                continue
-            alive = [i for i in range(stack.m) if i not in gone]
-            parts = [(select(stack, gone), gone)] + ([(select(stack, alive), alive)] if alive
-                                                     else [])
-            moved = {i: (part, j) for part, rows in parts for j, i in enumerate(rows)}
-            for key, (old, i) in list(where.items()):
-                if old is stack:
-                    where[key] = moved[i]
-            retired.append(parts[0][0])
-            live += [part for part, _ in parts[1:]]
-        shard.stacks = live
-    return retired
-
-
-def _compile_cpu(shards: list[_Shard], stacks: list[Stack]) -> None:
-    """Compile each CPU shard's step (its execution and compile time recorded on it)."""
-    pads = [stack.canvas_pad for stack in stacks]
-    for stack in stacks:
-        stack.canvas_pad = 0  # Inductor writes no strided out= buffers
-    steps, execution, seconds = compile_cpu_steps([s.step_all for s in shards],
-                                                  [t for s in shards for t in s.state])
-    if execution == "eager":  # uncompiled: the padded canvases again
-        for stack, pad in zip(stacks, pads):
-            stack.canvas_pad = pad
-    for shard, step in zip(shards, steps):
-        shard.run_step, shard.execution = step, execution
-    shards[0].compile_s = seconds
-
-
-def _next_block(streams, n_steps: int) -> torch.Tensor:
-    """The next n_steps steps' batch indices of every stream, side by side: (n_steps, S * B)."""
-    return torch.cat([stream.next_indices(n_steps) for stream in streams], dim=1)
-
-
-def one_step(runs: list[RunConfig], split: Split, device: torch.device,
-             compiling: bool = False) -> Callable[[], None]:
-    """One training step of every model of runs, as a function (for counting and profiling
-    what a step dispatches); it reads the first batch of each seed's stream, every call.
-    compiling: laid out for torch.compile (unpadded canvases, as a compiled shard has)."""
-    groups, _ = _build_stacks(runs, device, 1)
-    if compiling:
-        for stack in groups[0]:
-            stack.canvas_pad = 0
-    seeds = stream_seeds(runs)
-    block = _next_block([BatchStream(split.train_x.shape[0], runs[0].batch_size, seed, device)
-                         for seed in seeds], 1)
-    shard = _Shard(groups[0], split.astype(DTYPES[runs[0].dtype]), block, len(seeds), device,
-                   cuda_graph=False, compile_step=False)
-
-    def step() -> None:
-        shard.k.zero_()
-        shard.step_all()
-
-    return step
 
 
 def should_compile(runs: list[RunConfig], device: torch.device, compile_step: bool) -> bool:
@@ -223,7 +74,7 @@ def should_compile(runs: list[RunConfig], device: torch.device, compile_step: bo
     runs of the lesson's grid gave the same bytes alone and among 24 and 72 networks).
     """
     return (bool(compile_step) and device.type in ("cuda", "cpu")
-            and len({_kind(run) for run in runs}) == 1)
+            and len({stack_kind(run) for run in runs}) == 1)
 
 
 def train_population(runs: list[RunConfig], split: Split, device: torch.device,
@@ -263,17 +114,17 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
            stop: threading.Event | None) -> list[RunResult]:
     first = runs[0]
     start = time.perf_counter()
-    groups, where = _build_stacks(runs, device, n_shards)
+    groups, where = build_stacks(runs, device, n_shards)
     stacks = [stack for group in groups for stack in group]
     n_models = sum(s.m for s in stacks)
     streams = {seed: BatchStream(split.train_x.shape[0], first.batch_size, seed, device)
                for seed in stream_seeds(runs)}
     block = torch.zeros(min(first.eval_every, first.steps), len(streams) * first.batch_size,
                         dtype=torch.long, device=device)
-    shards = [_Shard(group, split, block, len(streams), device, cuda_graph, compile_step)
+    shards = [Shard(group, split, block, len(streams), device, cuda_graph, compile_step)
               for group in groups]
     if compile_step and device.type == "cpu":
-        _compile_cpu(shards, stacks)
+        compile_cpu(shards, stacks)
     each = pool.map if pool else map
     each_shard = each if len(shards) > 1 else map
     results = [[ModelResult(variant_name(bn, run.norm)) for bn in run.batch_norm]
@@ -295,7 +146,7 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
     def retire_dead() -> None:
         # where a unit is tracked dead networks train on: its input may still move
         if probe is None:
-            graves.extend(_retire(shards, where))
+            graves.extend(retire(shards, where))
 
     def evaluate(done: int, n_block: int) -> None:
         nonlocal eval_time
@@ -337,7 +188,7 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
         evaluate(0, 0)
     next_checkpoint = done + first.checkpoint_every
     for n_block in remaining_blocks(first, done):
-        block[:n_block].copy_(_next_block(streams.values(), n_block))
+        block[:n_block].copy_(next_block(streams.values(), n_block))
         tick = time.perf_counter()
         list(each_shard(lambda shard, n=n_block: shard.train_block(n), shards))
         sync(device)

@@ -1,4 +1,5 @@
-"""A stack of MLPs: the population engine's math, forward and backward written out.
+"""A stack of MLPs: the population engine's math, its parameters and forward pass (the
+backward pass, written out, and the SGD step are engine/backward.py).
 
 All models of a population that share a StackKind (normaliser, its place, clipping) form one
 ``Stack``: their parameters are stacked along a leading model dimension, so one batched matrix
@@ -36,7 +37,6 @@ import torch
 from torch.nn import functional as F
 
 from bnexp.models import (
-    ACTIVATION_GRADS,
     BN_DECAY,
     BN_EPS,
     LEAKY_SLOPE,
@@ -84,7 +84,7 @@ class Member:
     seed: int = 0  # the run's: its dropout masks (models.dropout_keep)
 
 
-def _pick(mask, a: torch.Tensor, b) -> torch.Tensor:
+def pick(mask, a: torch.Tensor, b) -> torch.Tensor:
     """a where the model's mask is set, else b; mask True means every model (callers skip the
     computation altogether where the mask is False)."""
     return a if mask is True else torch.where(mask, a, b)
@@ -168,33 +168,15 @@ class Stack:
             ACTIVATIONS_INPLACE[name](a[lo:hi])
         return a
 
-    def _activation_grad(self, g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        if len(self.slices) == 1:
-            return ACTIVATION_GRADS[self.slices[0][0]](g, a)
-        out = torch.empty_like(g)
-        for name, lo, hi in self.slices:
-            out[lo:hi] = ACTIVATION_GRADS[name](g[lo:hi], a[lo:hi])
-        return out
-
-    def _groups(self, v: torch.Tensor) -> torch.Tensor:
-        """v viewed so that the normaliser's statistics are means over the last dim but one
-        (batch norm: the examples) or the last dim (layer, group norm: a group's units)."""
-        if self.kind.norm == "group":
-            return v.unflatten(2, (self.kind.groups, -1))
-        return v
-
-    def _stat_dim(self) -> int:
-        return 1 if self.kind.norm == "batch" else -1
-
     def _normalize(self, v: torch.Tensor, l: int, train: bool,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(v_hat, 1/std): v normalised per model by the stack's normaliser."""
-        dim = self._stat_dim()
+        dim = stat_dim(self.kind)
         if self.kind.norm == "batch" and not train:
             centred, var = v - self.running_mean[l], self.running_var[l]
             inv_std = torch.rsqrt(var + BN_EPS)
             return centred * inv_std, inv_std
-        g = self._groups(v)
+        g = stat_groups(v, self.kind)
         mean = g.mean(dim=dim, keepdim=True)
         centred = g - mean
         var = (centred * centred).mean(dim=dim, keepdim=True)  # biased, for normalising
@@ -205,25 +187,6 @@ class Stack:
             self.running_var[l].lerp_(var * (n / (n - 1)), self.momentum)
         inv_std = torch.rsqrt(var + BN_EPS)
         return (centred * inv_std).reshape(v.shape), inv_std
-
-    def _normalize_grad(self, d_hat: torch.Tensor, v_hat: torch.Tensor, inv_std: torch.Tensor,
-                        ) -> torch.Tensor:
-        """d loss / d v from d loss / d v_hat, with the statistics differentiated."""
-        dim = self._stat_dim()
-        d, h = self._groups(d_hat), self._groups(v_hat)
-        out = inv_std * (d - d.mean(dim=dim, keepdim=True)
-                         - h * (d * h).mean(dim=dim, keepdim=True))
-        return out.reshape(d_hat.shape)
-
-    def _batch_norm_grad(self, d: torch.Tensor, v_hat: torch.Tensor, inv_std: torch.Tensor,
-                         l: int, sum_d: torch.Tensor, sum_dv: torch.Tensor) -> torch.Tensor:
-        """_normalize_grad(d * gamma, ...) for batch norm, from the sums over the batch that
-        gamma's and beta's gradients already hold (gamma is constant over the batch, so
-        mean(d * gamma) = gamma * sum_d / B and mean(d * gamma * v_hat) = gamma * sum_dv / B):
-        three passes over the activations instead of eight."""
-        n = d.shape[1]
-        centred = torch.addcmul(d - sum_d / n, v_hat, sum_dv / n, value=-1)
-        return centred * (self.gamma[l] * inv_std)
 
     def _affine(self, v_hat: torch.Tensor, l: int, out: torch.Tensor | None = None,
                 ) -> torch.Tensor:
@@ -279,7 +242,7 @@ class Stack:
             out = a
             if not before and normed:
                 v_hat, inv_std = self._normalize(a, l, train)
-                out = _pick(self.norm_mask, self._affine(v_hat, l), a)
+                out = pick(self.norm_mask, self._affine(v_hat, l), a)
             keep = None
             if train and self.dropout:
                 keep = self._dropout_keep(l, step, out)
@@ -294,105 +257,22 @@ class Stack:
         logits_t = torch.baddbmm(self.b[-1].transpose(1, 2), self.w[-1], h.transpose(1, 2))
         return logits_t.transpose(1, 2).contiguous()
 
-    def _targets(self, y: torch.Tensor) -> torch.Tensor:
-        if self.one_stream is not None:
-            return y[self.one_stream].view(1, -1, 1).expand(self.m, -1, 1)
-        return y.index_select(0, self.streams).unsqueeze(2)
-
-    def gradients(self, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor | None = None,
-                  step: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
-        """Per-model mean cross-entropy (M,) and its gradients, in the order of self.params.
-
-        The backward pass is written out: softmax cross-entropy, linear layers, activations
-        and the normaliser (with batch statistics, so the mean and variance are
-        differentiated). Every gradient is linear in d loss / d logits, so a per-model scale
-        (M, 1, 1), such as the learning rate, applied there scales all of that model's
-        gradients. step numbers the training step (dropout masks follow it).
-        """
-        saved: list = []
-        logits = self.forward(x, train=True, saved=saved, step=step)
-        log_p = torch.log_softmax(logits, dim=2)
-        target = self._targets(y)
-        loss = -log_p.gather(2, target).squeeze(2).mean(dim=1)
-        # softmax row by row (not exp over the whole tensor): each model's rows alike for any M
-        g = torch.softmax(logits, dim=2).scatter_add_(2, target,
-                                                       torch.full_like(log_p[..., :1], -1.0))
-        n = x.shape[1]
-        g = g / n if scale is None else g * (scale / n)  # d loss / d logits
-        dw = [None] * (self.n_hidden + 1)
-        dw[-1] = torch.bmm(g.transpose(1, 2), saved[-1][0])
-        db = [None] * self.n_hidden + [g.sum(dim=1, keepdim=True)]
-        dgamma, dbeta = [None] * len(self.gamma), [None] * len(self.beta)
-        dh = torch.bmm(g, self.w[-1])
-        for l in reversed(range(self.n_hidden)):
-            dz = self._layer_grads(l, saved[l], dh, db, dgamma, dbeta)
-            h_in = saved[l][0]
-            dw[l] = torch.bmm(dz.transpose(1, 2), h_in)
-            if l > 0:
-                dh = torch.bmm(dz, self.w[l])
-        hidden_db = db[:-1] if self.bias_mask is not False else []
-        return loss, (dw + hidden_db + db[-1:] + (dgamma if self.kind.bn_scale else [])
-                      + dbeta)
-
-    def _layer_grads(self, l: int, saved: tuple, dh: torch.Tensor, db: list, dgamma: list,
-                     dbeta: list) -> torch.Tensor:
-        """Hidden layer l's backward pass from d loss / d output: fills db, dgamma, dbeta
-        and returns d loss / d (linear output)."""
-        _, v_hat, inv_std, a, keep = saved
-        mask = self.norm_mask
-        normed = mask is not False
-        if keep is not None:  # through the dropout that followed the layer
-            dh = torch.where(keep, dh * self.drop_scale, 0.0)
-
-        def affine_grads(d: torch.Tensor) -> torch.Tensor:
-            sum_dv = (d * v_hat).sum(dim=1, keepdim=True)
-            sum_d = d.sum(dim=1, keepdim=True)
-            dgamma[l] = _pick(mask, sum_dv, 0.0)
-            dbeta[l] = _pick(mask, sum_d, 0.0)
-            if self.kind.norm == "batch":
-                return self._batch_norm_grad(d, v_hat, inv_std, l, sum_d, sum_dv)
-            return self._normalize_grad(d * self.gamma[l], v_hat, inv_std)
-
-        if self.kind.position == "before":
-            dz = self._activation_grad(dh, a)
-            if normed:
-                dz = _pick(mask, affine_grads(dz), dz)
-        else:
-            da = _pick(mask, affine_grads(dh), dh) if normed else dh
-            dz = self._activation_grad(da, a)
-        if self.bias_mask is not False:  # else no network of the stack has this bias
-            db[l] = _pick(self.bias_mask, dz.sum(dim=1, keepdim=True), 0.0)
-        return dz
-
-    @torch.no_grad()
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: torch.Tensor) -> None:
-        """One SGD step for every model; step is a 0-d device tensor (graph-capturable)."""
-        if self.kind.clip == "none":
-            # learning-rate-scaled gradients
-            loss, steps = self.gradients(x, y, scale=self.lr, step=step)
-        else:  # clipping acts on the plain gradients, before the learning rate
-            loss, grads = self.gradients(x, y, step=step)
-            steps = self._clipped_steps(grads)
-        torch._foreach_sub_(self.params, steps)
-        self.loss_sum += loss
-        newly = ~torch.isfinite(loss) & (self.diverged_at < 0)
-        self.diverged_at.copy_(torch.where(newly, step, self.diverged_at))
-
-    def _clipped_steps(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """lr * clipped gradient, as torch.nn.utils.clip_grad_value_ / clip_grad_norm_."""
-        t = self.kind.clip_threshold
-        if self.kind.clip == "value":
-            return [g.clamp(-t, t) * self.lr for g in grads]
-        squares = torch.zeros(self.m, device=grads[0].device, dtype=grads[0].dtype)
-        for g in grads:
-            squares += (g * g).sum(dim=(1, 2))
-        coef = (t / (squares.sqrt() + 1e-6)).clamp(max=1.0).view(self.m, 1, 1) * self.lr
-        return [g * coef for g in grads]
-
     def state_tensors(self) -> list[torch.Tensor]:
         """Every tensor a training step changes."""
         return (self.w + self.b + self.gamma + self.beta + self.running_mean
                 + self.running_var + [self.loss_sum, self.diverged_at])
+
+
+def stat_groups(v: torch.Tensor, kind: StackKind) -> torch.Tensor:
+    """v viewed so that the normaliser's statistics are means over the last dim but one
+    (batch norm: the examples) or the last dim (layer, group norm: a group's units)."""
+    if kind.norm == "group":
+        return v.unflatten(2, (kind.groups, -1))
+    return v
+
+
+def stat_dim(kind: StackKind) -> int:
+    return 1 if kind.norm == "batch" else -1
 
 
 def _activation_slices(names: list[str]) -> list[tuple[str, int, int]]:
