@@ -586,6 +586,12 @@ def test_large_groups_are_split_into_populations():
     groups = group_runs(runs, max_networks=4)
     assert [len(g) for g in groups] == [2, 2, 1]
     assert [r for g in groups for r in g] == runs
+    # two population keys interleaved, runs of one and of two networks: each key fills its
+    # own populations in order
+    small = [run(lr=0.01 * (i + 1), batch_size=30, batch_norm=[True]) for i in range(5)]
+    mixed = [r for pair in zip(runs, small) for r in pair]
+    groups = group_runs(mixed, max_networks=4)
+    assert groups == [runs[:2], runs[2:4], runs[4:], small[:4], small[4:]]
 
 
 def test_numbers_do_not_change_while_the_machine_is_busy(split):

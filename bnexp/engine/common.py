@@ -121,12 +121,15 @@ def group_runs(runs: list[RunConfig], max_networks: int = MAX_POPULATION_NETWORK
     """Partition runs into populations (in order of first appearance), each at most
     max_networks networks."""
     groups: dict[tuple, list[list[RunConfig]]] = {}
+    filled: dict[tuple, int] = {}  # networks in each key's last chunk
     for run in runs:
-        chunks = groups.setdefault(population_key(run), [[]])
-        if chunks[-1] and sum(len(r.batch_norm) for r in chunks[-1]) + len(
-                run.batch_norm) > max_networks:
+        key = population_key(run)
+        chunks = groups.setdefault(key, [[]])
+        if chunks[-1] and filled[key] + len(run.batch_norm) > max_networks:
             chunks.append([])
+            filled[key] = 0
         chunks[-1].append(run)
+        filled[key] = filled.get(key, 0) + len(run.batch_norm)
     return [chunk for chunks in groups.values() for chunk in chunks]
 
 
