@@ -379,6 +379,32 @@ def test_dry_run_shows_the_populations(env):
     assert sorted(where.values()) == [(1, 8)] * 4  # seeds train together
 
 
+def test_a_large_dry_run_has_a_row_per_population(env, monkeypatch):
+    """Beyond LISTED_RUNS runs: a row per population to train, one per experiment of the
+    reference engine's runs and one per status of the runs to skip; the totals as before."""
+    from bnexp.cli import dry_run
+
+    path = experiment(env, "name: g\ngrid:\n  lr: [0.01, 0.5]\n")
+    manual = experiment(env, "name: m\nbn_impl: manual\ngrid:\n  lr: [0.01, 0.5]\n",
+                        "manual.yaml")
+    assert invoke("sweep", path, *FAST).exit_code == 0  # seed 0 done
+    monkeypatch.setattr(dry_run, "LISTED_RUNS", 5)
+    dry = invoke("sweep", path, manual, "--dry-run", "--seeds", "2", *FAST)
+    assert dry.exit_code == 0, dry.output
+    rows = [" ".join(line.replace("│", " ").split()) for line in dry.stdout.splitlines()
+            if line.startswith("│")]
+    # in the order of the runs; the reference engine's 4 runs are populations 1 to 4
+    assert rows == ["g 2 - - - 160 complete, would skip",
+                    "g 2 cpu population 5 (4 networks) 160 would train",
+                    "m 4 cpu reference each alone 320 would train"], dry.stdout
+    assert "8 runs (dry run; more than 5: a row per population)" in dry.stdout
+    text = " ".join(dry.stdout.split())
+    assert "6 run(s) to train in 5 population(s), 480 network-steps" in text
+    listed = invoke("sweep", path, "--dry-run", "--seeds", "2", *FAST)  # 4 runs: each listed
+    assert listed.stdout.count("would train") == 2
+    assert listed.stdout.count("complete, would skip") == 2
+
+
 def test_command_line_problems_are_named_as_such(env):
     path = experiment(env, "name: x\nlr: 0\n")
     other = experiment(env, "name: y\n", "other.yaml")

@@ -1,5 +1,6 @@
 """`bnexp sweep --dry-run`: the runs, what would happen to each, the populations they would
-train in and why, and an estimate of the training time from `bnexp bench` records."""
+train in and why, and an estimate of the training time from `bnexp bench` records (for
+large grids a row per population rather than per run)."""
 
 from __future__ import annotations
 
@@ -14,28 +15,19 @@ if TYPE_CHECKING:
     from bnexp import sweep
 
 
+LISTED_RUNS = 1_000  # beyond it a row per population: Rich lays out ~1,000 table rows a second
+
+
 def dry_run_table(planned: list[sweep.Planned], force: bool, retry_failed: bool, out: Path,
                   ) -> None:
-    """The runs, what would happen to each, and the populations they would train in."""
+    """The runs, what would happen to each, and the populations they would train in (for
+    more than LISTED_RUNS runs, one row per population and one per status of the rest)."""
     from bnexp import sweep
-    from bnexp.engine import effective_engine
 
     todo = sweep.to_train(planned, force, retry_failed)
     where = sweep.populations(todo)
-    table = Table(title=f"{len(planned)} runs (dry run)")
-    for column in ("experiment", "run", "device", "engine", "population", "net-steps",
-                   "status"):
-        table.add_column(column, overflow="fold", no_wrap=column in ("net-steps", "status"),
-                         justify="right" if column == "net-steps" else "left")
-    for p in planned:
-        trains = id(p) in where
-        status = "would train" if trains else f"{p.status}, would skip"
-        group = "-"
-        if trains:
-            number, size = where[id(p)]
-            group = f"{number} ({size} networks)"
-        table.add_row(p.run.experiment, p.run_id, str(p.device), effective_engine(p.run),
-                      group, f"{p.run.steps * len(p.run.batch_norm):,}", status)
+    table = (_run_table(planned, where) if len(planned) <= LISTED_RUNS
+             else _population_table(planned, where))
     out_console.print(table)
     out_console.print(_estimate(todo, where, out), highlight=False)
     n_groups = len({number for number, _ in where.values()})
@@ -48,6 +40,65 @@ def dry_run_table(planned: list[sweep.Planned], force: bool, retry_failed: bool,
                       "needs its own, and runs with the hand-written BN layer, and ConvNets, "
                       "train alone on the reference engine.",
                       highlight=False)
+
+
+def _table(title: str, columns: tuple[str, ...]) -> Table:
+    table = Table(title=title)
+    for column in columns:
+        number = column in ("runs", "net-steps")
+        table.add_column(column, overflow="fold", no_wrap=number or column == "status",
+                         justify="right" if number else "left")
+    return table
+
+
+def _run_table(planned: list[sweep.Planned], where: dict) -> Table:
+    """One row per run."""
+    from bnexp.engine import effective_engine
+
+    table = _table(f"{len(planned)} runs (dry run)", ("experiment", "run", "device", "engine",
+                                                      "population", "net-steps", "status"))
+    for p in planned:
+        trains = id(p) in where
+        status = "would train" if trains else f"{p.status}, would skip"
+        group = "-"
+        if trains:
+            number, size = where[id(p)]
+            group = f"{number} ({size} networks)"
+        table.add_row(p.run.experiment, p.run_id, str(p.device), effective_engine(p.run),
+                      group, f"{p.run.steps * len(p.run.batch_norm):,}", status)
+    return table
+
+
+def _population_table(planned: list[sweep.Planned], where: dict) -> Table:
+    """One row per population to train (the reference engine's runs, each alone, one row per
+    experiment), then one per status of the runs that would be skipped."""
+    from bnexp.engine import effective_engine
+
+    rows: dict[tuple, list[sweep.Planned]] = {}
+    for p in planned:
+        if id(p) not in where:
+            key: tuple = ("skip", p.status)
+        elif effective_engine(p.run) == "reference":
+            key = ("reference", p.run.experiment, str(p.device))
+        else:
+            key = ("population", where[id(p)][0])
+        rows.setdefault(key, []).append(p)
+    table = _table(f"{len(planned):,} runs (dry run; more than {LISTED_RUNS:,}: a row per "
+                   "population)", ("experiments", "runs", "device", "engine", "population",
+                                   "net-steps", "status"))
+    for key, runs in rows.items():
+        first = runs[0]
+        experiments = ", ".join(dict.fromkeys(p.run.experiment for p in runs))
+        steps = f"{sum(p.run.steps * len(p.run.batch_norm) for p in runs):,}"
+        if key[0] == "skip":
+            table.add_row(experiments, f"{len(runs):,}", "-", "-", "-", steps,
+                          f"{key[1]}, would skip")
+            continue
+        group = ("each alone" if key[0] == "reference"
+                 else f"{key[1]} ({where[id(first)][1]:,} networks)")
+        table.add_row(experiments, f"{len(runs):,}", str(first.device),
+                      effective_engine(first.run), group, steps, "would train")
+    return table
 
 
 def _estimate(todo: list[sweep.Planned], where: dict, out: Path) -> str:
