@@ -205,7 +205,9 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
             progress(n_block * n_models)
         if stopping:
             raise Interrupted(done, checkpointed=on_checkpoint is not None)
-    _finish(runs, all_stacks(), where, results, split, keep_states)
+    tick = time.perf_counter()
+    _finish(runs, all_stacks(), where, results, split, keep_states, each)
+    eval_time += time.perf_counter() - tick  # the final test accuracy is an evaluation too
     wall = time.perf_counter() - start
     population = uuid.uuid4().hex
     return [RunResult(run, str(device), "population", results[r], wall, n_models,
@@ -219,15 +221,21 @@ def _accuracies(stack: Stack, x: torch.Tensor, y: torch.Tensor) -> list[float]:
     return [c / x.shape[0] for c in correct(stack, x, y)[0].tolist()]
 
 
-def _finish(runs, stacks, where, results, split: Split, keep_states: bool) -> None:
-    tests = [_accuracies(s, split.test_x, split.test_y) for s in stacks]
-    vals = (None if runs[0].eval_split == "validation"
-            else [_accuracies(s, split.val_x, split.val_y) for s in stacks])
+def _finish(runs, stacks, where, results, split: Split, keep_states: bool, each=map) -> None:
+    """Final accuracies (each stack's on a thread of each, as evaluations are), divergence
+    steps and, where kept, the models' states."""
+    on_val = runs[0].eval_split != "validation"  # else the curves' last value is final
+
+    def finals(s: Stack) -> tuple[list[float], list[float] | None]:
+        return (_accuracies(s, split.test_x, split.test_y),
+                _accuracies(s, split.val_x, split.val_y) if on_val else None)
+
+    tests, vals = zip(*each(finals, stacks))
     diverged = [s.diverged_at.tolist() for s in stacks]
     for (r, bn), (stack, i) in where.items():
         k = stacks.index(stack)
         model = results[r][run_variant(runs[r], bn)]
-        model.final_val_acc = model.val_acc[-1] if vals is None else vals[k][i]
+        model.final_val_acc = vals[k][i] if on_val else model.val_acc[-1]
         model.final_test_acc = tests[k][i]
         model.diverged_step = diverged[k][i] if diverged[k][i] >= 0 else None
         if keep_states:
