@@ -26,7 +26,7 @@ class DamagedRun(Exception):
 def read_config(folder: Path) -> dict:
     """A run's config.yaml as a mapping (bounded, plain values); DamagedRun otherwise."""
     try:
-        config = safe_yaml.parse(safe_yaml.read_text(folder / "config.yaml"))
+        config = safe_yaml.parse(safe_yaml.read_text(folder / "config.yaml"), written=True)
     except safe_yaml.YamlError as exc:
         raise DamagedRun(f"config.yaml {exc}") from None
     if not isinstance(config, dict):

@@ -191,3 +191,58 @@ def test_seeds_cannot_bypass_the_grid_guard(seeds, needle, results_dir, tmp_path
                                       "--out", str(results_dir)])
     assert result.exit_code == 2 and needle in result.output + result.stderr, result.output
     assert "Traceback" not in result.output
+
+
+def _outcome(text: str, written: bool) -> tuple:
+    from bnexp import safe_yaml
+
+    try:
+        return ("data", safe_yaml.parse(text, written=written))
+    except safe_yaml.YamlError as exc:
+        return ("error", str(exc))
+
+
+@pytest.mark.skipif(not __import__("yaml").__with_libyaml__, reason="PyYAML without libyaml")
+def test_files_bnexp_wrote_read_the_same_through_libyaml(tmp_path):
+    """config.yaml is read back with libyaml (faster): the corpus and a real config give the
+    same data or the same worded error either way, and a real config takes the fast path."""
+    from bnexp import results, safe_yaml
+    from bnexp.config import RunConfig
+
+    texts = [p.read_text(errors="replace") for p in CORPUS]
+    results.write_config(tmp_path, RunConfig(experiment="x", description="a: [b], c - d? {e}"))
+    yaml_text = (tmp_path / "config.yaml").read_text()
+    texts.append(yaml_text)
+    assert safe_yaml._fast(yaml_text)
+    fast = sum(safe_yaml._fast(t) for t in texts)
+    assert fast >= len(CORPUS) - 5, "the corpus exercises the fast path"
+    for text in texts:
+        assert _outcome(text, True) == _outcome(text, False), text[:200]
+
+
+def test_a_deeply_nested_config_is_damaged_not_a_crash(tmp_path):
+    """libyaml recurses in C: a config.yaml nested 100,000 deep read back on a thread with a
+    small stack is a damaged run, not a segmentation fault."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("[" * 100_000 + "]" * 100_000)
+    script = (
+        "import sys, threading\n"
+        "from pathlib import Path\n"
+        "from bnexp.readback import DamagedRun, read_config\n"
+        "threading.stack_size(256 * 1024)\n"
+        "def read():\n"
+        "    try:\n"
+        "        read_config(Path(sys.argv[1]))\n"
+        "    except DamagedRun as exc:\n"
+        "        print(exc)\n"
+        "t = threading.Thread(target=read)\n"
+        "t.start()\n"
+        "t.join()\n")
+    done = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "config.yaml nested more than 64 levels deep"
