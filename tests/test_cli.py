@@ -382,6 +382,8 @@ def test_dry_run_shows_the_populations(env):
 def test_a_large_dry_run_has_a_row_per_population(env, monkeypatch):
     """Beyond LISTED_RUNS runs: a row per population to train, one per experiment of the
     reference engine's runs and one per status of the runs to skip; the totals as before."""
+    from rich.console import Console
+
     from bnexp.cli import dry_run
 
     path = experiment(env, "name: g\ngrid:\n  lr: [0.01, 0.5]\n")
@@ -389,6 +391,7 @@ def test_a_large_dry_run_has_a_row_per_population(env, monkeypatch):
                         "manual.yaml")
     assert invoke("sweep", path, *FAST).exit_code == 0  # seed 0 done
     monkeypatch.setattr(dry_run, "LISTED_RUNS", 5)
+    monkeypatch.setattr(dry_run, "out_console", Console(width=200))  # rows on one line each
     dry = invoke("sweep", path, manual, "--dry-run", "--seeds", "2", *FAST)
     assert dry.exit_code == 0, dry.output
     rows = [" ".join(line.replace("│", " ").split()) for line in dry.stdout.splitlines()
