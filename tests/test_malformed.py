@@ -246,3 +246,29 @@ def test_a_deeply_nested_config_is_damaged_not_a_crash(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "config.yaml nested more than 64 levels deep"
+
+
+@pytest.mark.parametrize("description", [
+    "", " leading and trailing ", "a: b # not a comment", "'quoted' \"twice\"", "yes", "1e3",
+    "é漢😀 \x85\u2028 line\nbreaks\tand tabs", "{[&anchor *alias !tag ? - |>]}", "x" * 3000,
+    ("word: " * 40 + "\\") * 3])
+def test_a_config_reads_back_as_written(tmp_path, description):
+    """config.yaml (written by libyaml where PyYAML has it) reads back to the run's config
+    for odd descriptions, and the shipped experiments' configs are PyYAML's own text."""
+    import yaml
+
+    from bnexp import results
+    from bnexp.config import RunConfig, expand_grid
+    from bnexp.experiment_file import load_spec
+    from bnexp.readback import read_config
+
+    run = RunConfig(experiment="x", description=description)
+    results.write_config(tmp_path, run)
+    assert read_config(tmp_path) == run.model_dump(mode="json")
+    if description == "":
+        shipped_files = sorted((Path(__file__).parents[1] / "experiments").glob("*.yaml"))
+        for path in shipped_files[:6]:
+            for shipped in expand_grid(load_spec(path, []))[:3]:
+                results.write_config(tmp_path, shipped)
+                assert (tmp_path / "config.yaml").read_text() == yaml.safe_dump(
+                    shipped.model_dump(mode="json"), sort_keys=False)
