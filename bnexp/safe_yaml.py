@@ -127,7 +127,7 @@ def parse(text: str, written: bool = False) -> Any:
     if written and _fast(text):
         try:
             data = yaml.load(text, Loader=_FastLoader)  # noqa: S506 - a CSafeLoader
-        except Exception:  # noqa: BLE001 - worded below, by the reader of everything else
+        except Exception:  # any problem: worded below, by the reader of everything else
             pass
         else:
             _check_bounds(data)
