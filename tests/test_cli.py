@@ -408,6 +408,30 @@ def test_a_large_dry_run_has_a_row_per_population(env, monkeypatch):
     assert listed.stdout.count("complete, would skip") == 2
 
 
+def test_a_long_sweep_lists_only_the_runs_that_need_attention(env, monkeypatch):
+    """Beyond LISTED_RUNS runs the closing table leaves out the done and skipped runs (and
+    says how many); a run whose folder holds another config is still listed."""
+    from rich.console import Console
+
+    from bnexp.cli import outcomes
+
+    path = experiment(env, "name: g\ngrid:\n  lr: [0.01, 0.5]\n")
+    assert invoke("sweep", path, *FAST).exit_code == 0  # seed 0: both done
+    edited = next((env / "results" / "g").glob("*lr0.01*")) / "config.yaml"
+    edited.write_text(edited.read_text().replace("lr: 0.01", "lr: 0.02"))
+    monkeypatch.setattr(outcomes, "LISTED_RUNS", 3)
+    monkeypatch.setattr(outcomes, "out_console", Console(width=200))
+    result = invoke("sweep", path, "--seeds", "2", *FAST)
+    assert result.exit_code == 1, result.output  # the mismatch was not trained
+    rows = [" ".join(line.replace("│", " ").split()) for line in result.stdout.splitlines()
+            if line.startswith("│")]
+    assert len(rows) == 1 and rows[0].startswith("g relu-lr0.01-") and " mismatch " in rows[0]
+    text = " ".join(result.stdout.split())
+    assert ("2 done and 1 skipped runs not listed (more than 3 runs): `bnexp runs results` "
+            "lists every run") in text
+    assert "2 done, 1 skipped, 0 failed, 1 mismatch" in text
+
+
 def test_command_line_problems_are_named_as_such(env):
     path = experiment(env, "name: x\nlr: 0\n")
     other = experiment(env, "name: y\n", "other.yaml")

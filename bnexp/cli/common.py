@@ -37,6 +37,7 @@ app = typer.Typer(
 # out for 80 columns and fold every run id over three lines; such output is read in files and
 # log viewers, so it gets room for a table's natural width. $COLUMNS still decides if set.
 LOG_WIDTH = 200
+LISTED_RUNS = 1_000  # tables of more runs show what needs attention (Rich: ~1,000 rows/s)
 
 
 def _console(stderr: bool) -> Console:

@@ -9,13 +9,10 @@ from typing import TYPE_CHECKING
 
 from rich.table import Table
 
-from bnexp.cli.common import out_console
+from bnexp.cli.common import LISTED_RUNS, out_console
 
 if TYPE_CHECKING:
     from bnexp import sweep
-
-
-LISTED_RUNS = 1_000  # beyond it a row per population: Rich lays out ~1,000 table rows a second
 
 
 def dry_run_table(planned: list[sweep.Planned], force: bool, retry_failed: bool, out: Path,

@@ -40,6 +40,7 @@ from bnexp.cli.common import (
     set_threads,
 )
 from bnexp.cli.dry_run import dry_run_table
+from bnexp.cli.outcomes import print_outcomes
 
 if TYPE_CHECKING:
     from bnexp import sweep
@@ -294,13 +295,7 @@ def sweep_command(
                                fail_fast=fail_fast, retry_failed=retry_failed,
                                compile_step=compile_step, tensorboard=tensorboard,
                                executor=executor, address=address)
-    table = Table(title="Sweep")
-    for column in ("experiment", "run", "status", "detail"):
-        table.add_column(column, overflow="fold")
-    for o in outcomes:
-        detail = o.error or (str(o.folder) if o.folder else "already complete")
-        table.add_row(o.planned.run.experiment, o.planned.run_id, o.status, detail)
-    out_console.print(table)
+    print_outcomes(outcomes, out)
     _report_failures(outcomes)
     counts = {s: sum(o.status == s for o in outcomes)
               for s in ("done", "skipped", "failed", "locked", "mismatch", "damaged")}

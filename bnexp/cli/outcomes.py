@@ -1,0 +1,36 @@
+"""The table that closes a sweep: what became of each run (for more than LISTED_RUNS runs,
+only the runs that need attention, and how many finished or were skipped)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.table import Table
+
+from bnexp.cli.common import LISTED_RUNS, out_console
+
+if TYPE_CHECKING:
+    from bnexp import sweep
+
+QUIET = ("done", "skipped")  # outcomes left out of a long table
+
+
+def print_outcomes(outcomes: list[sweep.Outcome], out: Path) -> None:
+    """A row per run, or beyond LISTED_RUNS a row per run that did not finish or was not
+    trained for a reason to look at (failed, locked, mismatch, damaged)."""
+    shown = (outcomes if len(outcomes) <= LISTED_RUNS
+             else [o for o in outcomes if o.status not in QUIET])
+    if shown:
+        table = Table(title="Sweep")
+        for column in ("experiment", "run", "status", "detail"):
+            table.add_column(column, overflow="fold")
+        for o in shown:
+            detail = o.error or (str(o.folder) if o.folder else "already complete")
+            table.add_row(o.planned.run.experiment, o.planned.run_id, o.status, detail)
+        out_console.print(table)
+    if len(shown) < len(outcomes):
+        counts = {s: sum(o.status == s for o in outcomes) for s in QUIET}
+        out_console.print(f"{counts['done']:,} done and {counts['skipped']:,} skipped runs not "
+                          f"listed (more than {LISTED_RUNS:,} runs): `bnexp runs {out}` lists "
+                          "every run", highlight=False)
