@@ -122,8 +122,9 @@ def plot_tree(root: Path, on_figure: Callable[[], None] | None = None,
 
 
 # A run's figure takes ~0.2 s to draw on one core, a worker process ~1 s to start (it imports
-# matplotlib and pydantic): below this many figures, or on one core, they are drawn here.
-PARALLEL_FIGURES_MIN = 16
+# matplotlib and pydantic): a worker per this many figures, and figures for fewer than two
+# workers (16), or on one core, are drawn here.
+FIGURES_PER_WORKER = 8
 
 
 def plot_runs(folders: list[Path], parallel: bool = False,
@@ -137,9 +138,8 @@ def draw_all(draw: Callable[..., Path], jobs: list[tuple], parallel: bool = Fals
     """draw(*job) for every job, in order; with parallel, in worker processes (one per core,
     at most one per 8 figures) where there are enough figures to pay for starting them. The
     figures are the same bytes either way. draw must be a module-level function."""
-    workers = min(_cores(), len(jobs) // 8)
-    if (not parallel or workers < 2 or len(jobs) < PARALLEL_FIGURES_MIN
-            or not _spawn_can_start()):
+    workers = min(_cores(), len(jobs) // FIGURES_PER_WORKER)
+    if not parallel or workers < 2 or not _spawn_can_start():
         return [_advance(draw(*job), on_figure) for job in jobs]
     # spawn: the parent may hold threads (torch's); the workers ignore Ctrl-C and SIGTERM,
     # which the parent handles (it lets the figures of a finished population complete)
