@@ -16,9 +16,10 @@ if TYPE_CHECKING:
 QUIET = ("done", "skipped")  # outcomes left out of a long table
 
 
-def print_outcomes(outcomes: list[sweep.Outcome], out: Path) -> None:
+def print_outcomes(outcomes: list[sweep.Outcome], counts: dict[str, int], out: Path) -> None:
     """A row per run, or beyond LISTED_RUNS a row per run that did not finish or was not
-    trained for a reason to look at (failed, locked, mismatch, damaged)."""
+    trained for a reason to look at (failed, locked, mismatch, damaged); counts: the
+    outcomes by status."""
     shown = (outcomes if len(outcomes) <= LISTED_RUNS
              else [o for o in outcomes if o.status not in QUIET])
     if shown:
@@ -30,7 +31,6 @@ def print_outcomes(outcomes: list[sweep.Outcome], out: Path) -> None:
             table.add_row(o.planned.run.experiment, o.planned.run_id, o.status, detail)
         out_console.print(table)
     if len(shown) < len(outcomes):
-        counts = {s: sum(o.status == s for o in outcomes) for s in QUIET}
         out_console.print(f"{counts['done']:,} done and {counts['skipped']:,} skipped runs not "
                           f"listed (more than {LISTED_RUNS:,} runs): `bnexp runs {out}` lists "
                           "every run", highlight=False)

@@ -295,10 +295,10 @@ def sweep_command(
                                fail_fast=fail_fast, retry_failed=retry_failed,
                                compile_step=compile_step, tensorboard=tensorboard,
                                executor=executor, address=address)
-    print_outcomes(outcomes, out)
-    _report_failures(outcomes)
     counts = {s: sum(o.status == s for o in outcomes)
               for s in ("done", "skipped", "failed", "locked", "mismatch", "damaged")}
+    print_outcomes(outcomes, counts, out)
+    _report_failures(outcomes)
     out_console.print(", ".join(f"{n} {s}" for s, n in counts.items() if n or s in
                                 ("done", "skipped", "failed")))
     if executor == "local":  # Ray's populations overlap in other processes: no sum of parts
