@@ -77,10 +77,11 @@ def _peak_memory_mib(device: torch.device) -> float:
 
 def bench_reference(split: Split, device: torch.device, steps: int, dtype: str = "float32",
                     ) -> BenchRow:
-    """One network at a time, as usual; a short run, extrapolated per network-step."""
+    """One network at a time (the loop the population engine replaces); a short run,
+    extrapolated per network-step."""
     run = RunConfig(experiment="bench", activation="relu", lr=0.01, steps=steps,
                     eval_every=steps, dtype=dtype)
-    result = train_reference(run, split, device)
+    result = train_reference(run, split, device, threads=1)
     seconds = result.train_time_s
     n_networks = len(run.batch_norm)
     return BenchRow("reference", str(device), 1, steps, seconds, n_networks * steps / seconds,

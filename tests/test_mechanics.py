@@ -227,3 +227,26 @@ def test_small_batch_report_draws_accuracy_against_batch_size(tiny_mnist, tmp_pa
     drawn = []
     figures = report_figures.captioned_figures(out / "sb", grid, lambda: drawn.append(1))
     assert len(drawn) == len(figures) == report_figures.figure_count(grid) == 2 + 4 + 1
+
+
+@pytest.mark.parametrize("kw", [
+    {"arch": "convnet", "conv_channels": [4, 8], "lr": 0.1},
+    {"bn_impl": "manual", "dropout": 0.5, "lr": 0.2, "track_unit": 3},
+], ids=["convnet", "manual-bn-dropout"])
+def test_reference_networks_side_by_side_give_the_bytes_they_give_one_at_a_time(split, kw):
+    cfg = run(dtype="float32", steps=40, eval_every=20, **kw)
+    live = []
+    alone = train_reference(cfg, split, CPU, keep_states=True, threads=1)
+    together = train_reference(cfg, split, CPU, keep_states=True, threads=2,
+                               on_evaluate=lambda r, models: live.append(
+                                   [(m.name, list(m.steps)) for m in models]))
+    assert (alone.threads, together.threads) == (1, 2)
+    for a, b in zip(alone.models, together.models, strict=True):
+        for field in ("steps", "val_acc", "train_acc", "train_loss", "unit_percentiles",
+                      "final_val_acc", "final_test_acc", "diverged_step"):
+            assert repr(getattr(a, field)) == repr(getattr(b, field)), (a.name, field)
+        assert a.state.keys() == b.state.keys()
+        assert all(torch.equal(a.state[k], b.state[k]) for k in a.state), a.name
+    names = [m.name for m in alone.models]
+    assert live == [[(name, [0, 20, 40][:k]) for name in names] for k in (1, 2, 3)], \
+        "every evaluation hands on both networks at the same step"

@@ -49,8 +49,6 @@ class ModelResult:
     final_test_acc: float = math.nan
     diverged_step: int | None = None
     state: dict[str, torch.Tensor] | None = None  # final weights, only when asked for
-    train_time_s: float | None = None  # reference engine: this model's training steps alone
-    eval_time_s: float = 0.0  # reference engine: evaluating this model during training
 
     def record(self, step: int, val_acc: float, train_loss: float,
                unit_percentiles: list[float] | None = None, train_acc: float = math.nan,

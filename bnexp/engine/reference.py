@@ -1,4 +1,4 @@
-"""The reference engine: one ordinary nn.Module and torch.optim.SGD per model, in turn.
+"""The reference engine: one ordinary nn.Module and torch.optim.SGD per model.
 
 It is deliberately plain; tests hold the population engine to its numbers. It also trains
 what the population engine does not express (the hand-written BN layer, the ConvNet).
@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
 
 import torch
 from torch.nn import functional as F
@@ -30,7 +29,7 @@ from bnexp.engine.common import (
 )
 from bnexp.engine.members import PERCENTILES
 from bnexp.engine.precision import cuda_precision
-from bnexp.engine.threads import single_threaded_kernels
+from bnexp.engine.threads import shard_pool, single_threaded_kernels
 from bnexp.models import MLP, ConvNet, initial_conv_weights, initial_weights
 
 
@@ -59,96 +58,118 @@ def evaluate(model: MLP, x: torch.Tensor, y: torch.Tensor,
     return correct / x.shape[0], torch.quantile(probed[0], q).tolist()
 
 
-def _clip(model: MLP, run: RunConfig) -> None:
+def _clip(model: MLP | ConvNet, run: RunConfig) -> None:
     if run.clip == "value":
         torch.nn.utils.clip_grad_value_(model.parameters(), run.clip_threshold)
     elif run.clip == "norm":
         torch.nn.utils.clip_grad_norm_(model.parameters(), run.clip_threshold)
 
 
-def train_model(run: RunConfig, batch_norm: bool, split: Split, device: torch.device,
-                progress: Progress | None = None, keep_state: bool = False,
-                on_record: Callable[[ModelResult], None] | None = None,
-                stop: threading.Event | None = None) -> ModelResult:
-    """Train one network of a comparison from the shared initial weights and batch stream;
-    on_record(result) follows every evaluation; Interrupted at the evaluation after stop is
-    set (the reference engine keeps no checkpoints: such a run starts over)."""
-    model = build_model(run, batch_norm).to(device, DTYPES[run.dtype])
-    dropout = getattr(model, "dropout", None)  # its masks follow the step (MLP only)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=run.lr)
-    stream = BatchStream(split.train_x.shape[0], run.batch_size, run.seed, device)
-    on_test = run.eval_split == "test"
-    eval_x, eval_y = (split.test_x, split.test_y) if on_test else (split.val_x, split.val_y)
-    probe = tracked_unit(run)
-    fit_x, fit_y = split.train_x[:TRAIN_EVAL_EXAMPLES], split.train_y[:TRAIN_EVAL_EXAMPLES]
-    result = ModelResult(variant_name(batch_norm, run.norm))
+class _Network:
+    """One network of a comparison in training: its module and optimiser, its own batch
+    stream (the comparison's seed, so the same batches as its twin) and its record."""
 
-    def record(step: int, loss: float) -> None:
-        tick = time.perf_counter()
-        acc, percentiles = evaluate(model, eval_x, eval_y, probe)
-        result.record(step, acc, loss, percentiles, train_acc=evaluate(model, fit_x, fit_y)[0])
-        if on_record:
-            on_record(result)
-        result.eval_time_s += time.perf_counter() - tick
+    def __init__(self, run: RunConfig, batch_norm: bool, split: Split, device: torch.device):
+        self.run, self.split = run, split
+        self.model = build_model(run, batch_norm).to(device, DTYPES[run.dtype])
+        self.dropout = getattr(self.model, "dropout", None)  # masks follow the step (MLP)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(params, lr=run.lr)
+        self.stream = BatchStream(split.train_x.shape[0], run.batch_size, run.seed, device)
+        self.result = ModelResult(variant_name(batch_norm, run.norm))
+        self.done = 0
+        self.loss_sum = 0.0
 
-    record(0, math.nan)
-    done, train_time = 0, 0.0
-    for n_block in eval_blocks(run.steps, run.eval_every):
-        tick = time.perf_counter()
-        loss_sum = 0.0
-        for idx in stream.next_indices(n_block):
-            if dropout is not None:
-                dropout.step = done + 1
-            loss = F.cross_entropy(model(split.train_x[idx]), split.train_y[idx])
-            optimizer.zero_grad()
+    def train(self, n_steps: int) -> None:
+        """n_steps SGD steps; the mean loss goes into the next row."""
+        split, result = self.split, self.result
+        for idx in self.stream.next_indices(n_steps):
+            if self.dropout is not None:
+                self.dropout.step = self.done + 1
+            loss = F.cross_entropy(self.model(split.train_x[idx]), split.train_y[idx])
+            self.optimizer.zero_grad()
             loss.backward()
-            _clip(model, run)
-            optimizer.step()
-            done += 1
+            _clip(self.model, self.run)
+            self.optimizer.step()
+            self.done += 1
             value = loss.item()
-            loss_sum += value
+            self.loss_sum += value
             if not math.isfinite(value) and result.diverged_step is None:
-                result.diverged_step = done
-        train_time += time.perf_counter() - tick
-        record(done, loss_sum / n_block)
-        if progress:
-            progress(n_block)
-        if stop is not None and stop.is_set() and done < run.steps:
-            raise Interrupted(done, checkpointed=False)
-    tick = time.perf_counter()  # the final accuracies count as evaluation, as on stacks
-    result.final_val_acc = (evaluate(model, split.val_x, split.val_y)[0] if on_test
-                            else result.val_acc[-1])
-    result.final_test_acc = evaluate(model, split.test_x, split.test_y)[0]
-    result.eval_time_s += time.perf_counter() - tick
-    result.train_time_s = train_time
-    if keep_state:
-        state = model.state_dict()
-        result.state = {k: v.detach().cpu().clone() for k, v in state.items()
-                        if not k.endswith("num_batches_tracked")}
-    return result
+                result.diverged_step = self.done
 
+    def record(self, n_steps: int) -> None:
+        """A row of the record at this step: accuracies, and the mean loss of the n_steps
+        steps since the last row (NaN for none)."""
+        split, run = self.split, self.run
+        on_test = run.eval_split == "test"
+        eval_x, eval_y = (split.test_x, split.test_y) if on_test else (split.val_x, split.val_y)
+        acc, percentiles = evaluate(self.model, eval_x, eval_y, tracked_unit(run))
+        fit = evaluate(self.model, split.train_x[:TRAIN_EVAL_EXAMPLES],
+                       split.train_y[:TRAIN_EVAL_EXAMPLES])[0]
+        loss = self.loss_sum / n_steps if n_steps else math.nan
+        self.result.record(self.done, acc, loss, percentiles, train_acc=fit)
+        self.loss_sum = 0.0
 
-def _live(on_evaluate: OnEvaluate | None, finished: list[ModelResult]):
-    """on_record for the next model: the run's rows so far are the finished models' and its."""
-    if on_evaluate is None:
-        return None
-    return lambda model: on_evaluate(0, finished + [model])
+    def finish(self, keep_state: bool) -> ModelResult:
+        """The final accuracies (and the weights, where kept) into the record."""
+        split, result = self.split, self.result
+        result.final_val_acc = (evaluate(self.model, split.val_x, split.val_y)[0]
+                                if self.run.eval_split == "test" else result.val_acc[-1])
+        result.final_test_acc = evaluate(self.model, split.test_x, split.test_y)[0]
+        if keep_state:
+            state = self.model.state_dict()
+            result.state = {k: v.detach().cpu().clone() for k, v in state.items()
+                            if not k.endswith("num_batches_tracked")}
+        return result
 
 
 def train_reference(run: RunConfig, split: Split, device: torch.device,
                     progress: Progress | None = None, keep_states: bool = False,
                     on_evaluate: OnEvaluate | None = None,
-                    stop: threading.Event | None = None) -> RunResult:
-    """Train the variants of one comparison one after another (CPU kernels on one thread,
-    so that the numbers do not depend on the thread count or the machine's load)."""
+                    stop: threading.Event | None = None,
+                    threads: int | None = None) -> RunResult:
+    """Train the networks of one comparison (plain and normalised), each an nn.Module of its
+    own; on_evaluate(0, models) follows every evaluation; Interrupted at the evaluation after
+    stop is set (the reference engine keeps no checkpoints: such a run starts over).
+
+    On the CPU the networks train side by side, a thread each (up to threads, by default
+    torch's thread count), block by block between evaluations. Every network's kernels run
+    on one thread either way, so its numbers are the same bytes with any thread count and
+    under any load, and the same as trained alone.
+    """
     start = time.perf_counter()
-    models = []
     split = split.astype(DTYPES[run.dtype])
-    for bn in run.batch_norm:  # dropout masks follow the seed and step (CounterDropout)
-        with single_threaded_kernels(device), cuda_precision(run.dtype, device):
-            models.append(train_model(run, bn, split, device, progress, keep_states,
-                                      _live(on_evaluate, list(models)), stop))
+    with single_threaded_kernels(device) as available, cuda_precision(run.dtype, device):
+        workers = min(threads or available, len(run.batch_norm)) if device.type == "cpu" else 1
+        with shard_pool(workers) as pool:
+            each = pool.map if pool else map
+            networks = [_Network(run, bn, split, device) for bn in run.batch_norm]
+            models = [network.result for network in networks]
+            train_time = eval_time = 0.0
+
+            def evaluate_all(n_steps: int) -> None:
+                nonlocal eval_time
+                tick = time.perf_counter()
+                list(each(lambda network: network.record(n_steps), networks))
+                if on_evaluate:
+                    on_evaluate(0, models)
+                eval_time += time.perf_counter() - tick
+
+            evaluate_all(0)
+            done = 0
+            for n_block in eval_blocks(run.steps, run.eval_every):
+                tick = time.perf_counter()
+                list(each(lambda network, n=n_block: network.train(n), networks))
+                train_time += time.perf_counter() - tick
+                done += n_block
+                evaluate_all(n_block)
+                if progress:
+                    progress(n_block * len(networks))
+                if stop is not None and stop.is_set() and done < run.steps:
+                    raise Interrupted(done, checkpointed=False)
+            tick = time.perf_counter()  # the final accuracies count as evaluation, as on stacks
+            list(each(lambda network: network.finish(keep_states), networks))
+            eval_time += time.perf_counter() - tick
     return RunResult(run, str(device), "reference", models, time.perf_counter() - start, 1,
-                     train_time_s=sum(m.train_time_s for m in models),
-                     eval_time_s=sum(m.eval_time_s for m in models))
+                     train_time_s=train_time, eval_time_s=eval_time,
+                     threads=workers)
