@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from bnexp.config import RunConfig
 from bnexp.data import BatchStream
-from bnexp.engine import group_runs, train_population, train_reference
+from bnexp.engine import group_runs, shards, train_population, train_reference
 from bnexp.engine.backward import train_step
 from bnexp.engine.common import eval_blocks
 from bnexp.engine.members import load_model_state, model_state
@@ -611,3 +611,30 @@ def test_numbers_do_not_change_while_the_machine_is_busy(split):
             hog.kill()
             hog.wait()
     assert [fingerprint(r) for r in busy] == [fingerprint(r) for r in quiet]
+
+
+# One case per StackKind that has a normaliser, each with plain and normalised networks.
+ONE_STACK = [dict(activation="sigmoid", lr=0.5), dict(activation="relu", lr=0.1),
+             dict(activation="relu", lr=2.0, init_scale=5.0),  # plain diverges at step 3, BN not
+             dict(activation="tanh", bn_decay=0.9, bn_scale=False, seed=1),
+             dict(activation="relu", bn_position="after", lr=0.3, dropout=0.3),
+             dict(activation="elu", norm="layer", lr=0.05),
+             dict(activation="tanh", norm="group", bn_position="after", seed=2),
+             dict(activation="relu", clip="norm", clip_threshold=0.5, init_scale=2.0)]
+
+
+def test_plain_and_normalised_networks_in_one_stack_give_the_same_bytes(split, monkeypatch):
+    """CUDA's layout on the CPU: plain and normalised networks share a stack, both branches
+    computed and torch.where picking each network's (a NaN in the branch it does not take
+    included). Every network's numbers are the bytes the CPU's layout (a stack each) gives,
+    which other tests hold to the reference engine: so the branch selection that otherwise
+    only CUDA runs is checked on every machine."""
+    runs = [run(steps=60, eval_every=20, track_unit=3, **kw) for kw in ONE_STACK]
+    apart = train_population(runs, split, CPU, keep_states=True)
+    monkeypatch.setattr(shards, "plain_apart", lambda device: False)
+    groups, _ = shards.build_stacks(runs, CPU)
+    stacks = [stack for group in groups for stack in group]
+    assert len(stacks) == 6 and all(isinstance(s.norm_mask, torch.Tensor) for s in stacks)
+    together = train_population(runs, split, CPU, keep_states=True)
+    assert [m.diverged_step for m in together[2].models] == [3, None]
+    assert [fingerprint(r) for r in together] == [fingerprint(r) for r in apart]

@@ -33,6 +33,13 @@ def stream_seeds(runs: list[RunConfig]) -> list[int]:
     return list(dict.fromkeys(run.seed for run in runs))
 
 
+def plain_apart(device: torch.device) -> bool:
+    """Whether plain and normalised networks get stacks of their own: on the CPU, where
+    computing both branches for every network costs more than a second stack does; on CUDA
+    one stack means fewer kernels per step. A network's numbers are the same either way."""
+    return device.type == "cpu"
+
+
 def build_stacks(runs: list[RunConfig], device: torch.device, shards: int = 1):
     """Stacks by shard and StackKind, and each model's (stack, index) by (run index, batch_norm).
 
@@ -42,10 +49,7 @@ def build_stacks(runs: list[RunConfig], device: torch.device, shards: int = 1):
     """
     slot = {seed: i for i, seed in enumerate(stream_seeds(runs))}
     weights = [initial_weights(run.layers, run.init_scale, run.seed, run.init) for run in runs]
-    # On the CPU, plain and normalised networks get stacks of their own: computing both
-    # branches for every network costs more there than a second stack does (a network's
-    # numbers are the same either way). On CUDA one stack means fewer kernels per step.
-    split_plain = device.type == "cpu"
+    split_plain = plain_apart(device)
     models = sorted(((stack_kind(run), bn if split_plain else None, run.activation, r, bn)
                      for r, run in enumerate(runs) for bn in run.batch_norm),
                     key=lambda m: (repr(m[0]), repr(m[1]), m[2]))
