@@ -148,6 +148,14 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _count_ops(step: Callable[[], None]) -> _CountOps:
+    """The aten operators one steady call of step dispatches (the first call allocates)."""
+    step()
+    with _CountOps() as counter:
+        step()
+    return counter
+
+
 def _cuda_kernels(step) -> int:
     """CUDA kernels one call of step launches (memory copies and sets not counted)."""
     from torch.profiler import ProfilerActivity, profile
@@ -195,17 +203,19 @@ def _cpu_compiled_calls(step) -> dict:
 
 def ops_per_step(split: Split, device: torch.device, compile_step: bool = False) -> dict:
     """What one training step of the lesson population (its 24 networks) dispatches:
-    aten operators of the eager step (on any device); on CUDA, kernels launched by the
+    aten operators of the eager step (on any device, in the device's layout and in CUDA's,
+    one stack for plain and BN networks); on CUDA, kernels launched by the
     eager and by the compiled step; on the CPU with compile_step, the calls the compiled
     step makes."""
     runs = population_runs(24, steps=1, eval_every=1)
     step = one_step(runs, split, device)
-    step()  # the first call allocates; count a steady step
-    with _CountOps() as counter:
-        step()
+    counter = _count_ops(step)
     total = sum(counter.ops.values())
     record = {"networks": 24, "aten_ops": total, "aten_ops_without_views": total - counter.views,
-              "aten_ops_by_name": dict(counter.ops.most_common())}
+              "aten_ops_by_name": dict(counter.ops.most_common()),
+              # CUDA's layout (plain and BN networks in one stack) counted on any device
+              "aten_ops_one_stack": sum(_count_ops(one_step(runs, split, device,
+                                                            one_stack=True)).ops.values())}
     if device.type == "cuda":
         record["cuda_kernels_eager"] = _cuda_kernels(step)
         fast, record["compile_s"] = _compile_timed(step, device)

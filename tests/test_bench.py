@@ -40,6 +40,7 @@ def test_bench_command_writes_its_table(tmp_path):
     ops = record["ops_per_step"]
     assert ops["networks"] == 24 and 0 < ops["aten_ops_without_views"] < ops["aten_ops"]
     assert ops["aten_ops_by_name"]["bmm"] >= 7, "one product per layer and direction, one stack"
+    assert 0 < ops["aten_ops_one_stack"] < ops["aten_ops"], "CUDA's layout: one stack, not two"
 
 
 def test_the_lesson_population_needs_one_stack_on_cuda_and_two_on_the_cpu():

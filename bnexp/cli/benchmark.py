@@ -126,7 +126,8 @@ def bench(
                "to compile)" if "cpu_compiled_calls" in ops else "")
     out_console.print(f"one training step of the lesson population ({ops['networks']} "
                       f"networks): {ops['aten_ops']} aten operators dispatched "
-                      f"({ops['aten_ops_without_views']} without views){kernels}",
+                      f"({ops['aten_ops_without_views']} without views; "
+                      f"{ops['aten_ops_one_stack']} with CUDA's one stack){kernels}",
                       highlight=False)
     if grid_record:
         out_console.print(

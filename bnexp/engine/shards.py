@@ -40,16 +40,18 @@ def plain_apart(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def build_stacks(runs: list[RunConfig], device: torch.device, shards: int = 1):
+def build_stacks(runs: list[RunConfig], device: torch.device, shards: int = 1,
+                 one_stack: bool | None = None):
     """Stacks by shard and StackKind, and each model's (stack, index) by (run index, batch_norm).
 
     The models, ordered by kind and activation, are dealt into shards of nearly equal size; a
-    shard holds one stack per kind among its models (on the CPU, per kind and BN flag). A
-    model's numbers do not depend on its shard, its stack or its neighbours.
+    shard holds one stack per kind among its models (on the CPU, per kind and BN flag; or as
+    one_stack says, where given). A model's numbers do not depend on its shard, its stack or
+    its neighbours.
     """
     slot = {seed: i for i, seed in enumerate(stream_seeds(runs))}
     weights = [initial_weights(run.layers, run.init_scale, run.seed, run.init) for run in runs]
-    split_plain = plain_apart(device)
+    split_plain = plain_apart(device) if one_stack is None else not one_stack
     models = sorted(((stack_kind(run), bn if split_plain else None, run.activation, r, bn)
                      for r, run in enumerate(runs) for bn in run.batch_norm),
                     key=lambda m: (repr(m[0]), repr(m[1]), m[2]))
@@ -164,11 +166,13 @@ def next_block(streams, n_steps: int) -> torch.Tensor:
 
 
 def one_step(runs: list[RunConfig], split: Split, device: torch.device,
-             compiling: bool = False) -> Callable[[], None]:
+             compiling: bool = False, one_stack: bool | None = None) -> Callable[[], None]:
     """One training step of every model of runs, as a function (for counting and profiling
     what a step dispatches); it reads the first batch of each seed's stream, every call.
-    compiling: laid out for torch.compile (unpadded canvases, as a compiled shard has)."""
-    groups, _ = build_stacks(runs, device, 1)
+    compiling: laid out for torch.compile (unpadded canvases, as a compiled shard has);
+    one_stack: plain and normalised networks in one stack or apart (default: the device's
+    layout, plain_apart)."""
+    groups, _ = build_stacks(runs, device, 1, one_stack)
     if compiling:
         for stack in groups[0]:
             stack.canvas_pad = 0
