@@ -44,18 +44,28 @@ def build_model(run: RunConfig, batch_norm: bool) -> MLP | ConvNet:
                run.bn_position, run.dropout, run.norm, run.group_norm_groups, run.seed)
 
 
+# Examples per forward pass when evaluating. The ConvNet's first layer holds 368 MB of
+# activations for 10,000 images at once; in passes of 500 an evaluation took half the time
+# (single-threaded, 0.47 against 1.0 s; the MLP's 0.016 s either way; the same logits).
+EVAL_ROWS = 500
+
+
 @torch.no_grad()
-def evaluate(model: MLP, x: torch.Tensor, y: torch.Tensor,
+def evaluate(model: MLP | ConvNet, x: torch.Tensor, y: torch.Tensor,
              probe: tuple[int, int] | None = None) -> tuple[float, list[float] | None]:
     """Inference-mode accuracy, and the tracked unit's input percentiles where probed."""
     model.eval()
     probed: list[torch.Tensor] = []
-    correct = (model(x, probe, probed).argmax(dim=1) == y).sum().item()
+    hits = torch.zeros((), dtype=torch.long, device=x.device)
+    for start in range(0, x.shape[0], EVAL_ROWS):
+        rows = slice(start, start + EVAL_ROWS)
+        hits += (model(x[rows], probe, probed).argmax(dim=1) == y[rows]).sum()
     model.train()
+    accuracy = hits.item() / x.shape[0]
     if not probed:
-        return correct / x.shape[0], None
+        return accuracy, None
     q = torch.tensor(PERCENTILES, device=x.device, dtype=x.dtype)
-    return correct / x.shape[0], torch.quantile(probed[0], q).tolist()
+    return accuracy, torch.quantile(torch.cat(probed), q).tolist()
 
 
 def _clip(model: MLP | ConvNet, run: RunConfig) -> None:
