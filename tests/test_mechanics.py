@@ -250,3 +250,20 @@ def test_reference_networks_side_by_side_give_the_bytes_they_give_one_at_a_time(
     names = [m.name for m in alone.models]
     assert live == [[(name, [0, 20, 40][:k]) for name in names] for k in (1, 2, 3)], \
         "every evaluation hands on both networks at the same step"
+
+
+def test_reference_evaluation_counts_every_example_once():
+    """Evaluation runs in passes of EVAL_ROWS examples; with a set that is no multiple of it
+    each example still counts once. (Zero weights and one output bias: every prediction is
+    class 3, exactly.)"""
+    from bnexp.engine.reference import EVAL_ROWS, evaluate
+
+    model = MLP([torch.zeros_like(w) for w in initial_weights((784, 20, 10), 0.05, 0)],
+                "relu", False)
+    with torch.no_grad():
+        model.linears[-1].bias[3] = 1.0
+    n = 2 * EVAL_ROWS + 234
+    y = torch.arange(n) % 10
+    accuracy, _ = evaluate(model, torch.rand(n, 784), y)
+    assert accuracy == (y == 3).sum().item() / n
+    assert model.training, "back in training mode"
