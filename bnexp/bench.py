@@ -43,6 +43,7 @@ class BenchRow:
     peak_memory_mib: float
     note: str = ""
     compile_s: float = 0.0  # compiling and capturing the step, not in seconds
+    arch: str = "mlp"  # the network timed: the lesson's MLP or the ConvNet
 
 
 def random_split(device: torch.device, n_train: int = 55_000, seed: int = 0) -> Split:
@@ -87,6 +88,19 @@ def bench_reference(split: Split, device: torch.device, steps: int, dtype: str =
     return BenchRow("reference", str(device), 1, steps, seconds, n_networks * steps / seconds,
                     n_networks * steps / seconds, 1.0, _peak_memory_mib(device),
                     note=f"extrapolated from {steps} steps")
+
+
+def bench_convnet(split: Split, device: torch.device, steps: int, dtype: str = "float32",
+                  ) -> BenchRow:
+    """The ConvNet comparison as a sweep trains it (the reference engine, its two networks
+    side by side on the CPU): the rate dry runs estimate ConvNet runs with."""
+    run = RunConfig(experiment="bench", arch="convnet", activation="relu", lr=0.01,
+                    steps=steps, eval_every=steps, dtype=dtype)
+    result = train_reference(run, split, device)
+    rate = len(run.batch_norm) * steps / result.train_time_s
+    side = "" if result.threads == 1 else f", {result.threads} networks side by side"
+    return BenchRow("reference", str(device), 1, steps, result.train_time_s, rate, rate,
+                    None, _peak_memory_mib(device), note=f"convnet{side}", arch="convnet")
 
 
 def bench_population(split: Split, device: torch.device, n_models: int, steps: int,

@@ -27,14 +27,18 @@ def test_bench_command_writes_its_table(tmp_path):
     assert result.exit_code == 0, result.output
     assert "network-steps/s" in result.stdout.replace("\n", "") or "network" in result.stdout
     record = json.loads(out.read_text())
-    engines = [(r["engine"], r["models"]) for r in record["rows"]]
-    assert engines == [("reference", 1), ("population", 2), ("population", 4)]
+    engines = [(r["engine"], r["arch"], r["models"]) for r in record["rows"]]
+    assert engines == [("reference", "mlp", 1), ("reference", "convnet", 1),
+                       ("population", "mlp", 2), ("population", "mlp", 4)]
     for row in record["rows"]:
         assert row["network_steps_per_s"] > 0 and row["peak_memory_mib"] > 0
-    assert record["rows"][1]["ratio"] > 0
-    # on 2 or more threads a pair trains on one (the GIL), 4 networks on two
-    four = "eager, 2 threads" if torch.get_num_threads() >= 2 else "eager, 1 thread"
-    assert [r["note"] for r in record["rows"][1:]] == ["eager, 1 thread", four]
+    assert record["rows"][1]["ratio"] is None and record["rows"][2]["ratio"] > 0
+    # on 2 or more threads a pair trains on one (the GIL), 4 networks on two; the ConvNet's
+    # two networks train side by side
+    two = torch.get_num_threads() >= 2
+    four = "eager, 2 threads" if two else "eager, 1 thread"
+    convnet = "convnet, 2 networks side by side" if two else "convnet"
+    assert [r["note"] for r in record["rows"][1:]] == [convnet, "eager, 1 thread", four]
     assert record["environment"]["cpu_count"] >= 1 and record["environment"]["torch"]
     assert record["environment"]["tf32"] is False
     ops = record["ops_per_step"]

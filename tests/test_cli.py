@@ -379,6 +379,24 @@ def test_dry_run_shows_the_populations(env):
     assert sorted(where.values()) == [(1, 8)] * 4  # seeds train together
 
 
+def test_dry_run_estimates_convnet_runs_at_the_convnet_rate(env):
+    path = experiment(env, "name: c\narch: convnet\ngrid:\n  lr: [0.01, 0.5]\n")
+    bench = env / "results" / "bench"
+    bench.mkdir(parents=True)
+    rows = [{"engine": "reference", "device": "cpu", "models": 1, "network_steps_per_s": 2.0},
+            {"engine": "population", "device": "cpu", "models": 4, "network_steps_per_s": 1.0}]
+    (bench / "bench-1.json").write_text(json.dumps({"rows": rows}))
+    text = " ".join(invoke("sweep", path, "--dry-run", *FAST).stdout.split())
+    assert "estimated training time: 0 s on cpu" in text, "not at the MLP's rate"
+    assert "2 ConvNet run(s) left out: that record has no ConvNet rate" in text
+    rows.insert(1, {"engine": "reference", "arch": "convnet", "device": "cpu", "models": 1,
+                    "network_steps_per_s": 0.5})
+    (bench / "bench-1.json").write_text(json.dumps({"rows": rows}))
+    text = " ".join(invoke("sweep", path, "--dry-run", *FAST).stdout.split())
+    # 2 runs x 2 networks x 40 steps at 0.5 network-steps/s
+    assert "estimated training time: 5 min on cpu" in text and "left out" not in text
+
+
 def test_a_large_dry_run_has_a_row_per_population(env, monkeypatch):
     """Beyond LISTED_RUNS runs: a row per population to train, one per experiment of the
     reference engine's runs and one per status of the runs to skip; the totals as before."""

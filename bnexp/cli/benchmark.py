@@ -69,8 +69,9 @@ def bench(
         help="JSON file (default results/bench/bench-<time>.json).")] = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Measure network-steps/s of the population engine against the one-at-a-time loop,
-    compile time, and the operators one training step of the lesson population dispatches."""
+    """Measure network-steps/s of the population engine against the one-at-a-time loop (and
+    the ConvNet's, for dry runs' estimates), compile time, and the operators one training
+    step of the lesson population dispatches."""
     import json
 
     from bnexp import bench as bench_mod
@@ -100,6 +101,8 @@ def bench(
     with err_console.status("reference loop (one network at a time)..."):
         reference = bench_mod.bench_reference(split, dev, reference_steps, dtype)
     rows.append(reference)
+    with err_console.status("the ConvNet on the reference engine..."):
+        rows.append(bench_mod.bench_convnet(split, dev, min(reference_steps, 100), dtype))
     for m in counts:
         with err_console.status(f"population engine, {m} networks..."):
             rows.append(bench_mod.bench_population(

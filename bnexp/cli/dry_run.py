@@ -111,11 +111,14 @@ def _estimate(todo: list[sweep.Planned], where: dict, out: Path) -> str:
         return (f"no time estimate: no `bnexp bench` record for {device} in {out / 'bench'} "
                 f"(run `bnexp bench --device {device.split(':')[0]}` once to calibrate)")
     path, population, reference = found
-    work: dict[int, tuple[int, int, bool]] = {}
+    work: dict[int, tuple[int, int, str]] = {}
     for p in todo:
         number, size = where[id(p)]
         stacked = effective_engine(p.run) == "population"
-        work[number] = (size if stacked else len(p.run.batch_norm), p.run.steps, stacked)
-    total = estimate.seconds(list(work.values()), population, reference)
+        work[number] = (size if stacked else len(p.run.batch_norm), p.run.steps,
+                        "population" if stacked else p.run.arch)
+    total, left_out = estimate.seconds(list(work.values()), population, reference)
+    missing = (f"; {left_out} ConvNet run(s) left out: that record has no ConvNet rate, a "
+               "newer `bnexp bench` measures one" if left_out else "")
     return (f"estimated training time: {estimate.describe(total)} on {device} (rates from "
-            f"{path}; evaluation, start-up and compiling not included)")
+            f"{path}; evaluation, start-up and compiling not included{missing})")
