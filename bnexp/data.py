@@ -305,11 +305,14 @@ class BatchStream:
 
     def next_indices(self, n_steps: int) -> torch.Tensor:
         """The batch indices of the next n_steps steps, shape (n_steps, batch_size)."""
-        while self._pending.shape[0] < n_steps:
+        parts, have = [self._pending], self._pending.shape[0]
+        while have < n_steps:  # whole epochs, joined once (not once per epoch)
             perm = torch.randperm(self.n_examples, generator=self._generator)
-            epoch = perm[: self.per_epoch * self.batch_size].view(self.per_epoch, self.batch_size)
-            self._pending = torch.cat([self._pending, epoch])
-        out, self._pending = self._pending[:n_steps], self._pending[n_steps:]
+            parts.append(perm[: self.per_epoch * self.batch_size].view(self.per_epoch,
+                                                                      self.batch_size))
+            have += self.per_epoch
+        pending = torch.cat(parts) if len(parts) > 1 else self._pending
+        out, self._pending = pending[:n_steps], pending[n_steps:]
         return out.to(self.device, non_blocking=True)
 
     def state(self) -> dict[str, torch.Tensor]:
