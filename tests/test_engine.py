@@ -1,6 +1,10 @@
 """The population engine against the reference engine, determinism and divergence."""
 
 import math
+import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -638,3 +642,55 @@ def test_plain_and_normalised_networks_in_one_stack_give_the_same_bytes(split, m
     together = train_population(runs, split, CPU, keep_states=True)
     assert [m.diverged_step for m in together[2].models] == [3, None]
     assert [fingerprint(r) for r in together] == [fingerprint(r) for r in apart]
+
+
+class _Signalled(Exception):
+    pass
+
+
+@pytest.mark.parametrize("engine", ["population", "reference"])
+def test_an_exception_while_threads_train_a_block_stops_them_within_steps(split, engine,
+                                                                          monkeypatch):
+    """A second Ctrl-C raises KeyboardInterrupt in the main thread while the CPU's worker
+    threads are inside a block of steps; leaving takes them a step, not the rest of the
+    block. Here another signal raises in the main thread half a second into a block of
+    50,000 steps (half a minute or more on any CPU)."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    from bnexp.engine import reference
+
+    cfg = run(steps=50_000, eval_every=50_000)
+    in_block, raised_at = threading.Event(), []
+    owner, name = ((shards.Shard, "train_block") if engine == "population"
+                   else (reference._Network, "train"))
+    block = getattr(owner, name)
+
+    def entered(self, *args, **kwargs):
+        in_block.set()
+        return block(self, *args, **kwargs)
+
+    def handler(signum, frame):
+        raise _Signalled
+
+    def send() -> None:
+        if in_block.wait(120):
+            time.sleep(0.5)
+            raised_at.append(time.perf_counter())
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(owner, name, entered)
+    before, threads = signal.signal(signal.SIGUSR1, handler), torch.get_num_threads()
+    sender = threading.Thread(target=send, daemon=True)
+    try:
+        torch.set_num_threads(2)
+        sender.start()
+        with pytest.raises(_Signalled):
+            if engine == "population":  # 8 networks: two shards, a thread each
+                train_population([cfg.model_copy(update={"lr": lr}) for lr in
+                                  (0.01, 0.02, 0.03, 0.04)], split, CPU)
+            else:
+                train_reference(cfg, split, CPU, threads=2)
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+        torch.set_num_threads(threads)
+    assert raised_at and time.perf_counter() - raised_at[0] < 5.0

@@ -127,6 +127,7 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
         compile_cpu(shards, stacks)
     each = pool.map if pool else map
     each_shard = each if len(shards) > 1 else map
+    abandoned = pool.abandoned if pool else None
     results = [[ModelResult(variant_name(bn, run.norm)) for bn in run.batch_norm]
                for run in runs]
     on_test = first.eval_split == "test"
@@ -190,7 +191,7 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
     for n_block in remaining_blocks(first, done):
         block[:n_block].copy_(next_block(streams.values(), n_block))
         tick = time.perf_counter()
-        list(each_shard(lambda shard, n=n_block: shard.train_block(n), shards))
+        list(each_shard(lambda shard, n=n_block: shard.train_block(n, abandoned), shards))
         sync(device)
         train_time += time.perf_counter() - tick
         done += n_block

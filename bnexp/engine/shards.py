@@ -8,6 +8,7 @@ networks leave an eager shard's step (retire), compiled ones keep their shapes.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -108,9 +109,13 @@ class Shard:
         for stack in self.stacks:
             train_step(stack, x, y, self.step)
 
-    def train_block(self, n_steps: int) -> None:
+    def train_block(self, n_steps: int, abandoned: threading.Event | None = None) -> None:
+        """n_steps steps on the block's batches; stops early once abandoned is set (the
+        caller has given up on this population)."""
         self.k.zero_()
         for _ in range(n_steps):
+            if abandoned is not None and abandoned.is_set():
+                return
             if self.graph is not None:
                 self.graph.replay()
             else:

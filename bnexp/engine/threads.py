@@ -11,6 +11,7 @@ still used: the population is cut into shards of models, one thread each.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -47,12 +48,30 @@ def cpu_shards(threads: int, n_models: int, compiled: bool = False) -> int:
     return max(1, min(threads, n_models if compiled else isqrt(n_models)))
 
 
+class ShardPool:
+    """Worker threads, one per shard, and a flag their step loops read between steps: set
+    when the caller stops waiting for them (an exception, such as a second Ctrl-C), so that
+    leaving the pool takes a step rather than the rest of a block."""
+
+    def __init__(self, executor: ThreadPoolExecutor):
+        self._executor = executor
+        self.abandoned = threading.Event()
+
+    def map(self, fn, *iterables):
+        return self._executor.map(fn, *iterables)
+
+
 @contextmanager
-def shard_pool(shards: int) -> Iterator[ThreadPoolExecutor | None]:
+def shard_pool(shards: int) -> Iterator[ShardPool | None]:
     """Worker threads for the shards of a CPU population (None for one shard)."""
     if shards <= 1:
         yield None
         return
     with ThreadPoolExecutor(shards, thread_name_prefix="bnexp-shard",
-                            initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        yield pool
+                            initializer=torch.set_num_threads, initargs=(1,)) as executor:
+        pool = ShardPool(executor)
+        try:
+            yield pool
+        except BaseException:
+            pool.abandoned.set()  # the executor's exit then waits a step, not a block
+            raise
