@@ -114,3 +114,12 @@ def write_flat_gz_mnist(root: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def tiny_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_mnist(tmp_path_factory.mktemp("data"))
+
+
+def holds(condition) -> bool:
+    """condition(), or False where a folder vanished while it was being listed (a running
+    sweep makes and removes a write-test folder beside the runs): a poll reads again."""
+    try:
+        return condition()
+    except FileNotFoundError:
+        return False

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import results_of
+from conftest import holds, results_of
 from typer.testing import CliRunner
 
 from bnexp import ray_executor
@@ -84,7 +84,7 @@ def ray_sweep(grid: Path, out: Path, address: str, tiny_mnist: Path) -> subproce
 
 def wait_until(condition, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not holds(condition):  # a folder listed as it vanishes is read again
         assert time.monotonic() < deadline, "no progress"
         time.sleep(0.05)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import results_of
+from conftest import holds, results_of
 from typer.testing import CliRunner
 
 from bnexp.cli import app
@@ -44,7 +44,7 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> bool:
     """Poll until condition() holds; False if the process ended first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if condition():
+        if holds(condition):
             return True
         if proc.poll() is not None:
             return condition()
