@@ -32,3 +32,10 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def files_named(root: Path, name: str) -> list[Path]:
+    """Every file called name at or under root, in no particular order. A folder that
+    vanishes while it is listed (a running sweep makes and removes a write-test folder in
+    its results folder) is passed over, where Path.rglob would raise."""
+    return [Path(folder) / name for folder, _, files in os.walk(root) if name in files]

@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bnexp.files import atomic_write  # noqa: E402
+from bnexp.files import atomic_write, files_named  # noqa: E402
 from bnexp.readback import read_config, read_metrics, sort_runs  # noqa: E402
 
 LABELS = {"plain": "Without Batch Norm", "bn": "With Batch Norm", "ln": "With Layer Norm",
@@ -117,7 +117,7 @@ def plot_tree(root: Path, on_figure: Callable[[], None] | None = None,
               ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Redraw the figure of every finished run found under root: (figures, damaged runs);
     on_figure is called as each is written."""
-    intact, damaged = sort_runs(sorted(p.parent for p in root.rglob("summary.json")))
+    intact, damaged = sort_runs(sorted(p.parent for p in files_named(root, "summary.json")))
     return plot_runs(intact, parallel=True, on_figure=on_figure), damaged
 
 

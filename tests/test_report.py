@@ -241,3 +241,25 @@ def test_run_figures_drawn_in_worker_processes_are_the_same_bytes(experiment, tm
     monkeypatch.setattr(plots, "ProcessPoolExecutor", Breaks)
     assert plots.plot_runs(folders, parallel=True) == [f / "curves.png" for f in folders]
     assert digests() == serial
+
+
+def test_files_named_passes_over_a_folder_that_vanishes_while_listed(tmp_path, monkeypatch):
+    """A running sweep makes and removes a write-test folder in its results folder; `plot`
+    walking that folder at the moment must not fail (Path.rglob raised FileNotFoundError)."""
+    import os
+
+    from bnexp.files import files_named
+
+    (tmp_path / "e" / "r").mkdir(parents=True)
+    (tmp_path / "e" / "r" / "summary.json").write_text("{}")
+    vanishing = tmp_path / "e" / ".bnexp-write-test-x"
+    vanishing.mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path):  # the folder is gone by the time it is opened
+        if str(path) == str(vanishing):
+            vanishing.rmdir()
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert files_named(tmp_path, "summary.json") == [tmp_path / "e" / "r" / "summary.json"]

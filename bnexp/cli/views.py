@@ -100,13 +100,14 @@ def plot(root: Annotated[Path, typer.Argument(help="Results folder to redraw.")]
          ) -> None:
     """Redraw every figure under a results folder from the files on disk."""
     from bnexp import plots, report_figures
+    from bnexp.files import files_named
     if not root.is_dir():
         fail([f"{root}: no such results folder"])
     try:
         with figure_progress(None) as advance:
             paths, damaged = plots.plot_tree(root, advance)
             # an experiment's figures where root holds it (not where root is one of its runs)
-            experiments = {p.parent.parent for p in root.rglob("summary.json")
+            experiments = {p.parent.parent for p in files_named(root, "summary.json")
                            if (p.parent / "config.yaml").is_file() and p.parent != root}
             for experiment in sorted(experiments):
                 paths += report_figures.draw_figures(experiment, on_figure=advance)
