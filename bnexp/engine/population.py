@@ -125,9 +125,8 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
               for group in groups]
     if compile_step and device.type == "cpu":
         compile_cpu(shards, stacks)
-    each = pool.map if pool else map
+    each = pool.map
     each_shard = each if len(shards) > 1 else map
-    abandoned = pool.abandoned if pool else None
     results = [[ModelResult(variant_name(bn, run.norm)) for bn in run.batch_norm]
                for run in runs]
     on_test = first.eval_split == "test"
@@ -191,7 +190,7 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
     for n_block in remaining_blocks(first, done):
         block[:n_block].copy_(next_block(streams.values(), n_block))
         tick = time.perf_counter()
-        list(each_shard(lambda shard, n=n_block: shard.train_block(n, abandoned), shards))
+        list(each_shard(lambda shard, n=n_block: shard.train_block(n, pool.abandoned), shards))
         sync(device)
         train_time += time.perf_counter() - tick
         done += n_block

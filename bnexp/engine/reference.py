@@ -90,12 +90,12 @@ class _Network:
         self.done = 0
         self.loss_sum = 0.0
 
-    def train(self, n_steps: int, abandoned: threading.Event | None = None) -> None:
+    def train(self, n_steps: int, abandoned: threading.Event) -> None:
         """n_steps SGD steps; the mean loss goes into the next row. Stops early once
         abandoned is set (the caller has given up on this run)."""
         split, result = self.split, self.result
         for idx in self.stream.next_indices(n_steps):
-            if abandoned is not None and abandoned.is_set():
+            if abandoned.is_set():
                 return
             if self.dropout is not None:
                 self.dropout.step = self.done + 1
@@ -155,8 +155,7 @@ def train_reference(run: RunConfig, split: Split, device: torch.device,
     with single_threaded_kernels(device) as available, cuda_precision(run.dtype, device):
         workers = min(threads or available, len(run.batch_norm)) if device.type == "cpu" else 1
         with shard_pool(workers) as pool:
-            each = pool.map if pool else map
-            abandoned = pool.abandoned if pool else None
+            each = pool.map
             networks = [_Network(run, bn, split, device) for bn in run.batch_norm]
             models = [network.result for network in networks]
             train_time = eval_time = 0.0
@@ -173,7 +172,7 @@ def train_reference(run: RunConfig, split: Split, device: torch.device,
             done = 0
             for n_block in eval_blocks(run.steps, run.eval_every):
                 tick = time.perf_counter()
-                list(each(lambda network, n=n_block: network.train(n, abandoned), networks))
+                list(each(lambda network, n=n_block: network.train(n, pool.abandoned), networks))
                 train_time += time.perf_counter() - tick
                 done += n_block
                 evaluate_all(n_block)

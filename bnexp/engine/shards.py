@@ -109,12 +109,12 @@ class Shard:
         for stack in self.stacks:
             train_step(stack, x, y, self.step)
 
-    def train_block(self, n_steps: int, abandoned: threading.Event | None = None) -> None:
+    def train_block(self, n_steps: int, abandoned: threading.Event) -> None:
         """n_steps steps on the block's batches; stops early once abandoned is set (the
         caller has given up on this population)."""
         self.k.zero_()
         for _ in range(n_steps):
-            if abandoned is not None and abandoned.is_set():
+            if abandoned.is_set():
                 return
             if self.graph is not None:
                 self.graph.replay()

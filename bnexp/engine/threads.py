@@ -49,23 +49,24 @@ def cpu_shards(threads: int, n_models: int, compiled: bool = False) -> int:
 
 
 class ShardPool:
-    """Worker threads, one per shard, and a flag their step loops read between steps: set
-    when the caller stops waiting for them (an exception, such as a second Ctrl-C), so that
-    leaving the pool takes a step rather than the rest of a block."""
+    """Worker threads, one per shard (none for one shard: map then runs in the caller's
+    thread), and a flag their step loops read between steps: set when the caller stops
+    waiting for them (an exception, such as a second Ctrl-C), so that leaving the pool takes
+    a step rather than the rest of a block."""
 
-    def __init__(self, executor: ThreadPoolExecutor):
+    def __init__(self, executor: ThreadPoolExecutor | None):
         self._executor = executor
         self.abandoned = threading.Event()
 
     def map(self, fn, *iterables):
-        return self._executor.map(fn, *iterables)
+        return (self._executor.map if self._executor else map)(fn, *iterables)
 
 
 @contextmanager
-def shard_pool(shards: int) -> Iterator[ShardPool | None]:
-    """Worker threads for the shards of a CPU population (None for one shard)."""
+def shard_pool(shards: int) -> Iterator[ShardPool]:
+    """Worker threads for the shards of a CPU population (none for one shard)."""
     if shards <= 1:
-        yield None
+        yield ShardPool(None)
         return
     with ThreadPoolExecutor(shards, thread_name_prefix="bnexp-shard",
                             initializer=torch.set_num_threads, initargs=(1,)) as executor:
