@@ -23,8 +23,9 @@ from bnexp.engine import (
     RunResult,
     effective_engine,
     resolve_device,
+    together_key,
     train_population,
-    train_reference,
+    train_references,
 )
 from bnexp.engine.common import Interrupted, Progress, group_runs
 from bnexp.engine.precision import tf32_problem
@@ -94,11 +95,12 @@ def to_train(planned: list[Planned], force: bool = False, retry_failed: bool = F
     return [p for p in planned if p.status in ("new", "failed")]
 
 
-def populations(todo: list[Planned]) -> dict[int, tuple[int, int]]:
+def populations(todo: list[Planned], threads: int | None = None,
+                ) -> dict[int, tuple[int, int]]:
     """For each run to train (by id): its population's number (from 1) and network count,
-    grouped as a fresh sweep would train them."""
+    grouped as a fresh sweep would train them (threads: as batches)."""
     where: dict[int, tuple[int, int]] = {}
-    for number, batch in enumerate(batches([(p, None) for p in todo]), start=1):
+    for number, batch in enumerate(batches([(p, None) for p in todo], threads), start=1):
         size = sum(len(p.run.batch_norm) for p, _ in batch)
         for p, _ in batch:
             where[id(p)] = (number, size)
@@ -110,12 +112,26 @@ def network_steps(planned: list[Planned]) -> int:
     return sum(p.run.steps * len(p.run.batch_norm) for p in planned)
 
 
-def batches(todo: list[tuple[Planned, dict | None]]) -> list[list[tuple[Planned, dict | None]]]:
-    """Runs trained in one call: a population resuming from one step, or one reference run."""
+def batches(todo: list[tuple[Planned, dict | None]], threads: int | None = None,
+            ) -> list[list[tuple[Planned, dict | None]]]:
+    """Runs trained in one call: a population resuming from one step, or runs of the
+    reference engine whose networks fit the CPU threads (threads, by default torch's count),
+    a network per thread; a run with more networks than threads, or on CUDA, trains alone."""
     batches, by_start = [], {}
+    threads = threads or torch.get_num_threads()
+    open_groups: dict[tuple, list] = {}  # reference runs of one together_key, still filling
     for p, checkpoint in todo:
         if effective_engine(p.run) == "reference":
-            batches.append([(p, checkpoint)])
+            key = together_key(p.run, p.device)
+            group = open_groups.get(key)
+            fits = (group is not None and p.device.type == "cpu"
+                    and sum(len(q.run.batch_norm) for q, _ in group)
+                    + len(p.run.batch_norm) <= threads)
+            if fits:
+                group.append((p, checkpoint))
+            else:
+                open_groups[key] = [(p, checkpoint)]
+                batches.append(open_groups[key])
         else:
             step = checkpoint["step"] if checkpoint else 0
             by_start.setdefault((str(p.device), step), []).append((p, checkpoint))
@@ -161,8 +177,8 @@ def _train(batch, split: Split, out: Path, progress: Progress | None,
     checkpoints = [c for _, c in batch]
     try:
         if effective_engine(planned[0].run) == "reference":
-            return [train_reference(planned[0].run, split, device, progress, keep_states=keep,
-                                    on_evaluate=live, stop=options.stop)]
+            return train_references([p.run for p in planned], split, device, progress,
+                                    keep_states=keep, on_evaluate=live, stop=options.stop)
         if progress and checkpoints[0]:  # resumed steps count as done
             progress(checkpoints[0]["step"] * sum(len(p.run.batch_norm) for p in planned))
         return train_population([p.run for p in planned], split, device, progress,
@@ -254,8 +270,10 @@ def _lock_and_train(todo: list[Planned], out: Path, data_dir: Path, splits, forc
     if options.executor == "ray":
         from bnexp import ray_executor
 
-        ray_executor.execute_batches(batches(ready), out, data_dir, fail_fast, progress,
-                                     outcomes, report, options, notice, options.address)
+        # a Ray task has one CPU: the reference engine's runs go as tasks of their own
+        ray_executor.execute_batches(batches(ready, threads=1), out, data_dir, fail_fast,
+                                     progress, outcomes, report, options, notice,
+                                     options.address)
         return
     _execute_batches(ready, out, splits, fail_fast, progress, outcomes, report, options)
 

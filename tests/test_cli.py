@@ -6,10 +6,12 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
 from bnexp.cli import app
+from bnexp.config import RunConfig
 
 runner = CliRunner()
 
@@ -408,6 +410,7 @@ def test_a_large_dry_run_has_a_row_per_population(env, monkeypatch):
     manual = experiment(env, "name: m\nbn_impl: manual\ngrid:\n  lr: [0.01, 0.5]\n",
                         "manual.yaml")
     assert invoke("sweep", path, *FAST).exit_code == 0  # seed 0 done
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # pairs of networks train alone
     monkeypatch.setattr(dry_run, "LISTED_RUNS", 5)
     monkeypatch.setattr(dry_run, "out_console", Console(width=200))  # rows on one line each
     dry = invoke("sweep", path, manual, "--dry-run", "--seeds", "2", *FAST)
@@ -424,6 +427,43 @@ def test_a_large_dry_run_has_a_row_per_population(env, monkeypatch):
     listed = invoke("sweep", path, "--dry-run", "--seeds", "2", *FAST)  # 4 runs: each listed
     assert listed.stdout.count("would train") == 2
     assert listed.stdout.count("complete, would skip") == 2
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # two pairs at a time
+    text = " ".join(invoke("sweep", path, manual, "--dry-run", "--seeds", "2", *FAST)
+                    .stdout.replace("│", " ").split())
+    assert "m 4 cpu reference in 2, side by side 320 would train" in text
+    assert "6 run(s) to train in 3 population(s), 480 network-steps" in text
+
+
+def test_reference_runs_train_together_where_their_networks_fit_the_threads(env):
+    """A network per thread: runs of the reference engine share a call while their networks
+    fit the threads and they share data, dtype and steps; on CUDA each trains alone."""
+    from bnexp import sweep
+
+    def planned(device="cpu", **kw):
+        cfg = RunConfig(**{"experiment": "r", "steps": 40, "eval_every": 20, "device": device,
+                           "bn_impl": "manual", "batch_norm": [True], **kw})
+        return sweep.Planned(cfg, torch.device(device), "", "new")
+
+    made = [planned(**kw) for kw in (
+        {}, {"lr": 0.5}, {"lr": 0.2}, {"steps": 60}, {"lr": 0.3, "seed": 2},
+        {"batch_norm": [False, True]}, {"dtype": "float64"}, {"lr": 0.4})]
+    made.append(planned(engine="population", bn_impl="torch", batch_norm=[False, True]))
+    made += [planned("cuda"), planned("cuda", lr=0.5)]
+    for number, p in enumerate(made):
+        p.run_id = f"id{number}"
+
+    def ids(threads):
+        return [[p.run_id for p, _ in batch]
+                for batch in sweep.batches([(p, None) for p in made], threads)]
+
+    assert ids(2) == [["id0", "id1"], ["id2", "id4"], ["id3"], ["id5"], ["id6"], ["id7"],
+                      ["id9"], ["id10"], ["id8"]]
+    assert ids(4) == [["id0", "id1", "id2", "id4"], ["id3"], ["id5", "id7"], ["id6"],
+                      ["id9"], ["id10"], ["id8"]]
+    assert ids(1) == [["id0"], ["id1"], ["id2"], ["id3"], ["id4"], ["id5"], ["id6"],
+                      ["id7"], ["id9"], ["id10"], ["id8"]]
+    where = sweep.populations(made[:3], threads=2)
+    assert [where[id(p)] for p in made[:3]] == [(1, 2), (1, 2), (2, 1)]
 
 
 def test_a_long_sweep_lists_only_the_runs_that_need_attention(env, monkeypatch):

@@ -252,6 +252,43 @@ def test_reference_networks_side_by_side_give_the_bytes_they_give_one_at_a_time(
         "every evaluation hands on both networks at the same step"
 
 
+def test_reference_runs_trained_together_give_the_bytes_each_gives_alone(split):
+    """A sweep trains runs of the reference engine in one call where their networks fit the
+    threads: every run's record and weights are those it gets alone, and each evaluation
+    hands every run its own networks."""
+    from bnexp.engine import train_references
+
+    runs = [run(dtype="float32", steps=40, eval_every=20, batch_norm=[True], lr=0.3,
+                bn_impl="manual"),
+            run(dtype="float32", steps=40, eval_every=20, batch_norm=[True], lr=0.3),
+            run(dtype="float32", steps=40, eval_every=20, bn_impl="manual", lr=0.1, seed=3,
+                activation="sigmoid", dropout=0.3, track_unit=2),
+            run(dtype="float32", steps=40, eval_every=20, arch="convnet",
+                conv_channels=[4, 8], lr=0.1, seed=1)]
+    live = []
+    together = train_references(runs, split, CPU, keep_states=True, threads=3,
+                                on_evaluate=lambda r, models: live.append(
+                                    (r, [(m.name, list(m.steps)) for m in models])))
+    assert [len(result.models) for result in together] == [1, 1, 2, 2]
+    assert {result.population_size for result in together} == {6}
+    assert len({result.population_id for result in together}) == 1, "one wall time, shared"
+    for cfg, both in zip(runs, together, strict=True):
+        alone = train_reference(cfg, split, CPU, keep_states=True, threads=1)
+        assert both.config == cfg and both.threads == 3
+        for a, b in zip(alone.models, both.models, strict=True):
+            for field in ("name", "steps", "val_acc", "train_acc", "train_loss",
+                          "unit_percentiles", "final_val_acc", "final_test_acc",
+                          "diverged_step"):
+                assert repr(getattr(a, field)) == repr(getattr(b, field)), (cfg, field)
+            assert a.state.keys() == b.state.keys()
+            assert all(torch.equal(a.state[k], b.state[k]) for k in a.state), a.name
+    names = [[m.name for m in result.models] for result in together]
+    assert live == [(r, [(name, [0, 20, 40][:k]) for name in names[r]])
+                    for k in (1, 2, 3) for r in range(4)]
+    with pytest.raises(ValueError, match="same data, dtype, steps"):
+        train_references([runs[0], runs[1].model_copy(update={"steps": 60})], split, CPU)
+
+
 def test_reference_evaluation_counts_every_example_once():
     """Evaluation runs in passes of EVAL_ROWS examples; with a set that is no multiple of it
     each example still counts once. (Zero weights and one output bias: every prediction is

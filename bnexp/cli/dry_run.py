@@ -16,13 +16,13 @@ if TYPE_CHECKING:
 
 
 def dry_run_table(planned: list[sweep.Planned], force: bool, retry_failed: bool, out: Path,
-                  ) -> None:
+                  executor: str = "local") -> None:
     """The runs, what would happen to each, and the populations they would train in (for
     more than LISTED_RUNS runs, one row per population and one per status of the rest)."""
     from bnexp import sweep
 
     todo = sweep.to_train(planned, force, retry_failed)
-    where = sweep.populations(todo)
+    where = sweep.populations(todo, threads=1 if executor == "ray" else None)
     table = (_run_table(planned, where) if len(planned) <= LISTED_RUNS
              else _population_table(planned, where))
     out_console.print(table)
@@ -34,8 +34,10 @@ def dry_run_table(planned: list[sweep.Planned], force: bool, retry_failed: bool,
                       "learning rate, activation, initial weights, normaliser (batch, layer or "
                       "group norm, before or after the activation), dropout or clipping; "
                       "another dataset, batch size, step count, evaluation schedule or dtype "
-                      "needs its own, and runs with the hand-written BN layer, and ConvNets, "
-                      "train alone on the reference engine.",
+                      "needs its own. Runs with the hand-written BN layer, and ConvNets, train "
+                      "on the reference engine, a network per CPU thread: several runs at once "
+                      "where their networks fit the threads and they share data, dtype and "
+                      "steps.",
                       highlight=False)
 
 
@@ -91,8 +93,11 @@ def _population_table(planned: list[sweep.Planned], where: dict) -> Table:
             table.add_row(experiments, f"{len(runs):,}", "-", "-", "-", steps,
                           f"{key[1]}, would skip")
             continue
-        group = ("each alone" if key[0] == "reference"
-                 else f"{key[1]} ({where[id(first)][1]:,} networks)")
+        if key[0] == "reference":
+            calls = len({where[id(p)][0] for p in runs})
+            group = "each alone" if calls == len(runs) else f"in {calls}, side by side"
+        else:
+            group = f"{key[1]} ({where[id(first)][1]:,} networks)"
         table.add_row(experiments, f"{len(runs):,}", str(first.device),
                       effective_engine(first.run), group, steps, "would train")
     return table
@@ -111,13 +116,15 @@ def _estimate(todo: list[sweep.Planned], where: dict, out: Path) -> str:
         return (f"no time estimate: no `bnexp bench` record for {device} in {out / 'bench'} "
                 f"(run `bnexp bench --device {device.split(':')[0]}` once to calibrate)")
     path, population, reference = found
-    work: dict[int, tuple[int, int, str]] = {}
+    stacks: dict[int, tuple[int, int, str]] = {}  # by population number
+    alone: list[tuple[int, int, str]] = []  # the reference engine's runs, each at its rate
     for p in todo:
         number, size = where[id(p)]
-        stacked = effective_engine(p.run) == "population"
-        work[number] = (size if stacked else len(p.run.batch_norm), p.run.steps,
-                        "population" if stacked else p.run.arch)
-    total, left_out = estimate.seconds(list(work.values()), population, reference)
+        if effective_engine(p.run) == "population":
+            stacks[number] = (size, p.run.steps, "population")
+        else:  # as if alone: runs trained together take less (a conservative figure)
+            alone.append((len(p.run.batch_norm), p.run.steps, p.run.arch))
+    total, left_out = estimate.seconds([*stacks.values(), *alone], population, reference)
     missing = (f"; {left_out} ConvNet run(s) left out: that record has no ConvNet rate, a "
                "newer `bnexp bench` measures one" if left_out else "")
     return (f"estimated training time: {estimate.describe(total)} on {device} (rates from "

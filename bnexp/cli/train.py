@@ -93,7 +93,8 @@ def _execute(planned: list[sweep.Planned], out: Path, data_dir: Path | None, lab
         except Interrupted as exc:
             progress.stop()
             kept = ("its checkpoint is written" if exc.checkpointed else
-                    "the reference engine keeps no checkpoint: that run starts over")
+                    "the reference engine keeps no checkpoints: the runs it was training "
+                    "start over")
             if exc.step is None:  # Ray: populations were cancelled wherever they were
                 kept = "cancelled populations keep their last checkpoints"
             where = f"interrupted at step {exc.step:,}" if exc.step is not None else "interrupted"
@@ -288,7 +289,7 @@ def sweep_command(
                      allow_large=yes, labels=labels(**named))
     planned = _plan(runs, out, executor, address)
     if dry_run:
-        dry_run_table(planned, force, retry_failed, out)
+        dry_run_table(planned, force, retry_failed, out, executor)
         return
     check_tensorboard(tensorboard)
     outcomes, began = _execute(planned, out, data_dir, "sweep", force=force,

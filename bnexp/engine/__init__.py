@@ -8,7 +8,7 @@ from bnexp.engine.common import (
     variant_name,
 )
 from bnexp.engine.population import population_can_train, train_population
-from bnexp.engine.reference import train_reference
+from bnexp.engine.reference import together_key, train_reference, train_references
 
 
 def effective_engine(run) -> str:
@@ -25,6 +25,8 @@ __all__ = [
     "group_runs",
     "resolve_device",
     "train_population",
+    "together_key",
     "train_reference",
+    "train_references",
     "variant_name",
 ]

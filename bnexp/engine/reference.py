@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import uuid
 
 import torch
 from torch.nn import functional as F
@@ -141,23 +142,46 @@ def train_reference(run: RunConfig, split: Split, device: torch.device,
                     on_evaluate: OnEvaluate | None = None,
                     stop: threading.Event | None = None,
                     threads: int | None = None) -> RunResult:
-    """Train the networks of one comparison (plain and normalised), each an nn.Module of its
-    own; on_evaluate(0, models) follows every evaluation; Interrupted at the evaluation after
-    stop is set (the reference engine keeps no checkpoints: such a run starts over).
+    """Train the networks of one comparison (plain and normalised); see train_references."""
+    return train_references([run], split, device, progress, keep_states, on_evaluate, stop,
+                            threads)[0]
+
+
+def together_key(run: RunConfig, device: torch.device) -> tuple:
+    """Runs of the reference engine with the same key can train in one train_references call:
+    the same data, dtype (on CUDA TF32 is a process-wide switch) and evaluation steps."""
+    return str(device), run.dataset, run.dtype, run.steps, run.eval_every
+
+
+def train_references(runs: list[RunConfig], split: Split, device: torch.device,
+                     progress: Progress | None = None, keep_states: bool = False,
+                     on_evaluate: OnEvaluate | None = None,
+                     stop: threading.Event | None = None,
+                     threads: int | None = None) -> list[RunResult]:
+    """Train the networks of some comparisons (plain and normalised), each an nn.Module of its
+    own, in lock-step blocks between evaluations; on_evaluate(r, models) follows every
+    evaluation of runs[r]; Interrupted at the evaluation after stop is set (the reference
+    engine keeps no checkpoints: such runs start over). The runs share together_key.
 
     On the CPU the networks train side by side, a thread each (up to threads, by default
-    torch's thread count), block by block between evaluations. Every network's kernels run
-    on one thread either way, so its numbers are the same bytes with any thread count and
-    under any load, and the same as trained alone.
+    torch's thread count). Every network's kernels run on one thread either way, so its
+    numbers are the same bytes with any thread count, under any load, and alone or beside
+    other runs' networks.
     """
+    if len({together_key(run, device) for run in runs}) != 1:
+        raise ValueError("runs trained together need the same data, dtype, steps and "
+                         "evaluation steps")
     start = time.perf_counter()
-    split = split.astype(DTYPES[run.dtype])
-    with single_threaded_kernels(device) as available, cuda_precision(run.dtype, device):
-        workers = min(threads or available, len(run.batch_norm)) if device.type == "cpu" else 1
+    first = runs[0]
+    split = split.astype(DTYPES[first.dtype])
+    n_networks = sum(len(run.batch_norm) for run in runs)
+    with single_threaded_kernels(device) as available, cuda_precision(first.dtype, device):
+        workers = min(threads or available, n_networks) if device.type == "cpu" else 1
         with shard_pool(workers) as pool:
             each = pool.map
-            networks = [_Network(run, bn, split, device) for bn in run.batch_norm]
-            models = [network.result for network in networks]
+            by_run = [[_Network(run, bn, split, device) for bn in run.batch_norm]
+                      for run in runs]
+            networks = [network for mine in by_run for network in mine]
             train_time = eval_time = 0.0
 
             def evaluate_all(n_steps: int) -> None:
@@ -165,24 +189,31 @@ def train_reference(run: RunConfig, split: Split, device: torch.device,
                 tick = time.perf_counter()
                 list(each(lambda network: network.record(n_steps), networks))
                 if on_evaluate:
-                    on_evaluate(0, models)
+                    for r, mine in enumerate(by_run):
+                        on_evaluate(r, [network.result for network in mine])
                 eval_time += time.perf_counter() - tick
 
             evaluate_all(0)
             done = 0
-            for n_block in eval_blocks(run.steps, run.eval_every):
+            for n_block in eval_blocks(first.steps, first.eval_every):
                 tick = time.perf_counter()
                 list(each(lambda network, n=n_block: network.train(n, pool.abandoned), networks))
                 train_time += time.perf_counter() - tick
                 done += n_block
                 evaluate_all(n_block)
                 if progress:
-                    progress(n_block * len(networks))
-                if stop is not None and stop.is_set() and done < run.steps:
+                    progress(n_block * n_networks)
+                if stop is not None and stop.is_set() and done < first.steps:
                     raise Interrupted(done, checkpointed=False)
             tick = time.perf_counter()  # the final accuracies count as evaluation, as on stacks
-            list(each(lambda network: network.finish(keep_states), networks))
+            finished = list(each(lambda network: network.finish(keep_states), networks))
             eval_time += time.perf_counter() - tick
-    return RunResult(run, str(device), "reference", models, time.perf_counter() - start, 1,
-                     train_time_s=train_time, eval_time_s=eval_time,
-                     threads=workers)
+    wall, together = time.perf_counter() - start, uuid.uuid4().hex
+    results, at = [], 0
+    for run in runs:
+        models = finished[at:at + len(run.batch_norm)]
+        at += len(models)
+        results.append(RunResult(run, str(device), "reference", models, wall, n_networks,
+                                 train_time_s=train_time, eval_time_s=eval_time,
+                                 threads=workers, population_id=together))
+    return results
