@@ -65,11 +65,17 @@ def dropout_threshold(p: float) -> int:
     return round(p * 2**32)
 
 
+def dropout_layer_keys(key, step, layer):
+    """The key of a training step (1, 2, ...) in hidden layer `layer` (an int, or a tensor
+    broadcast against key's shape to get several layers' keys at once)."""
+    return hash32(hash32(key ^ step) ^ layer)
+
+
 def dropout_draws(key, step, layer: int, positions: torch.Tensor) -> torch.Tensor:
     """32-bit draws of a training step (1, 2, ...) in hidden layer `layer`, one per entry of
     positions (broadcast against key's shape, one key per seed); positions numbers the units
     of a batch's examples, 0 .. batch * width - 1."""
-    return hash32(hash32(hash32(key ^ step) ^ layer) ^ positions)
+    return hash32(dropout_layer_keys(key, step, layer) ^ positions)
 
 
 def dropout_keep(key, step, layer: int, positions: torch.Tensor, threshold) -> torch.Tensor:

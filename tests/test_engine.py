@@ -114,6 +114,7 @@ DROPOUT_CASES = [
     (dict(activation="relu", lr=0.1, dropout=0.5, bn_position="after"), 300),  # 7e-14
     (dict(activation="tanh", lr=0.1, dropout=0.3, norm="layer"), 50),
     (dict(activation="relu", lr=0.1, dropout=0.5, clip="norm", clip_threshold=0.5), 300),  # 3e-15
+    (dict(activation="relu", lr=0.1, dropout=0.5, layers=[784, 50, 30, 10]), 300),  # widths
 ]
 
 
@@ -134,8 +135,10 @@ def test_dropout_matches_reference_in_float64(split, settings, steps):
 
 def test_dropout_masks_are_bernoulli_and_a_function_of_seed_step_layer_and_unit():
     from bnexp.models import (
+        dropout_draws,
         dropout_keep,
         dropout_key,
+        dropout_layer_keys,
         dropout_positions,
         dropout_threshold,
         hash32,
@@ -165,6 +168,11 @@ def test_dropout_masks_are_bernoulli_and_a_function_of_seed_step_layer_and_unit(
                                                                  ).view(2, 1, 1))
     assert torch.equal(both[0], masks(0.5, layer=2, steps=[5])[0])
     assert torch.equal(both[1], masks(0.5, torch.tensor(dropout_key(1)), 2, [5])[0])
+    # the population engine takes a step's keys of all layers at once: the same draws
+    keys = dropout_layer_keys(per_model, torch.tensor(5), torch.arange(3).view(-1, 1, 1, 1))
+    for layer in range(3):
+        assert torch.equal(hash32(keys[layer] ^ positions),
+                           dropout_draws(per_model, 5, layer, positions)), layer
 
 
 @pytest.mark.parametrize("runs, stop_at", [

@@ -41,10 +41,11 @@ from bnexp.models import (
     BN_EPS,
     LEAKY_SLOPE,
     bn_momentum,
-    dropout_draws,
     dropout_key,
+    dropout_layer_keys,
     dropout_positions,
     dropout_threshold,
+    hash32,
 )
 
 CANVAS_PAD = 64  # elements after each model's block in a CPU canvas (keeps rows apart, aligned)
@@ -192,11 +193,21 @@ class Stack:
                 ) -> torch.Tensor:
         return torch.addcmul(self.beta[l], v_hat, self.gamma[l], out=out)
 
-    def _dropout_keep(self, l: int, step: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Each model's dropout mask of hidden layer l at this training step, (M, B, n)."""
-        positions = dropout_positions(like.shape[1], like.shape[2], like.device)
-        # the 32-bit draws once per seed, then each model's threshold
-        draws = dropout_draws(self.drop_keys, step, l, positions)
+    def _dropout_draws(self, step: torch.Tensor, batch: int) -> list[torch.Tensor]:
+        """The step's 32-bit dropout draws of every hidden layer, (S, B, n) each, once per
+        seed: models.dropout_draws in fewer operators (the layers' keys in one pass, and
+        where the hidden layers are equally wide, as in the lesson, their draws in one)."""
+        device = self.drop_keys.device
+        layers = torch.arange(self.n_hidden, dtype=torch.long, device=device)
+        keys = dropout_layer_keys(self.drop_keys, step, layers.view(-1, 1, 1, 1))  # (L, S, 1, 1)
+        widths = [w.shape[1] for w in self.w[:-1]]
+        if len(set(widths)) == 1:
+            return list(hash32(keys ^ dropout_positions(batch, widths[0], device)).unbind(0))
+        return [hash32(keys[l] ^ dropout_positions(batch, n, device))
+                for l, n in enumerate(widths)]
+
+    def _dropout_keep(self, draws: torch.Tensor) -> torch.Tensor:
+        """Each model's dropout mask (M, B, n) from its seed's draws (S, B, n)."""
         draws = (draws.expand(self.m, -1, -1) if self.drop_seed_of is None
                  else draws.index_select(0, self.drop_seed_of))
         return draws >= self.drop_threshold
@@ -222,6 +233,7 @@ class Stack:
         h = self._inputs(x)
         before = self.kind.position == "before"
         normed = self.norm_mask is not False
+        draws = self._dropout_draws(step, x.shape[1]) if train and self.dropout else None
         for l in range(self.n_hidden):
             z = torch.bmm(h, self.w[l].transpose(1, 2))
             a = self._canvas(z)
@@ -245,7 +257,7 @@ class Stack:
                 out = pick(self.norm_mask, self._affine(v_hat, l), a)
             keep = None
             if train and self.dropout:
-                keep = self._dropout_keep(l, step, out)
+                keep = self._dropout_keep(draws[l])
                 out = torch.where(keep, out * self.drop_scale, 0.0)
             if saved is not None:
                 saved.append((h, v_hat, inv_std, a, keep))
