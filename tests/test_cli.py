@@ -566,3 +566,42 @@ def test_runs_lists_what_is_on_disk(env):
         "error: --where lr=fast: no run can have it (Input should be a valid number)",
         "error: --where activation=rellu: no run can have it (Input should be 'relu', "
         "'sigmoid', 'tanh', 'elu' or 'leaky_relu')"]
+
+
+def test_tables_say_what_tells_runs_apart_beyond_their_names(env, monkeypatch):
+    """Run names show activation, lr, initial weights, architecture, normaliser, batch size
+    and seed; where an experiment's runs differ in anything else, the tables say in what."""
+    from rich.console import Console
+
+    from bnexp.cli import common, dry_run, outcomes, train
+
+    def cfg(experiment="a", **kw):
+        return RunConfig(**{"experiment": experiment, "steps": 40, "eval_every": 20,
+                            "device": "cpu", **kw})
+
+    runs = [cfg(bn_impl="manual", dropout=0.5), cfg(), cfg(dtype="float64"),
+            cfg(layers=[784, 50, 10]), cfg("b", lr=0.5), cfg("b", lr=0.1, seed=3)]
+    assert common.settings_apart(runs) == [
+        "layers=[784,100,100,100,10] bn_impl=manual dropout=0.5 dtype=float32",
+        "layers=[784,100,100,100,10] bn_impl=torch dropout=0 dtype=float32",
+        "layers=[784,100,100,100,10] bn_impl=torch dropout=0 dtype=float64",
+        "layers=[784,50,10] bn_impl=torch dropout=0 dtype=float32",
+        "", ""]  # b's runs differ only in what their names show
+    wide = Console(width=250)
+    for module in (common, dry_run, outcomes, train):
+        monkeypatch.setattr(module, "out_console", wide)
+    path = experiment(env, "name: m\nbatch_norm: [true]\ngrid:\n  bn_impl: [torch, manual]\n")
+    ran = invoke("run", path, *FAST)
+    assert ran.exit_code == 0, ran.output
+    rows = [" ".join(line.replace("│", " ").split()) for line in ran.stdout.splitlines()
+            if line.startswith("│")]
+    assert sorted(row.split()[1:3] for row in rows) == [["bn_impl=manual", "bn"],
+                                                        ["bn_impl=torch", "bn"]], ran.stdout
+    swept = invoke("sweep", path, *FAST)
+    assert "bn_impl=manual skipped already complete" in " ".join(
+        swept.stdout.replace("│", " ").split()), swept.stdout
+    dry = invoke("sweep", path, *FAST, "--dry-run", "--force")
+    text = " ".join(dry.stdout.replace("│", " ").split())
+    assert "bn_impl=torch cpu population" in text and "bn_impl=manual cpu reference" in text
+    demo = invoke("run", experiment(env, "name: d\n", "d.yaml"), *FAST)
+    assert demo.exit_code == 0 and "settings" not in demo.stdout, demo.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -145,6 +146,38 @@ def labels(**named: object) -> dict[str, str]:
     """How the named options appear in error messages: "steps=5" -> "--steps 5"."""
     return {f"{key}={value}": f"--{key} {value}" for key, value in named.items()
             if value is not None}
+
+
+# Not shown as what tells runs apart: what run names show (RunConfig.run_id), examples (they
+# follow from steps) and what cannot change results.
+APART_IGNORES = ("activation", "lr", "init", "init_scale", "arch", "norm", "batch_size", "seed",
+                 "examples", *cfg.NON_RESULT_FIELDS)
+
+
+def settings_apart(runs: list[cfg.RunConfig]) -> list[str]:
+    """For each run, the settings in which the runs of its experiment differ beyond what run
+    names show (activation, learning rate, initial weights, architecture, normaliser, batch
+    size, seed), as "bn_impl=manual dropout=0.5"; "" where they do not."""
+    fields = [run.model_dump(mode="json") for run in runs]
+    by_experiment: dict[str, list[int]] = {}
+    for i, run in enumerate(runs):
+        by_experiment.setdefault(run.experiment, []).append(i)
+    apart = [""] * len(runs)
+    for members in by_experiment.values():
+        keys = dict.fromkeys(k for i in members for k in fields[i])
+        differ = [k for k in keys if k not in APART_IGNORES
+                  and len({json.dumps(fields[i].get(k)) for i in members}) > 1]
+        for i in members:
+            apart[i] = " ".join(f"{k}={_setting(fields[i].get(k))}" for k in differ)
+    return apart
+
+
+def _setting(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"))
 
 
 def load_runs(files: list[Path], overrides: list[str], seeds: int | None = None,

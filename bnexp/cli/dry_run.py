@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from rich.table import Table
 
-from bnexp.cli.common import LISTED_RUNS, out_console
+from bnexp.cli.common import LISTED_RUNS, out_console, settings_apart
 
 if TYPE_CHECKING:
     from bnexp import sweep
@@ -54,17 +54,21 @@ def _run_table(planned: list[sweep.Planned], where: dict) -> Table:
     """One row per run."""
     from bnexp.engine import effective_engine
 
-    table = _table(f"{len(planned)} runs (dry run)", ("experiment", "run", "device", "engine",
-                                                      "population", "net-steps", "status"))
-    for p in planned:
+    apart = settings_apart([p.run for p in planned])
+    settings = ("settings",) if any(apart) else ()
+    table = _table(f"{len(planned)} runs (dry run)", ("experiment", "run", *settings, "device",
+                                                      "engine", "population", "net-steps",
+                                                      "status"))
+    for p, differs in zip(planned, apart):
         trains = id(p) in where
         status = "would train" if trains else f"{p.status}, would skip"
         group = "-"
         if trains:
             number, size = where[id(p)]
             group = f"{number} ({size} networks)"
-        table.add_row(p.run.experiment, p.run_id, str(p.device), effective_engine(p.run),
-                      group, f"{p.run.steps * len(p.run.batch_norm):,}", status)
+        table.add_row(p.run.experiment, p.run_id, *((differs,) if settings else ()),
+                      str(p.device), effective_engine(p.run), group,
+                      f"{p.run.steps * len(p.run.batch_norm):,}", status)
     return table
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from rich.table import Table
 
-from bnexp.cli.common import LISTED_RUNS, out_console
+from bnexp.cli.common import LISTED_RUNS, out_console, settings_apart
 
 if TYPE_CHECKING:
     from bnexp import sweep
@@ -23,12 +23,15 @@ def print_outcomes(outcomes: list[sweep.Outcome], counts: dict[str, int], out: P
     shown = (outcomes if len(outcomes) <= LISTED_RUNS
              else [o for o in outcomes if o.status not in QUIET])
     if shown:
+        apart = settings_apart([o.planned.run for o in shown])
         table = Table(title="Sweep")
-        for column in ("experiment", "run", "status", "detail"):
+        for column in ("experiment", "run", *(("settings",) if any(apart) else ()), "status",
+                       "detail"):
             table.add_column(column, overflow="fold")
-        for o in shown:
+        for o, settings in zip(shown, apart):
             detail = o.error or (str(o.folder) if o.folder else "already complete")
-            table.add_row(o.planned.run.experiment, o.planned.run_id, o.status, detail)
+            table.add_row(o.planned.run.experiment, o.planned.run_id,
+                          *((settings,) if any(apart) else ()), o.status, detail)
         out_console.print(table)
     if len(shown) < len(outcomes):
         out_console.print(f"{counts['done']:,} done and {counts['skipped']:,} skipped runs not "

@@ -38,6 +38,7 @@ from bnexp.cli.common import (
     overrides,
     progress_bar,
     set_threads,
+    settings_apart,
 )
 from bnexp.cli.dry_run import dry_run_table
 from bnexp.cli.outcomes import print_outcomes
@@ -133,16 +134,21 @@ def _stop_on_ctrl_c(stop: threading.Event, notice) -> Iterator[list[int]]:
 
 
 def _accuracy_table(outcomes: list[sweep.Outcome]) -> Table:
+    """A row per trained network; a settings column where the runs differ in settings their
+    names do not show."""
+    trained = [o for o in outcomes if o.result is not None]
+    apart = settings_apart([o.planned.run for o in trained])
+    columns = ("run", *(("settings",) if any(apart) else ()), "model", "val acc", "test acc",
+               "diverged at")
     table = Table(title="Final accuracy")
-    for column in ("run", "model", "val acc", "test acc", "diverged at"):
-        table.add_column(column, justify="left" if column in ("run", "model") else "right",
-                         overflow="fold")
-    for outcome in outcomes:
-        if outcome.result is None:
-            continue
+    for column in columns:
+        table.add_column(column, overflow="fold",
+                         justify="left" if column in ("run", "settings", "model") else "right")
+    for outcome, settings in zip(trained, apart):
         for model in outcome.result.models:
             diverged = "-" if model.diverged_step is None else f"step {model.diverged_step}"
-            table.add_row(outcome.planned.run_id, model.name, f"{model.final_val_acc:.4f}",
+            table.add_row(outcome.planned.run_id, *((settings,) if any(apart) else ()),
+                          model.name, f"{model.final_val_acc:.4f}",
                           f"{model.final_test_acc:.4f}", diverged)
     return table
 
