@@ -206,14 +206,10 @@ def train_references(runs: list[RunConfig], split: Split, device: torch.device,
                 if stop is not None and stop.is_set() and done < first.steps:
                     raise Interrupted(done, checkpointed=False)
             tick = time.perf_counter()  # the final accuracies count as evaluation, as on stacks
-            finished = list(each(lambda network: network.finish(keep_states), networks))
+            list(each(lambda network: network.finish(keep_states), networks))
             eval_time += time.perf_counter() - tick
     wall, together = time.perf_counter() - start, uuid.uuid4().hex
-    results, at = [], 0
-    for run in runs:
-        models = finished[at:at + len(run.batch_norm)]
-        at += len(models)
-        results.append(RunResult(run, str(device), "reference", models, wall, n_networks,
-                                 train_time_s=train_time, eval_time_s=eval_time,
-                                 threads=workers, population_id=together))
-    return results
+    return [RunResult(run, str(device), "reference", [network.result for network in mine],
+                      wall, n_networks, train_time_s=train_time, eval_time_s=eval_time,
+                      threads=workers, population_id=together)
+            for run, mine in zip(runs, by_run, strict=True)]
