@@ -101,12 +101,16 @@ def _read_partial(row: RunRow) -> None:
 def varied_settings(rows: list[RunRow]) -> list[str]:
     """The settings whose values differ between the rows, in config order (a key that is no
     setting, in a damaged or foreign config.yaml, is not a column)."""
+    return varied_keys([row.config for row in rows if row.config])
+
+
+def varied_keys(configs: list[dict]) -> list[str]:
+    """The settings whose values differ between the configs (mappings), in config order."""
     keys: dict[str, None] = {}
-    for row in rows:
-        keys.update(dict.fromkeys(k for k in row.config
+    for config in configs:
+        keys.update(dict.fromkeys(k for k in config
                                   if k in RunConfig.model_fields and k not in HIDDEN))
-    return [k for k in keys
-            if len({repr(row.config.get(k)) for row in rows if row.config}) > 1]
+    return [k for k in keys if len({repr(config.get(k)) for config in configs}) > 1]
 
 
 def matches(row: RunRow, where: list[tuple[str, object]]) -> bool:
@@ -138,7 +142,7 @@ def as_csv(rows: list[RunRow]) -> str:
                 for m in models for i in (0, 1)]
         writer.writerow([row.experiment, row.run_id, row.status,
                          "" if row.step is None else row.step,
-                         *[_setting(row.config.get(k)) for k in varied], *accs, row.folder])
+                         *[setting_text(row.config.get(k)) for k in varied], *accs, row.folder])
     return out.getvalue()
 
 
@@ -146,7 +150,7 @@ def _number(x: float) -> str:
     return "" if x is None or math.isnan(x) else f"{x:.4f}"
 
 
-def _setting(value: object) -> str:
+def setting_text(value: object) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(str(v) for v in value) + "]"
     return "" if value is None else str(value)

@@ -582,10 +582,10 @@ def test_tables_say_what_tells_runs_apart_beyond_their_names(env, monkeypatch):
     runs = [cfg(bn_impl="manual", dropout=0.5), cfg(), cfg(dtype="float64"),
             cfg(layers=[784, 50, 10]), cfg("b", lr=0.5), cfg("b", lr=0.1, seed=3)]
     assert common.settings_apart(runs) == [
-        "layers=[784,100,100,100,10] bn_impl=manual dropout=0.5 dtype=float32",
-        "layers=[784,100,100,100,10] bn_impl=torch dropout=0 dtype=float32",
-        "layers=[784,100,100,100,10] bn_impl=torch dropout=0 dtype=float64",
-        "layers=[784,50,10] bn_impl=torch dropout=0 dtype=float32",
+        "layers=[784, 100, 100, 100, 10] bn_impl=manual dropout=0.5 dtype=float32",
+        "layers=[784, 100, 100, 100, 10] bn_impl=torch dropout=0.0 dtype=float32",
+        "layers=[784, 100, 100, 100, 10] bn_impl=torch dropout=0.0 dtype=float64",
+        "layers=[784, 50, 10] bn_impl=torch dropout=0.0 dtype=float32",
         "", ""]  # b's runs differ only in what their names show
     wide = Console(width=250)
     for module in (common, dry_run, outcomes, train):

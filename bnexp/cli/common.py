@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -148,36 +147,28 @@ def labels(**named: object) -> dict[str, str]:
             if value is not None}
 
 
-# Not shown as what tells runs apart: what run names show (RunConfig.run_id), examples (they
-# follow from steps) and what cannot change results.
-APART_IGNORES = ("activation", "lr", "init", "init_scale", "arch", "norm", "batch_size", "seed",
-                 "examples", *cfg.NON_RESULT_FIELDS)
+# Left out of what tells runs apart: what run names show (RunConfig.run_id), and examples
+# (they follow from steps).
+NAMED_SETTINGS = ("activation", "lr", "init", "init_scale", "arch", "norm", "batch_size", "seed",
+                  "examples")
 
 
 def settings_apart(runs: list[cfg.RunConfig]) -> list[str]:
     """For each run, the settings in which the runs of its experiment differ beyond what run
     names show (activation, learning rate, initial weights, architecture, normaliser, batch
     size, seed), as "bn_impl=manual dropout=0.5"; "" where they do not."""
-    fields = [run.model_dump(mode="json") for run in runs]
+    from bnexp import inventory
+
     by_experiment: dict[str, list[int]] = {}
     for i, run in enumerate(runs):
         by_experiment.setdefault(run.experiment, []).append(i)
     apart = [""] * len(runs)
     for members in by_experiment.values():
-        keys = dict.fromkeys(k for i in members for k in fields[i])
-        differ = [k for k in keys if k not in APART_IGNORES
-                  and len({json.dumps(fields[i].get(k)) for i in members}) > 1]
-        for i in members:
-            apart[i] = " ".join(f"{k}={_setting(fields[i].get(k))}" for k in differ)
+        configs = [runs[i].model_dump(mode="json") for i in members]
+        differ = [k for k in inventory.varied_keys(configs) if k not in NAMED_SETTINGS]
+        for i, config in zip(members, configs):
+            apart[i] = " ".join(f"{k}={inventory.setting_text(config[k])}" for k in differ)
     return apart
-
-
-def _setting(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, separators=(",", ":"))
 
 
 def load_runs(files: list[Path], overrides: list[str], seeds: int | None = None,
