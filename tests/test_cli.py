@@ -603,5 +603,6 @@ def test_tables_say_what_tells_runs_apart_beyond_their_names(env, monkeypatch):
     dry = invoke("sweep", path, *FAST, "--dry-run", "--force")
     text = " ".join(dry.stdout.replace("│", " ").split())
     assert "bn_impl=torch cpu population" in text and "bn_impl=manual cpu reference" in text
+    assert "(1 network) 40 would train" in text and "networks)" not in text
     demo = invoke("run", experiment(env, "name: d\n", "d.yaml"), *FAST)
     assert demo.exit_code == 0 and "settings" not in demo.stdout, demo.stdout

@@ -65,11 +65,15 @@ def _run_table(planned: list[sweep.Planned], where: dict) -> Table:
         group = "-"
         if trains:
             number, size = where[id(p)]
-            group = f"{number} ({size} networks)"
+            group = f"{number} ({_networks(size)})"
         table.add_row(p.run.experiment, p.run_id, *((differs,) if settings else ()),
                       str(p.device), effective_engine(p.run), group,
                       f"{p.run.steps * len(p.run.batch_norm):,}", status)
     return table
+
+
+def _networks(n: int) -> str:
+    return f"{n:,} network" + ("" if n == 1 else "s")
 
 
 def _population_table(planned: list[sweep.Planned], where: dict) -> Table:
@@ -101,7 +105,7 @@ def _population_table(planned: list[sweep.Planned], where: dict) -> Table:
             calls = len({where[id(p)][0] for p in runs})
             group = "each alone" if calls == len(runs) else f"in {calls}, side by side"
         else:
-            group = f"{key[1]} ({where[id(first)][1]:,} networks)"
+            group = f"{key[1]} ({_networks(where[id(first)][1])})"
         table.add_row(experiments, f"{len(runs):,}", str(first.device),
                       effective_engine(first.run), group, steps, "would train")
     return table
