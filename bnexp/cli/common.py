@@ -171,6 +171,15 @@ def settings_apart(runs: list[cfg.RunConfig]) -> list[str]:
     return apart
 
 
+def settings_column(runs: list[cfg.RunConfig]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """A table's settings column for these runs (settings_apart): (its header, a cell per
+    run), both empty where no run differs beyond its name, so that callers splice them in."""
+    apart = settings_apart(runs)
+    if not any(apart):
+        return (), [()] * len(runs)
+    return ("settings",), [(text,) for text in apart]
+
+
 def load_runs(files: list[Path], overrides: list[str], seeds: int | None = None,
                allow_large: bool = False, labels: dict[str, str] | None = None,
                ) -> list[cfg.RunConfig]:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from rich.table import Table
 
-from bnexp.cli.common import LISTED_RUNS, out_console, settings_apart
+from bnexp.cli.common import LISTED_RUNS, out_console, settings_column
 
 if TYPE_CHECKING:
     from bnexp import sweep
@@ -54,21 +54,20 @@ def _run_table(planned: list[sweep.Planned], where: dict) -> Table:
     """One row per run."""
     from bnexp.engine import effective_engine
 
-    apart = settings_apart([p.run for p in planned])
-    settings = ("settings",) if any(apart) else ()
-    table = _table(f"{len(planned)} runs (dry run)", ("experiment", "run", *settings, "device",
+    header, cells = settings_column([p.run for p in planned])
+    table = _table(f"{len(planned)} runs (dry run)", ("experiment", "run", *header, "device",
                                                       "engine", "population", "net-steps",
                                                       "status"))
-    for p, differs in zip(planned, apart):
+    for p, settings in zip(planned, cells):
         trains = id(p) in where
         status = "would train" if trains else f"{p.status}, would skip"
         group = "-"
         if trains:
             number, size = where[id(p)]
             group = f"{number} ({_networks(size)})"
-        table.add_row(p.run.experiment, p.run_id, *((differs,) if settings else ()),
-                      str(p.device), effective_engine(p.run), group,
-                      f"{p.run.steps * len(p.run.batch_norm):,}", status)
+        table.add_row(p.run.experiment, p.run_id, *settings, str(p.device),
+                      effective_engine(p.run), group, f"{p.run.steps * len(p.run.batch_norm):,}",
+                      status)
     return table
 
 

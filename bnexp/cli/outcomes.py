@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from rich.table import Table
 
-from bnexp.cli.common import LISTED_RUNS, out_console, settings_apart
+from bnexp.cli.common import LISTED_RUNS, out_console, settings_column
 
 if TYPE_CHECKING:
     from bnexp import sweep
@@ -23,15 +23,14 @@ def print_outcomes(outcomes: list[sweep.Outcome], counts: dict[str, int], out: P
     shown = (outcomes if len(outcomes) <= LISTED_RUNS
              else [o for o in outcomes if o.status not in QUIET])
     if shown:
-        apart = settings_apart([o.planned.run for o in shown])
+        header, cells = settings_column([o.planned.run for o in shown])
         table = Table(title="Sweep")
-        for column in ("experiment", "run", *(("settings",) if any(apart) else ()), "status",
-                       "detail"):
+        for column in ("experiment", "run", *header, "status", "detail"):
             table.add_column(column, overflow="fold")
-        for o, settings in zip(shown, apart):
+        for o, settings in zip(shown, cells):
             detail = o.error or (str(o.folder) if o.folder else "already complete")
-            table.add_row(o.planned.run.experiment, o.planned.run_id,
-                          *((settings,) if any(apart) else ()), o.status, detail)
+            table.add_row(o.planned.run.experiment, o.planned.run_id, *settings, o.status,
+                          detail)
         out_console.print(table)
     if len(shown) < len(outcomes):
         out_console.print(f"{counts['done']:,} done and {counts['skipped']:,} skipped runs not "

@@ -38,7 +38,7 @@ from bnexp.cli.common import (
     overrides,
     progress_bar,
     set_threads,
-    settings_apart,
+    settings_column,
 )
 from bnexp.cli.dry_run import dry_run_table
 from bnexp.cli.outcomes import print_outcomes
@@ -137,19 +137,16 @@ def _accuracy_table(outcomes: list[sweep.Outcome]) -> Table:
     """A row per trained network; a settings column where the runs differ in settings their
     names do not show."""
     trained = [o for o in outcomes if o.result is not None]
-    apart = settings_apart([o.planned.run for o in trained])
-    columns = ("run", *(("settings",) if any(apart) else ()), "model", "val acc", "test acc",
-               "diverged at")
+    header, cells = settings_column([o.planned.run for o in trained])
     table = Table(title="Final accuracy")
-    for column in columns:
+    for column in ("run", *header, "model", "val acc", "test acc", "diverged at"):
         table.add_column(column, overflow="fold",
                          justify="left" if column in ("run", "settings", "model") else "right")
-    for outcome, settings in zip(trained, apart):
+    for outcome, settings in zip(trained, cells):
         for model in outcome.result.models:
             diverged = "-" if model.diverged_step is None else f"step {model.diverged_step}"
-            table.add_row(outcome.planned.run_id, *((settings,) if any(apart) else ()),
-                          model.name, f"{model.final_val_acc:.4f}",
-                          f"{model.final_test_acc:.4f}", diverged)
+            table.add_row(outcome.planned.run_id, *settings, model.name,
+                          f"{model.final_val_acc:.4f}", f"{model.final_test_acc:.4f}", diverged)
     return table
 
 
