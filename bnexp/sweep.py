@@ -112,6 +112,12 @@ def network_steps(planned: list[Planned]) -> int:
     return sum(p.run.steps * len(p.run.batch_norm) for p in planned)
 
 
+def batch_threads(executor: str) -> int | None:
+    """The threads batches() fits reference runs into: a Ray task has one CPU, so there the
+    reference engine's runs go as tasks of their own; locally torch's thread count (None)."""
+    return 1 if executor == "ray" else None
+
+
 def batches(todo: list[tuple[Planned, dict | None]], threads: int | None = None,
             ) -> list[list[tuple[Planned, dict | None]]]:
     """Runs trained in one call: a population resuming from one step, or runs of the
@@ -270,10 +276,9 @@ def _lock_and_train(todo: list[Planned], out: Path, data_dir: Path, splits, forc
     if options.executor == "ray":
         from bnexp import ray_executor
 
-        # a Ray task has one CPU: the reference engine's runs go as tasks of their own
-        ray_executor.execute_batches(batches(ready, threads=1), out, data_dir, fail_fast,
-                                     progress, outcomes, report, options, notice,
-                                     options.address)
+        ray_executor.execute_batches(batches(ready, batch_threads(options.executor)), out,
+                                     data_dir, fail_fast, progress, outcomes, report, options,
+                                     notice, options.address)
         return
     _execute_batches(ready, out, splits, fail_fast, progress, outcomes, report, options)
 

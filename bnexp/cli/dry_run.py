@@ -22,7 +22,7 @@ def dry_run_table(planned: list[sweep.Planned], force: bool, retry_failed: bool,
     from bnexp import sweep
 
     todo = sweep.to_train(planned, force, retry_failed)
-    where = sweep.populations(todo, threads=1 if executor == "ray" else None)
+    where = sweep.populations(todo, sweep.batch_threads(executor))
     table = (_run_table(planned, where) if len(planned) <= LISTED_RUNS
              else _population_table(planned, where))
     out_console.print(table)
