@@ -109,8 +109,9 @@ def bench_population(split: Split, device: torch.device, n_models: int, steps: i
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     runs = population_runs(n_models, steps, eval_every=steps, dtype=dtype)
+    # shards as a long run has them (in processes on a CPU that can fork), whatever steps
     result = train_population(runs, split, device, cuda_graph=cuda_graph,
-                              compile_step=compile_step)[0]
+                              compile_step=compile_step, shard_processes=True)[0]
     seconds = result.train_time_s
     rate = result.population_size * steps / seconds
     ratio = rate / reference.network_steps_per_s if reference else None
@@ -123,7 +124,8 @@ def _execution(result) -> str:
     """How a population ran: eager or compiled, and on the CPU on how many threads."""
     if result.device != "cpu":
         return result.execution
-    return f"{result.execution}, {result.threads} thread{'s' if result.threads > 1 else ''}"
+    unit = "processes" if result.shards_in == "processes" else "threads"
+    return f"{result.execution}, {result.threads} {unit if result.threads > 1 else 'thread'}"
 
 
 def bench_grid(runs: list[RunConfig], split: Split, device: torch.device,

@@ -111,6 +111,8 @@ def summary_record(result: RunResult, run_id: str) -> dict:
         "eval_time_s": result.eval_time_s,
         "compile_time_s": result.compile_time_s,
         "population_size": result.population_size,
+        **({"cpu_shards": result.threads, "cpu_shards_in": result.shards_in}
+           if result.device == "cpu" else {}),
         "models": {
             m.name: {
                 "final_val_acc": m.final_val_acc,

@@ -694,8 +694,9 @@ def test_an_exception_while_threads_train_a_block_stops_them_within_steps(split,
         sender.start()
         with pytest.raises(_Signalled):
             if engine == "population":  # 8 networks: two shards, a thread each
+                # (in processes a second Ctrl-C kills them: tests/test_processes.py)
                 train_population([cfg.model_copy(update={"lr": lr}) for lr in
-                                  (0.01, 0.02, 0.03, 0.04)], split, CPU)
+                                  (0.01, 0.02, 0.03, 0.04)], split, CPU, shard_processes=False)
             else:
                 train_reference(cfg, split, CPU, threads=2)
     finally:

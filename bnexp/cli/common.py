@@ -83,10 +83,12 @@ SetOption = Annotated[list[str] | None, typer.Option(
 ThreadsOption = Annotated[int | None, typer.Option(
     "--threads", metavar="N", min=1, max=1024,
     help="CPU threads (default: torch's, i.e. $OMP_NUM_THREADS "
-    "or all cores). An uncompiled population of M networks trains on at most sqrt(M) of them (a "
-    "pair on one; evaluating uses them all); the reference engine trains networks a thread "
-    "each, several comparisons at once where their networks fit. Results are the same bytes "
-    "for any count; only the time changes.")]
+    "or all cores). A population of M networks trains in up to N worker processes on the "
+    "CPU (a pair: one network each), or, for runs of fewer than 500 steps and compiled steps, "
+    "on threads of one process (uncompiled: about sqrt(M) of them); evaluating uses them "
+    "all. The reference engine trains networks a thread each, several comparisons at once "
+    "where their networks fit. Results are the same bytes for any count; only the time "
+    "changes.")]
 TensorBoardOption = Annotated[bool, typer.Option(
     "--tensorboard", help="Also write TensorBoard events (per-model scalars at every "
     "evaluation, the settings in the HParams view) into each run folder's tb/; view with "

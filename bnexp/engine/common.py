@@ -75,7 +75,8 @@ class RunResult:
     train_time_s: float | None = None  # training steps alone, without evaluation and set-up
     compile_time_s: float = 0.0  # compiling and capturing the step (inside wall_time_s)
     eval_time_s: float = 0.0  # evaluating while training, live metrics written (inside too)
-    threads: int = 1  # CPU: shards of the population trained side by side, one thread each
+    threads: int = 1  # CPU: shards of the population trained side by side
+    shards_in: str = "threads"  # CPU: a thread of this process per shard, or "processes"
     # The runs trained together share it (and the times above); each call trains one.
     population_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 

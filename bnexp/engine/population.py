@@ -34,6 +34,7 @@ from bnexp.engine.common import (
 )
 from bnexp.engine.members import correct, model_state
 from bnexp.engine.precision import cuda_precision
+from bnexp.engine.processes import ShardProcesses, processes_pay
 from bnexp.engine.shards import (
     Shard,
     build_stacks,
@@ -83,15 +84,18 @@ def train_population(runs: list[RunConfig], split: Split, device: torch.device,
                      on_checkpoint: Callable[[int, dict], None] | None = None,
                      on_evaluate: OnEvaluate | None = None,
                      compile_step: bool = False,
-                     stop: threading.Event | None = None) -> list[RunResult]:
+                     stop: threading.Event | None = None,
+                     shard_processes: bool | None = None) -> list[RunResult]:
     """Train every model of runs (which share a population key) together.
 
     resume holds one checkpoint per run, all taken at the same step; on_checkpoint(r, data)
     receives run r's checkpoint at the first evaluation after every checkpoint_every steps
     and at the end; on_evaluate(r, models) follows every evaluation (and a resume).
-    On the CPU the models are spread over up to torch.get_num_threads() threads
-    (threads.cpu_shards); on CUDA the step
-    is captured as a CUDA graph. Either is compiled first where compile_step and
+    On the CPU the models are spread over shards, up to torch.get_num_threads() of them:
+    worker processes, one network or more each, where shard_processes asks for them or by
+    default where enough steps are left (processes.processes_pay); else threads of this
+    process, about sqrt(M) of them (threads.cpu_shards). On CUDA the step is captured as a
+    CUDA graph. Either is compiled first where compile_step and
     should_compile say so (the result's execution says which path ran); products are in
     TF32 only for dtype tf32. A run's numbers are the same alone, in any population, resumed
     or not, with any threads (unless compiled).
@@ -100,15 +104,23 @@ def train_population(runs: list[RunConfig], split: Split, device: torch.device,
         n_models = sum(len(run.batch_norm) for run in runs)
         compiled = should_compile(runs, device, compile_step)
         cpu = device.type == "cpu"
-        shards = cpu_shards(threads, n_models, compiled) if cpu else 1
+        steps_left = runs[0].steps - (resume[0]["step"] if resume else 0)
+        # in processes every network may have a core; as threads they wait for the GIL
+        processes = processes_pay(device, min(threads, n_models), steps_left, compiled,
+                                  shard_processes)
+        shards = (min(threads, n_models) if processes
+                  else cpu_shards(threads, n_models, compiled) if cpu else 1)
         # evaluation's products are large: every stack may have a thread there
-        with shard_pool(min(threads, n_models) if cpu else 1) as pool:
+        with (shard_pool(min(threads, n_models) if cpu else 1) as pool,
+              ShardProcesses() as workers):
             return _train(runs, split.astype(DTYPES[runs[0].dtype]), device, shards, pool,
-                          progress, keep_states, cuda_graph, resume, on_checkpoint,
-                          on_evaluate or (lambda r, models: None), compiled, stop)
+                          workers if processes else None, progress, keep_states, cuda_graph,
+                          resume, on_checkpoint, on_evaluate or (lambda r, models: None),
+                          compiled, stop)
 
 
-def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progress,
+def _train(runs, split: Split, device: torch.device, n_shards: int, pool,
+           workers: ShardProcesses | None, progress,
            keep_states: bool, cuda_graph: bool, resume, on_checkpoint,
            on_evaluate: OnEvaluate, compile_step: bool,
            stop: threading.Event | None) -> list[RunResult]:
@@ -127,6 +139,14 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
         compile_cpu(shards, stacks)
     each = pool.map
     each_shard = each if len(shards) > 1 else map
+    if workers is not None:
+        workers.shards = shards
+
+    def train_block(n: int) -> None:
+        if workers is not None:
+            workers.train_block(n)
+        else:
+            list(each_shard(lambda shard: shard.train_block(n, pool.abandoned), shards))
     results = [[ModelResult(variant_name(bn, run.norm)) for bn in run.batch_norm]
                for run in runs]
     on_test = first.eval_split == "test"
@@ -190,7 +210,7 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
     for n_block in remaining_blocks(first, done):
         block[:n_block].copy_(next_block(streams.values(), n_block))
         tick = time.perf_counter()
-        list(each_shard(lambda shard, n=n_block: shard.train_block(n, pool.abandoned), shards))
+        train_block(n_block)
         sync(device)
         train_time += time.perf_counter() - tick
         done += n_block
@@ -213,7 +233,9 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool, progre
     return [RunResult(run, str(device), "population", results[r], wall, n_models,
                       shards[0].execution, train_time_s=train_time,
                       compile_time_s=sum(shard.compile_s for shard in shards),
-                      eval_time_s=eval_time, threads=len(shards), population_id=population)
+                      eval_time_s=eval_time, threads=len(shards),
+                      shards_in="processes" if workers is not None else "threads",
+                      population_id=population)
             for r, run in enumerate(runs)]
 
 

@@ -1,6 +1,6 @@
 """A population's stacks and shards: which models share a stack, how the stacks are dealt
-into shards (one thread each on the CPU, one captured graph on CUDA), and a shard's steps
-over a block of batches.
+into shards (one thread or worker process each on the CPU, one captured graph on CUDA), and
+a shard's steps over a block of batches.
 
 Within a shard every stack trains on the same step's batches (one per seed's stream); dead
 networks leave an eager shard's step (retire), compiled ones keep their shapes.

@@ -6,7 +6,8 @@ many threads ran them (MKL splits a small batched product across threads; an ele
 kernel puts different elements in its scalar tail). With every kernel on one thread and each
 model's arithmetic independent of its neighbours (engine/stack.py), a run's numbers are the
 same bytes alone or in any population, with any thread count, under any load. The cores are
-still used: the population is cut into shards of models, one thread each.
+still used: the population is cut into shards of models, one thread each (or one worker
+process each, engine/processes.py, where the GIL would keep threads waiting).
 """
 
 from __future__ import annotations

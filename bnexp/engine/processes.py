@@ -1,0 +1,194 @@
+"""CPU shards in processes of their own: the cores used without Python's lock in the way.
+
+A shard's thread holds Python's GIL while it dispatches its step's operators (83 for a stack of
+plain networks, 140 for BN), so shards that are threads of one process spend their steps
+handing that lock to each other: on 2 cores a relu pair took 16.1 s for 10,000 steps as two
+threads against 13.0 s as one. As two processes the same pair trains in about the time of its
+slower network. Each worker is a fork of the training process that holds one shard: the
+state its steps change (parameters, running averages, loss sums, divergence steps, the step
+counters) and the block of batch indices are moved into shared memory first, so the parent
+evaluates and checkpoints the very tensors its workers train, and the data is the parent's,
+shared copy-on-write. The arithmetic is the shard's own, one thread each, so a run's numbers
+are the same bytes as with threads.
+
+A worker trains a block when told to and says when it is done; it ignores Ctrl-C and
+SIGTERM (the parent decides: stop at the next evaluation, or give up), dies with the parent
+(PR_SET_PDEATHSIG), never writes to a file or the terminal, and leaves with os._exit, so
+nothing it inherited (another thread's lock, a buffered stream) is touched. A shard whose
+stacks change (dead networks leaving the step) gets a new worker.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import traceback
+import warnings
+from collections.abc import Sequence
+from multiprocessing import Pipe
+from multiprocessing.connection import Connection, wait
+
+import torch
+
+# Steps a population must still train for its shards to become processes by default. A fork
+# and its shared memory cost milliseconds, and the parent's first writes after it copy the
+# pages it shares with its workers (its first evaluation then takes longer); measured on 2
+# cores, `bnexp run experiments/relu_lr1.yaml --steps 500`: 0.4 s of training in processes,
+# 0.6 s in one thread. Below that nothing is worth the workers.
+PROCESS_MIN_STEPS = 500
+_PR_SET_PDEATHSIG = 1
+
+
+class WorkerFailed(RuntimeError):
+    """A shard's worker process raised, or died (killed, out of memory)."""
+
+
+def can_fork() -> bool:
+    """Workers are forks: Linux only (fork elsewhere is unsafe or missing)."""
+    return sys.platform.startswith("linux") and hasattr(os, "fork")
+
+
+def processes_pay(device: torch.device, shards: int, steps_left: int, compiled: bool,
+                  asked: bool | None = None) -> bool:
+    """Whether a population's shards train in processes: on a CPU that can fork, for more
+    than one shard of an uncompiled step (a compiled step makes a few calls per step, so its
+    threads hardly wait for the GIL), where asked (True) or, by default (None), where at
+    least PROCESS_MIN_STEPS steps are left."""
+    if asked is False or device.type != "cpu" or shards < 2 or compiled or not can_fork():
+        return False
+    return asked is True or steps_left >= PROCESS_MIN_STEPS
+
+
+class _Worker:
+    def __init__(self, pid: int, conn: Connection, stacks: list) -> None:
+        self.pid, self.conn, self.stacks = pid, conn, stacks
+
+    def stop(self) -> None:
+        """Gone at once: its block, if any, is abandoned (the parent is giving up on it)."""
+        self.conn.close()
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _reap(self.pid)
+
+
+class ShardProcesses:
+    """One forked worker per shard; train_block(n) trains every shard's next n steps."""
+
+    def __init__(self, shards: Sequence = ()) -> None:
+        self.shards = shards  # set once the population's shards are built
+        self._workers: dict[int, _Worker] = {}
+
+    def __enter__(self) -> ShardProcesses:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        while self._workers:
+            self._workers.popitem()[1].stop()
+
+    def train_block(self, n_steps: int) -> None:
+        for i, shard in enumerate(self.shards):
+            worker = self._workers.get(i)
+            if worker is not None and worker.stacks != shard.stacks:
+                self._workers.pop(i).stop()  # its stacks changed (dead networks left)
+                worker = None
+            if worker is None:
+                others = [w.conn for w in self._workers.values()]
+                worker = self._workers[i] = _fork(shard, others)
+            worker.conn.send(n_steps)
+        for i, worker in sorted(self._workers.items()):
+            _await(worker, i)
+
+
+def _shared(shard) -> None:
+    """Move what the shard's steps change, and the block they read, into shared memory."""
+    for t in [shard.k, shard.step, shard._block] + [t for stack in shard.stacks
+                                                    for t in stack.state_tensors()]:
+        t.share_memory_()
+
+
+def _fork(shard, others: list[Connection]) -> _Worker:
+    _shared(shard)
+    parent, child = Pipe()
+    with warnings.catch_warnings():  # Python 3.12+ warns of forking with threads running:
+        warnings.simplefilter("ignore", DeprecationWarning)  # the child uses none of theirs
+        pid = os.fork()
+    if pid == 0:  # the worker
+        code = 1
+        try:
+            parent.close()
+            for conn in others:
+                conn.close()
+            _serve(child, shard)
+            code = 0
+        finally:
+            os._exit(code)
+    child.close()
+    return _Worker(pid, parent, list(shard.stacks))
+
+
+def _serve(conn: Connection, shard) -> None:
+    """The worker: train blocks until the parent closes the pipe (or dies)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+    torch.set_num_threads(1)
+    never = _Never()
+    while True:
+        try:
+            n_steps = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            shard.train_block(n_steps, never)
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
+            conn.send(("failed", f"{type(exc).__name__}: {exc}",
+                       "".join(traceback.format_exception(exc))))
+            return
+        conn.send(("done", None, None))
+
+
+class _Never:
+    """An abandoned flag that is never set: the parent stops a worker by killing it."""
+
+    def is_set(self) -> bool:
+        return False
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _await(worker: _Worker, index: int) -> None:
+    """The worker's answer for the block; WorkerFailed where it raised or died."""
+    wait([worker.conn])
+    try:
+        status, message, _ = worker.conn.recv()
+    except (EOFError, OSError):
+        code = _reap(worker.pid)
+        how = (f"was killed by signal {-code}" if code is not None and code < 0
+               else f"exited with code {code}")
+        raise WorkerFailed(f"the training process of shard {index} {how}") from None
+    if status != "done":
+        raise WorkerFailed(message)
+
+
+def _reap(pid: int) -> int | None:
+    """Wait for pid to end; its exit code (negative: the signal that ended it)."""
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return None
+    return os.waitstatus_to_exitcode(status)

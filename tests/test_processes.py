@@ -1,0 +1,239 @@
+"""CPU shards in worker processes (engine/processes.py): the bytes threads give, dead
+networks, resume, and what happens when a worker, or the process that forked it, fails."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+import torch
+from test_engine import fingerprint, mixed_runs, run
+
+from bnexp.engine import processes, shards, train_population
+from bnexp.engine.common import Interrupted
+
+CPU = torch.device("cpu")
+LINUX = pytest.mark.skipif(not processes.can_fork(), reason="workers are forks (Linux)")
+
+
+@contextmanager
+def cpu_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train(runs, split, *, workers: bool | None, threads: int = 2, **kw):
+    """train_population with its shards in processes (workers) or in threads, on threads."""
+    with cpu_threads(threads):
+        return train_population(runs, split, CPU, shard_processes=workers, **kw)
+
+
+def forks(monkeypatch) -> list[int]:
+    """The pids of the workers forked from now on, in order."""
+    pids, real = [], processes._fork
+
+    def counted(shard, others):
+        worker = real(shard, others)
+        pids.append(worker.pid)
+        return worker
+
+    monkeypatch.setattr(processes, "_fork", counted)
+    return pids
+
+
+def gone(pid: int) -> bool:
+    """pid has ended (a zombie not yet reaped by its new parent counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_shards_become_processes_on_a_cpu_where_enough_steps_are_left():
+    pay = processes.processes_pay
+    steps = processes.PROCESS_MIN_STEPS
+    linux = processes.can_fork()
+    assert pay(CPU, 2, steps, compiled=False) == linux
+    assert not pay(CPU, 2, steps - 1, compiled=False), "a short run: threads"
+    assert pay(CPU, 2, 1, compiled=False, asked=True) == linux
+    assert not pay(CPU, 16, 10**6, compiled=False, asked=False)
+    assert not pay(CPU, 1, 10**6, compiled=False), "one shard: no worker"
+    assert not pay(CPU, 2, 10**6, compiled=True), "a compiled step: a few calls, threads"
+    assert not pay(torch.device("cuda"), 2, 10**6, compiled=False, asked=True)
+
+
+@LINUX
+def test_shards_in_processes_give_the_bytes_of_shards_in_threads(split, monkeypatch):
+    """Every kind of network, three shards as processes or as threads: the same bytes (the
+    state the workers change lives in shared memory, so the parent reads what they wrote)."""
+    runs = mixed_runs()
+    pids = forks(monkeypatch)
+    in_threads = train(runs, split, workers=False, threads=3, keep_states=True)
+    in_processes = train(runs, split, workers=True, threads=3, keep_states=True)
+    assert len(pids) == 3, "a worker per shard, kept for the whole population"
+    assert {(r.shards_in, r.threads) for r in in_threads} == {("threads", 3)}
+    assert {(r.shards_in, r.threads) for r in in_processes} == {("processes", 3)}
+    for cfg, a, b in zip(runs, in_threads, in_processes, strict=True):
+        assert fingerprint(a) == fingerprint(b), cfg
+    pair = [run(lr=1.0, steps=60, eval_every=20)]  # the demo's comparison: a core each
+    alone = train(pair, split, workers=False, threads=1, keep_states=True)
+    apart = train(pair, split, workers=True, threads=2, keep_states=True)
+    assert (apart[0].shards_in, apart[0].threads, alone[0].threads) == ("processes", 2, 1)
+    assert fingerprint(alone[0]) == fingerprint(apart[0])
+    assert all(gone(pid) for pid in pids), "every worker ends with its population"
+
+
+@LINUX
+def test_a_shard_whose_networks_died_gets_a_new_worker(split, monkeypatch):
+    """Dead networks leave the step (the parent splits their stack): the shard's worker is
+    replaced by a fork that holds the new stacks, and the numbers stay those of threads."""
+    runs = [run(lr=1e6, init_scale=5.0, steps=100, eval_every=20),  # both die
+            run(lr=0.1, steps=100, eval_every=20),
+            run(lr=0.1, steps=100, eval_every=20, seed=1, dropout=0.3)]
+    pids = forks(monkeypatch)
+    in_threads = train(runs, split, workers=False, keep_states=True)
+    in_processes = train(runs, split, workers=True, keep_states=True)
+    assert len(pids) > 2, "a shard got a new worker when its networks died"
+    assert in_processes[0].models[0].diverged_step is not None
+    for a, b in zip(in_threads, in_processes, strict=True):
+        assert fingerprint(a) == fingerprint(b)
+
+
+@LINUX
+def test_a_population_stopped_in_processes_resumes_to_the_same_bytes(split):
+    """Ctrl-C's first press: the block ends, the checkpoint holds what the workers trained,
+    and resuming (in processes or threads) gives the uninterrupted bytes."""
+    runs = [run(lr=1e6, init_scale=5.0, steps=100, eval_every=20, batch_norm=[False]),
+            run(lr=0.1, steps=100, eval_every=20, dropout=0.2)]
+    whole = train(runs, split, workers=False, keep_states=True)
+    stop, saved = threading.Event(), {}
+
+    def at_step(r, models) -> None:
+        if models[0].steps[-1] == 60:
+            stop.set()
+
+    with pytest.raises(Interrupted):
+        train(runs, split, workers=True, on_evaluate=at_step, stop=stop,
+              on_checkpoint=lambda r, data: saved.update({r: data}))
+    assert [saved[r]["step"] for r in range(len(runs))] == [60, 60]
+    for workers in (True, False):
+        resumed = train(runs, split, workers=workers, keep_states=True,
+                        resume=[saved[r] for r in range(len(runs))])
+        assert [fingerprint(r) for r in resumed] == [fingerprint(r) for r in whole]
+
+
+def long_pair() -> list:
+    # 50,000 steps in one block: half a minute or more on any CPU, never reached here
+    return [run(steps=50_000, eval_every=50_000)]
+
+
+@LINUX
+def test_a_killed_worker_fails_its_population_at_once(split, monkeypatch):
+    pids = forks(monkeypatch)
+
+    def kill_first_worker() -> None:
+        deadline = time.monotonic() + 60
+        while not pids and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)
+        os.kill(pids[0], signal.SIGKILL)
+
+    threading.Thread(target=kill_first_worker, daemon=True).start()
+    start = time.perf_counter()
+    with pytest.raises(processes.WorkerFailed, match="shard 0 was killed by signal 9"):
+        train(long_pair(), split, workers=True)
+    assert time.perf_counter() - start < 30
+    assert all(gone(pid) for pid in pids), "the other worker is stopped too"
+
+
+@LINUX
+def test_an_exception_in_a_worker_is_raised_by_the_population(split, monkeypatch):
+    def broken(self, n_steps, abandoned):
+        raise FloatingPointError("the step broke")
+
+    monkeypatch.setattr(shards.Shard, "train_block", broken)  # the forks inherit it
+    with pytest.raises(processes.WorkerFailed, match="FloatingPointError: the step broke"):
+        train([run(steps=40, eval_every=20)], split, workers=True)
+
+
+class _Signalled(Exception):
+    pass
+
+
+@LINUX
+def test_an_exception_while_workers_train_a_block_stops_them_at_once(split, monkeypatch):
+    """Ctrl-C's second press raises KeyboardInterrupt in the parent while its workers are
+    inside a block: the workers are killed (the population is given up; its checkpoint on
+    disk is from before), not waited for. Here another signal raises half a second in."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    pids = forks(monkeypatch)
+
+    def handler(signum, frame):
+        raise _Signalled
+
+    def send() -> None:
+        deadline = time.monotonic() + 60
+        while len(pids) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)
+        raised_at.append(time.perf_counter())
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    raised_at: list[float] = []
+    before = signal.signal(signal.SIGUSR1, handler)
+    try:
+        threading.Thread(target=send, daemon=True).start()
+        with pytest.raises(_Signalled):
+            train(long_pair(), split, workers=True)
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    assert raised_at and time.perf_counter() - raised_at[0] < 5.0
+    assert len(pids) == 2 and all(gone(pid) for pid in pids)
+
+
+WORKERS_OF_A_KILLED_PARENT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from conftest import synthetic_split
+    from bnexp.config import RunConfig
+    from bnexp.engine import processes, train_population
+
+    real = processes._fork
+    def announced(shard, others):
+        worker = real(shard, others)
+        print(worker.pid, flush=True)
+        return worker
+    processes._fork = announced
+    torch.set_num_threads(2)
+    train_population([RunConfig(experiment="t", steps=50_000, eval_every=50_000)],
+                     synthetic_split(), torch.device("cpu"), shard_processes=True)
+""")
+
+
+@LINUX
+def test_workers_die_with_the_process_that_forked_them():
+    """kill -9 of a sweep leaves no worker training on (PR_SET_PDEATHSIG)."""
+    script = WORKERS_OF_A_KILLED_PARENT.format(tests=os.path.dirname(__file__))
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(parent.stdout.readline()) for _ in range(2)]
+        time.sleep(0.3)
+        assert not any(gone(pid) for pid in pids), "training"
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while not all(gone(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(gone(pid) for pid in pids)
