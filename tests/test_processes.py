@@ -237,3 +237,24 @@ def test_workers_die_with_the_process_that_forked_them():
     while not all(gone(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert all(gone(pid) for pid in pids)
+
+
+@LINUX
+def test_where_workers_cannot_start_the_shards_train_as_threads(split, monkeypatch, caplog):
+    """No shared memory left (a container's 64 MB /dev/shm): a warning, then threads, the
+    same bytes."""
+    runs = [run(lr=0.5, steps=60, eval_every=20), run(activation="sigmoid", steps=60,
+                                                      eval_every=20)]
+    in_threads = train(runs, split, workers=False, keep_states=True)
+
+    def full(self):
+        raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1_2>")
+
+    monkeypatch.setattr(torch.Tensor, "share_memory_", full)
+    with caplog.at_level("WARNING"):
+        fallen_back = train(runs, split, workers=True, keep_states=True)
+    assert "worker processes could not start (RuntimeError: unable to allocate shared " \
+           "memory" in caplog.text and caplog.text.count("could not start") == 1
+    assert {r.shards_in for r in fallen_back} == {"threads"}
+    for a, b in zip(in_threads, fallen_back, strict=True):
+        assert fingerprint(a) == fingerprint(b)

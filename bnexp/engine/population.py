@@ -142,11 +142,14 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool,
     if workers is not None:
         workers.shards = shards
 
+    def in_threads(n: int) -> None:
+        list(each_shard(lambda shard: shard.train_block(n, pool.abandoned), shards))
+
     def train_block(n: int) -> None:
         if workers is not None:
-            workers.train_block(n)
+            workers.train_block(n, in_threads)
         else:
-            list(each_shard(lambda shard: shard.train_block(n, pool.abandoned), shards))
+            in_threads(n)
     results = [[ModelResult(variant_name(bn, run.norm)) for bn in run.batch_norm]
                for run in runs]
     on_test = first.eval_split == "test"
@@ -234,7 +237,8 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool,
                       shards[0].execution, train_time_s=train_time,
                       compile_time_s=sum(shard.compile_s for shard in shards),
                       eval_time_s=eval_time, threads=len(shards),
-                      shards_in="processes" if workers is not None else "threads",
+                      shards_in=("processes" if workers is not None and not workers.unavailable
+                                 else "threads"),
                       population_id=population)
             for r, run in enumerate(runs)]
 

@@ -21,12 +21,13 @@ stacks change (dead networks leaving the step) gets a new worker.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import sys
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection, wait
 
@@ -38,6 +39,7 @@ import torch
 # cores, `bnexp run experiments/relu_lr1.yaml --steps 500`: 0.4 s of training in processes,
 # 0.6 s in one thread. Below that nothing is worth the workers.
 PROCESS_MIN_STEPS = 500
+log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -76,11 +78,16 @@ class _Worker:
 
 
 class ShardProcesses:
-    """One forked worker per shard; train_block(n) trains every shard's next n steps."""
+    """One forked worker per shard; train_block(n) trains every shard's next n steps.
+
+    Where workers cannot start (no shared memory left, as in a container's 64 MB /dev/shm;
+    fork refused), the shards train as threads instead (in_threads), with a warning: the
+    same bytes, more slowly."""
 
     def __init__(self, shards: Sequence = ()) -> None:
         self.shards = shards  # set once the population's shards are built
         self._workers: dict[int, _Worker] = {}
+        self.unavailable: str | None = None  # why the workers could not start
 
     def __enter__(self) -> ShardProcesses:
         return self
@@ -92,18 +99,35 @@ class ShardProcesses:
         while self._workers:
             self._workers.popitem()[1].stop()
 
-    def train_block(self, n_steps: int) -> None:
-        for i, shard in enumerate(self.shards):
-            worker = self._workers.get(i)
-            if worker is not None and worker.stacks != shard.stacks:
-                self._workers.pop(i).stop()  # its stacks changed (dead networks left)
-                worker = None
-            if worker is None:
-                others = [w.conn for w in self._workers.values()]
-                worker = self._workers[i] = _fork(shard, others)
+    def train_block(self, n_steps: int, in_threads: Callable[[int], None]) -> None:
+        if self.unavailable is None:
+            try:
+                self._start()
+            except (OSError, RuntimeError) as exc:  # before any step of this block
+                self.close()
+                self.unavailable = f"{type(exc).__name__}: {exc}"
+                log.warning("training: worker processes could not start (%s); the shards "
+                            "train as threads instead (the same numbers, more slowly)",
+                            self.unavailable)
+        if self.unavailable is not None:
+            in_threads(n_steps)
+            return
+        for worker in self._workers.values():
             worker.conn.send(n_steps)
         for i, worker in sorted(self._workers.items()):
             _await(worker, i)
+
+    def _start(self) -> None:
+        """A worker for every shard without one, or whose stacks changed (dead networks
+        left the step)."""
+        for i, shard in enumerate(self.shards):
+            worker = self._workers.get(i)
+            if worker is not None and worker.stacks != shard.stacks:
+                self._workers.pop(i).stop()
+                worker = None
+            if worker is None:
+                others = [w.conn for w in self._workers.values()]
+                self._workers[i] = _fork(shard, others)
 
 
 def _shared(shard) -> None:
