@@ -107,6 +107,15 @@ def test_a_shard_whose_networks_died_gets_a_new_worker(split, monkeypatch):
     assert in_processes[0].models[0].diverged_step is not None
     for a, b in zip(in_threads, in_processes, strict=True):
         assert fingerprint(a) == fingerprint(b)
+    # the demo's case: a shard's only network dies; the shard gets no new worker
+    pids.clear()
+    runs = [run(lr=1e6, init_scale=5.0, steps=100, eval_every=20, batch_norm=[False]),
+            run(lr=0.1, steps=100, eval_every=20, batch_norm=[True])]
+    in_threads = train(runs, split, workers=False, keep_states=True)
+    in_processes = train(runs, split, workers=True, keep_states=True)
+    assert len(pids) == 2 and in_processes[0].models[0].diverged_step is not None
+    for a, b in zip(in_threads, in_processes, strict=True):
+        assert fingerprint(a) == fingerprint(b)
 
 
 @LINUX
@@ -258,3 +267,37 @@ def test_where_workers_cannot_start_the_shards_train_as_threads(split, monkeypat
     assert {r.shards_in for r in fallen_back} == {"threads"}
     for a, b in zip(in_threads, fallen_back, strict=True):
         assert fingerprint(a) == fingerprint(b)
+
+
+TRAINED_AS_PID_1 = textwrap.dedent("""
+    import os, sys, torch
+    sys.path.insert(0, {tests!r})
+    from conftest import synthetic_split
+    from bnexp.config import RunConfig
+    from bnexp.engine import train_population
+    assert os.getpid() == 1
+    torch.set_num_threads(2)
+    result = train_population([RunConfig(experiment="t", steps=40, eval_every=20)],
+                              synthetic_split(), torch.device("cpu"), shard_processes=True)
+    print(result[0].shards_in)
+""")
+
+
+def _can_be_pid_1() -> bool:
+    try:
+        return subprocess.run(["unshare", "-pf", "--mount-proc", "true"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@LINUX
+@pytest.mark.skipif(not _can_be_pid_1(), reason="needs unshare (a PID namespace)")
+def test_workers_of_a_training_process_that_is_pid_1_train():
+    """`docker run image bnexp run ...` makes bnexp PID 1: its workers' parent is then 1,
+    which must not read as an orphan's."""
+    script = TRAINED_AS_PID_1.format(tests=os.path.dirname(__file__))
+    done = subprocess.run(["unshare", "-pf", "--mount-proc", sys.executable, "-c", script],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["processes"]

@@ -25,7 +25,6 @@ import logging
 import os
 import signal
 import sys
-import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from multiprocessing import Pipe
@@ -41,6 +40,7 @@ import torch
 PROCESS_MIN_STEPS = 500
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
+_STOPS = {signal.SIGINT, signal.SIGTERM}
 
 
 class WorkerFailed(RuntimeError):
@@ -119,13 +119,13 @@ class ShardProcesses:
 
     def _start(self) -> None:
         """A worker for every shard without one, or whose stacks changed (dead networks
-        left the step)."""
+        left the step); none for a shard all of whose networks left."""
         for i, shard in enumerate(self.shards):
             worker = self._workers.get(i)
             if worker is not None and worker.stacks != shard.stacks:
                 self._workers.pop(i).stop()
                 worker = None
-            if worker is None:
+            if worker is None and shard.stacks:
                 others = [w.conn for w in self._workers.values()]
                 self._workers[i] = _fork(shard, others)
 
@@ -140,28 +140,40 @@ def _shared(shard) -> None:
 def _fork(shard, others: list[Connection]) -> _Worker:
     _shared(shard)
     parent, child = Pipe()
-    with warnings.catch_warnings():  # Python 3.12+ warns of forking with threads running:
-        warnings.simplefilter("ignore", DeprecationWarning)  # the child uses none of theirs
-        pid = os.fork()
-    if pid == 0:  # the worker
-        code = 1
-        try:
-            parent.close()
-            for conn in others:
-                conn.close()
-            _serve(child, shard)
-            code = 0
-        finally:
-            os._exit(code)
+    # Ctrl-C and SIGTERM wait (blocked) until the worker ignores them: the parent decides
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+    me = os.getpid()
+    try:
+        with warnings.catch_warnings():  # Python 3.12+ warns of forking with threads running:
+            warnings.simplefilter("ignore", DeprecationWarning)  # the child uses none of theirs
+            pid = os.fork()
+        if pid == 0:
+            _worker(child, [parent, *others], shard, blocked, me)  # never returns
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     child.close()
     return _Worker(pid, parent, list(shard.stacks))
 
 
+def _worker(conn: Connection, inherited: list[Connection], shard, mask, parent: int) -> None:
+    """The forked worker's life: serve the parent, then leave without running anything it
+    inherited (atexit handlers, other threads' locks, buffered streams)."""
+    code = 1
+    try:
+        for signum in _STOPS:
+            signal.signal(signum, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for other in inherited:
+            other.close()
+        _die_with_parent(parent)
+        _serve(conn, shard)
+        code = 0
+    finally:
+        os._exit(code)
+
+
 def _serve(conn: Connection, shard) -> None:
-    """The worker: train blocks until the parent closes the pipe (or dies)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_parent()
+    """Train blocks until the parent closes the pipe (or dies)."""
     torch.set_num_threads(1)
     never = _Never()
     while True:
@@ -172,10 +184,9 @@ def _serve(conn: Connection, shard) -> None:
         try:
             shard.train_block(n_steps, never)
         except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
-            conn.send(("failed", f"{type(exc).__name__}: {exc}",
-                       "".join(traceback.format_exception(exc))))
+            conn.send(("failed", f"{type(exc).__name__}: {exc}"))
             return
-        conn.send(("done", None, None))
+        conn.send(("done", None))
 
 
 class _Never:
@@ -185,13 +196,13 @@ class _Never:
         return False
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
-    if os.getppid() == 1:  # the parent died before prctl took effect
+    if os.getppid() != parent:  # it died before prctl took effect (we were adopted)
         os._exit(1)
 
 
@@ -199,7 +210,7 @@ def _await(worker: _Worker, index: int) -> None:
     """The worker's answer for the block; WorkerFailed where it raised or died."""
     wait([worker.conn])
     try:
-        status, message, _ = worker.conn.recv()
+        status, message = worker.conn.recv()
     except (EOFError, OSError):
         code = _reap(worker.pid)
         how = (f"was killed by signal {-code}" if code is not None and code < 0
