@@ -77,6 +77,14 @@ def test_the_time_line_counts_each_population_once():
     line = timing.time_line([done("a"), done("a"), done("b")], time.perf_counter())
     assert ("4.0 s in 2 population(s) (2.0 s training steps, 1.0 s evaluating, 1.0 s setting "
             "up and checkpointing)") in line
+    # a resumed population's training and evaluating before its checkpoint were another
+    # command's: its summary counts them, this command's time line does not
+    resumed = done("c")
+    resumed.result.train_time_s, resumed.result.eval_time_s = 5.0, 0.75
+    resumed.result.resumed_train_time_s, resumed.result.resumed_eval_time_s = 4.0, 0.25
+    line = timing.time_line([resumed], time.perf_counter())
+    assert ("2.0 s in 1 population(s) (1.0 s training steps, 0.5 s evaluating, 0.5 s setting "
+            "up and checkpointing)") in line
 
 
 def test_run_says_where_its_time_went(env):

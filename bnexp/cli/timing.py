@@ -29,9 +29,12 @@ def time_line(outcomes: list[sweep.Outcome], training_began: float) -> str | Non
     results = [o.result for o in outcomes if o.result is not None]
     if not results:
         return None
-    # The runs of one population share its times: count each population once.
-    populations = list({r.population_id: (r.wall_time_s, r.train_time_s or 0.0,
-                                          r.eval_time_s, r.compile_time_s)
+    # The runs of one population share its times: count each population once; of a resumed
+    # one, only what this command spent.
+    populations = list({r.population_id: (r.wall_time_s,
+                                          (r.train_time_s or 0.0) - r.resumed_train_time_s,
+                                          r.eval_time_s - r.resumed_eval_time_s,
+                                          r.compile_time_s)
                         for r in results}.values())
     wall, steps, evals, compiling = (sum(p[i] for p in populations) for i in range(4))
     now = time.perf_counter()

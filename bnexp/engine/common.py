@@ -75,6 +75,10 @@ class RunResult:
     train_time_s: float | None = None  # training steps alone, without evaluation and set-up
     compile_time_s: float = 0.0  # compiling and capturing the step (inside wall_time_s)
     eval_time_s: float = 0.0  # evaluating while training, live metrics written (inside too)
+    # Of train_time_s and eval_time_s, what a resumed run spent before its checkpoint (not
+    # in wall_time_s, which is this call's): a command's time line leaves it out.
+    resumed_train_time_s: float = 0.0
+    resumed_eval_time_s: float = 0.0
     threads: int = 1  # CPU: shards of the population trained side by side
     shards_in: str = "threads"  # CPU: a thread of this process per shard, or "processes"
     # The runs trained together share it (and the times above); each call trains one.

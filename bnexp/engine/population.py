@@ -199,9 +199,10 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool,
         retire_dead()
         eval_time += time.perf_counter() - tick
 
-    done, train_time = 0, 0.0
+    done, train_time, earlier = 0, 0.0, (0.0, 0.0)
     if resume:
         done, train_time, eval_time = restore(resume, runs, stacks, where, results, streams)
+        earlier = (train_time, eval_time)
         for shard in shards:
             shard.step.fill_(done)
         for r in range(len(runs)):  # the live metrics go back to the checkpoint's step
@@ -236,7 +237,8 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool,
     return [RunResult(run, str(device), "population", results[r], wall, n_models,
                       shards[0].execution, train_time_s=train_time,
                       compile_time_s=sum(shard.compile_s for shard in shards),
-                      eval_time_s=eval_time, threads=len(shards),
+                      eval_time_s=eval_time, resumed_train_time_s=earlier[0],
+                      resumed_eval_time_s=earlier[1], threads=len(shards),
                       shards_in=("processes" if workers is not None and not workers.unavailable
                                  else "threads"),
                       population_id=population)

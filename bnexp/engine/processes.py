@@ -213,11 +213,18 @@ def _await(worker: _Worker, index: int) -> None:
         status, message = worker.conn.recv()
     except (EOFError, OSError):
         code = _reap(worker.pid)
-        how = (f"was killed by signal {-code}" if code is not None and code < 0
-               else f"exited with code {code}")
-        raise WorkerFailed(f"the training process of shard {index} {how}") from None
+        how = (f"was killed by {_signal_name(-code)} (signal {-code})"
+               if code is not None and code < 0 else f"exited with code {code}")
+        raise WorkerFailed(f"the worker process training shard {index} {how}") from None
     if status != "done":
         raise WorkerFailed(message)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return "a signal"
 
 
 def _reap(pid: int) -> int | None:
