@@ -121,7 +121,8 @@ def bench_population(split: Split, device: torch.device, n_models: int, steps: i
 
 
 def _execution(result) -> str:
-    """How a population ran: eager or compiled, and on the CPU on how many threads."""
+    """How a population ran: eager or compiled, and on the CPU on how many threads or worker
+    processes."""
     if result.device != "cpu":
         return result.execution
     unit = "processes" if result.shards_in == "processes" else "threads"

@@ -114,8 +114,13 @@ class ShardProcesses:
             return
         for worker in self._workers.values():
             worker.conn.send(n_steps)
-        for i, worker in sorted(self._workers.items()):
-            _await(worker, i)
+        waiting = dict(self._workers)
+        while waiting:  # any worker's failure at once, not after the others' blocks
+            ready = wait([worker.conn for worker in waiting.values()])
+            for i, worker in list(waiting.items()):
+                if worker.conn in ready:
+                    _answer(worker, i)
+                    del waiting[i]
 
     def _start(self) -> None:
         """A worker for every shard without one, or whose stacks changed (dead networks
@@ -132,8 +137,7 @@ class ShardProcesses:
 
 def _shared(shard) -> None:
     """Move what the shard's steps change, and the block they read, into shared memory."""
-    for t in [shard.k, shard.step, shard._block] + [t for stack in shard.stacks
-                                                    for t in stack.state_tensors()]:
+    for t in shard.shared_state():
         t.share_memory_()
 
 
@@ -206,9 +210,8 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _await(worker: _Worker, index: int) -> None:
+def _answer(worker: _Worker, index: int) -> None:
     """The worker's answer for the block; WorkerFailed where it raised or died."""
-    wait([worker.conn])
     try:
         status, message = worker.conn.recv()
     except (EOFError, OSError):

@@ -109,6 +109,12 @@ class Shard:
         for stack in self.stacks:
             train_step(stack, x, y, self.step)
 
+    def shared_state(self) -> list[torch.Tensor]:
+        """What its steps change and what they read from the caller (the block of batch
+        indices): what a worker process training it shares with its parent."""
+        return ([self.k, self.step, self._block]
+                + [t for stack in self.stacks for t in stack.state_tensors()])
+
     def train_block(self, n_steps: int, abandoned: threading.Event) -> None:
         """n_steps steps on the block's batches; stops early once abandoned is set (the
         caller has given up on this population)."""
