@@ -304,3 +304,47 @@ def test_workers_of_a_training_process_that_is_pid_1_train():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["processes"]
+
+
+@pytest.mark.parametrize("workers", [False, pytest.param(True, marks=LINUX)])
+def test_a_population_s_stacks_are_freed_when_it_returns(split, monkeypatch, workers):
+    """No reference cycle keeps a population's stacks (their tensors; in worker processes
+    an open shared-memory file each) alive until Python's cycle collector happens to run: a
+    long sweep on 16 cores would otherwise hold hundreds of files per finished population."""
+    import gc
+    import weakref
+
+    from bnexp.engine.stack import Stack
+
+    made, real_init = [], Stack.__init__
+
+    def tracked(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(Stack, "__init__", tracked)
+    runs = [run(lr=1e6, init_scale=5.0, steps=60, eval_every=20),  # dies: stacks split
+            run(lr=0.1, steps=60, eval_every=20, dropout=0.2)]
+    gc.collect()
+    gc.disable()
+    try:
+        train(runs, split, workers=workers)
+        alive = sum(ref() is not None for ref in made)
+        files = shared_memory_files()
+    finally:
+        gc.enable()
+    assert len(made) > 2 and alive == 0, f"{alive} of {len(made)} stacks outlived training"
+    assert files == [], "every shared-memory file is closed"
+
+
+def shared_memory_files() -> list[str]:
+    """The shared-memory files this process holds open (torch's, Linux)."""
+    files = []
+    for fd in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile (the listing's own)
+            continue
+        if "torch_" in target:
+            files.append(target)
+    return files

@@ -94,7 +94,11 @@ class Shard:
         state = [t for stack in stacks for t in stack.state_tensors()] + [self.k, self.step]
         self.state = state
         self.graph, self.execution, self.compile_s = None, "eager", 0.0
-        self.run_step = self.step_all  # on the CPU, compiled where asked (compile_cpu_steps)
+        # on the CPU, the step compiled where asked (compile_cpu_steps); not self.step_all
+        # when uncompiled: a bound method held by its own object would keep the shard and
+        # its stacks (and, in worker processes, their shared-memory files) alive until
+        # Python's cycle collector runs
+        self.compiled_step: Callable[[], None] | None = None
         if cuda_graph and device.type == "cuda":
             self.graph, self.execution, self.compile_s = capture_step(
                 self.step_all, state, device, compile_step)
@@ -124,8 +128,10 @@ class Shard:
                 return
             if self.graph is not None:
                 self.graph.replay()
+            elif self.compiled_step is not None:
+                self.compiled_step()
             else:
-                self.run_step()
+                self.step_all()
 
 
 def retire(shards: list[Shard], where: dict) -> list[Stack]:
@@ -167,7 +173,8 @@ def compile_cpu(shards: list[Shard], stacks: list[Stack]) -> None:
         for stack, pad in zip(stacks, pads):
             stack.canvas_pad = pad
     for shard, step in zip(shards, steps):
-        shard.run_step, shard.execution = step, execution
+        shard.compiled_step = None if execution == "eager" else step
+        shard.execution = execution
     shards[0].compile_s = seconds
 
 
