@@ -348,3 +348,22 @@ def shared_memory_files() -> list[str]:
         if "torch_" in target:
             files.append(target)
     return files
+
+
+@LINUX
+def test_workers_start_under_a_low_limit_of_open_files(split):
+    """Every tensor in shared memory holds a file open: a population of many kinds on three
+    shards needs hundreds, more than a soft limit of 64 (1,024 is common) allows; the
+    training process raises its soft limit to the hard one first."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"a hard limit of {hard} open files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    try:
+        result = train(mixed_runs(), split, workers=True, threads=3)
+        raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert {r.shards_in for r in result} == {"processes"} and raised > 64

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import resource
 import signal
 import sys
 import warnings
@@ -125,6 +126,7 @@ class ShardProcesses:
     def _start(self) -> None:
         """A worker for every shard without one, or whose stacks changed (dead networks
         left the step); none for a shard all of whose networks left."""
+        _more_open_files()
         for i, shard in enumerate(self.shards):
             worker = self._workers.get(i)
             if worker is not None and worker.stacks != shard.stacks:
@@ -133,6 +135,19 @@ class ShardProcesses:
             if worker is None and shard.stacks:
                 others = [w.conn for w in self._workers.values()]
                 self._workers[i] = _fork(shard, others)
+
+
+def _more_open_files() -> None:
+    """Let this process open as many files as its hard limit allows: each tensor in shared
+    memory holds one open (torch's file_descriptor strategy), a few hundred for a population
+    of many kinds on 16 cores, and the common soft limit is 1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):  # above the kernel's cap: keep what there is
+            pass
 
 
 def _shared(shard) -> None:
