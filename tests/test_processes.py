@@ -169,6 +169,22 @@ def test_a_killed_worker_fails_its_population_at_once(split, monkeypatch):
 
 
 @LINUX
+def test_a_worker_killed_between_blocks_fails_its_population_naming_the_signal(
+        split, monkeypatch):
+    pids = forks(monkeypatch)
+
+    def kill_while_idle(r, models) -> None:  # the parent evaluates: the workers wait
+        if models[0].steps[-1] == 20:
+            os.kill(pids[0], signal.SIGKILL)
+            while not gone(pids[0]):
+                time.sleep(0.01)
+
+    with pytest.raises(processes.WorkerFailed, match=r"shard 0 was killed by SIGKILL"):
+        train([run(steps=60, eval_every=20)], split, workers=True, on_evaluate=kill_while_idle)
+    assert all(gone(pid) for pid in pids)
+
+
+@LINUX
 def test_an_exception_in_a_worker_is_raised_by_the_population(split, monkeypatch):
     def broken(self, n_steps, abandoned):
         raise FloatingPointError("the step broke")

@@ -114,7 +114,10 @@ class ShardProcesses:
             in_threads(n_steps)
             return
         for worker in self._workers.values():
-            worker.conn.send(n_steps)
+            try:
+                worker.conn.send(n_steps)
+            except OSError:  # it died since its last block: its answer below says how
+                pass
         waiting = dict(self._workers)
         while waiting:  # any worker's failure at once, not after the others' blocks
             ready = wait([worker.conn for worker in waiting.values()])
