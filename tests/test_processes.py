@@ -160,12 +160,21 @@ def test_a_killed_worker_fails_its_population_at_once(split, monkeypatch):
         time.sleep(0.5)
         os.kill(pids[-1], signal.SIGKILL)
 
+    signalled, real_kill = [], os.kill
+
+    def recorded(pid, signum):
+        signalled.append(pid)
+        real_kill(pid, signum)
+
+    monkeypatch.setattr(os, "kill", recorded)
     threading.Thread(target=kill_last_worker, daemon=True).start()
     start = time.perf_counter()
     with pytest.raises(processes.WorkerFailed, match=r"shard 1 was killed by SIGKILL \(signal 9"):
         train(long_pair(), split, workers=True)
     assert time.perf_counter() - start < 10
     assert all(gone(pid) for pid in pids), "the other worker is stopped too"
+    # once reaped, the dead worker's pid may be another process's: never signalled again
+    assert signalled.count(pids[-1]) == 1 and signalled.count(pids[0]) == 1
 
 
 @LINUX

@@ -67,15 +67,26 @@ def processes_pay(device: torch.device, shards: int, steps_left: int, compiled: 
 class _Worker:
     def __init__(self, pid: int, conn: Connection, stacks: list) -> None:
         self.pid, self.conn, self.stacks = pid, conn, stacks
+        self.exit_code: int | None = None  # once reaped (its pid may then be another's)
+        self.reaped = False
 
     def stop(self) -> None:
         """Gone at once: its block, if any, is abandoned (the parent is giving up on it)."""
         self.conn.close()
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        _reap(self.pid)
+        if not self.reaped:
+            os.kill(self.pid, signal.SIGKILL)  # our unreaped child: its pid is still its own
+            self.reap()
+
+    def reap(self) -> int | None:
+        """Wait for it to end; its exit code (negative: the signal that ended it)."""
+        if not self.reaped:
+            try:
+                _, status = os.waitpid(self.pid, 0)
+                self.exit_code = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:
+                pass
+            self.reaped = True
+        return self.exit_code
 
 
 class ShardProcesses:
@@ -233,7 +244,7 @@ def _answer(worker: _Worker, index: int) -> None:
     try:
         status, message = worker.conn.recv()
     except (EOFError, OSError):
-        code = _reap(worker.pid)
+        code = worker.reap()
         how = (f"was killed by {_signal_name(-code)} (signal {-code})"
                if code is not None and code < 0 else f"exited with code {code}")
         raise WorkerFailed(f"the worker process training shard {index} {how}") from None
@@ -246,12 +257,3 @@ def _signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return "a signal"
-
-
-def _reap(pid: int) -> int | None:
-    """Wait for pid to end; its exit code (negative: the signal that ended it)."""
-    try:
-        _, status = os.waitpid(pid, 0)
-    except ChildProcessError:
-        return None
-    return os.waitstatus_to_exitcode(status)
