@@ -105,13 +105,12 @@ def train_population(runs: list[RunConfig], split: Split, device: torch.device,
         compiled = should_compile(runs, device, compile_step)
         cpu = device.type == "cpu"
         steps_left = runs[0].steps - (resume[0]["step"] if resume else 0)
+        every = min(threads, n_models)  # a thread (or worker) per network, up to threads
         # in processes every network may have a core; as threads they wait for the GIL
-        processes = processes_pay(device, min(threads, n_models), steps_left, compiled,
-                                  shard_processes)
-        shards = (min(threads, n_models) if processes
-                  else cpu_shards(threads, n_models, compiled) if cpu else 1)
+        processes = processes_pay(device, every, steps_left, compiled, shard_processes)
+        shards = every if processes else cpu_shards(threads, n_models, compiled) if cpu else 1
         # evaluation's products are large: every stack may have a thread there
-        with (shard_pool(min(threads, n_models) if cpu else 1) as pool,
+        with (shard_pool(every if cpu else 1) as pool,
               ShardProcesses() as workers):
             return _train(runs, split.astype(DTYPES[runs[0].dtype]), device, shards, pool,
                           workers if processes else None, progress, keep_states, cuda_graph,

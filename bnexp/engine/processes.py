@@ -140,7 +140,6 @@ class ShardProcesses:
     def _start(self) -> None:
         """A worker for every shard without one, or whose stacks changed (dead networks
         left the step); none for a shard all of whose networks left."""
-        _more_open_files()
         for i, shard in enumerate(self.shards):
             worker = self._workers.get(i)
             if worker is not None and worker.stacks != shard.stacks:
@@ -171,6 +170,7 @@ def _shared(shard) -> None:
 
 
 def _fork(shard, others: list[Connection]) -> _Worker:
+    _more_open_files()  # before the shared tensors open theirs
     _shared(shard)
     parent, child = Pipe()
     # Ctrl-C and SIGTERM wait (blocked) until the worker ignores them: the parent decides
