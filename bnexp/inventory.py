@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,7 @@ def read_row(folder: Path) -> RunRow:
     elif (folder / "summary.json").exists():
         _read_finished(row)
     elif (folder / "failed.json").is_file():
-        row.status = "failed"
+        row.status, row.detail = "failed", _failure(folder / "failed.json")
     elif (folder / "metrics.csv").is_file():
         _read_partial(row)
     return row
@@ -74,6 +75,15 @@ def _names_its_folder(config: dict, name: str) -> bool:
     except Exception:  # a config no run can have: not this folder's
         return False
     return name in {run.run_id(device) for device in ("cpu", "cuda")}
+
+
+def _failure(path: Path) -> str:
+    """The error line failed.json records (its traceback stays in the file)."""
+    try:
+        error = json.loads(path.read_text(encoding="utf-8"))["error"]
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        return f"failed.json does not read back ({type(exc).__name__})"
+    return str(error)
 
 
 def _read_finished(row: RunRow) -> None:
@@ -131,18 +141,21 @@ def model_names(rows: list[RunRow]) -> list[str]:
 
 
 def as_csv(rows: list[RunRow]) -> str:
-    """One line per run: status, varied settings, final accuracies, folder."""
+    """One line per run: status, varied settings, final accuracies, folder, and why a run
+    failed, is damaged or is a mismatch (detail)."""
     varied, models = varied_settings(rows), model_names(rows)
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["experiment", "run_id", "status", "step", *varied,
-                     *[f"{m}_{k}" for m in models for k in ("val_acc", "test_acc")], "folder"])
+                     *[f"{m}_{k}" for m in models for k in ("val_acc", "test_acc")], "folder",
+                     "detail"])
     for row in rows:
         accs = [_number(row.accuracies.get(m, (math.nan, math.nan))[i])
                 for m in models for i in (0, 1)]
         writer.writerow([row.experiment, row.run_id, row.status,
                          "" if row.step is None else row.step,
-                         *[setting_text(row.config.get(k)) for k in varied], *accs, row.folder])
+                         *[setting_text(row.config.get(k)) for k in varied], *accs, row.folder,
+                         row.detail])
     return out.getvalue()
 
 

@@ -287,10 +287,11 @@ def _collect(ref, planned: list, out: Path, outcomes: list, report, sweep) -> bo
         cause = getattr(exc, "cause", None)  # a task's own exception, inside Ray's
         detail = (str(cause) if isinstance(cause, NodeUnfit)  # the line, no traceback
                   else traceback.format_exception_only(type(exc), exc)[-1].strip()[:500])
+        trace = None if isinstance(cause, NodeUnfit) else str(exc)  # Ray's: the task's own
         found = []
         for p in planned:
             sweep.results.write_failure(sweep.results.run_folder(out, p.run, str(p.device)),
-                                        p.run, detail)
+                                        p.run, detail, trace)
             found.append(sweep.Outcome(p, "failed", error=detail))
     for outcome in found:
         outcomes.append(outcome)

@@ -160,9 +160,12 @@ def finish_run(folder: Path, result: RunResult) -> None:
     (folder / "failed.json").unlink(missing_ok=True)
 
 
-def write_failure(folder: Path, run: RunConfig, error: str) -> None:
+def write_failure(folder: Path, run: RunConfig, error: str, trace: str | None = None) -> None:
+    """failed.json: the one-line error, and the traceback where there is one (for a bug
+    report; the terminal shows only the line)."""
     write_config(folder, run)
-    atomic_write(folder / "failed.json", json.dumps({"error": error, "time": time.time()}))
+    record = {"error": error, "traceback": trace, "time": time.time()}
+    atomic_write(folder / "failed.json", json.dumps(record, indent=2))
 
 
 def write_checkpoint(folder: Path, checkpoint: dict) -> None:

@@ -338,6 +338,16 @@ def _execute_batches(ready, out: Path, splits: dict[tuple[str, str], Split], fai
                 return
 
 
+def failure_traceback(exc: BaseException) -> str:
+    """The exception's traceback, and the worker process's own where it raised in one (the
+    training process's traceback then ends where it heard of it)."""
+    text = "".join(traceback.format_exception(exc))
+    remote = getattr(exc, "remote_traceback", None)
+    if remote:
+        text += "\nIn the worker process:\n" + remote
+    return text
+
+
 class BatchFailed(Exception):
     """A population failed to train; its runs were recorded as failed."""
 
@@ -355,8 +365,10 @@ def execute_batch(batch, out: Path, splits, progress, outcomes: list[Outcome], r
         if _disk_error(exc):
             raise
         detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        trace = failure_traceback(exc)
         for p, _ in batch:
-            results.write_failure(results.run_folder(out, p.run, str(p.device)), p.run, detail)
+            results.write_failure(results.run_folder(out, p.run, str(p.device)), p.run, detail,
+                                  trace)
             outcomes.append(Outcome(p, "failed", error=detail))
             report(outcomes[-1])
         raise BatchFailed from None

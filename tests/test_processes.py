@@ -169,7 +169,8 @@ def test_a_killed_worker_fails_its_population_at_once(split, monkeypatch):
     monkeypatch.setattr(os, "kill", recorded)
     threading.Thread(target=kill_last_worker, daemon=True).start()
     start = time.perf_counter()
-    with pytest.raises(processes.WorkerFailed, match=r"shard 1 was killed by SIGKILL \(signal 9"):
+    with pytest.raises(processes.WorkerFailed, match=r"shard 1 was killed by SIGKILL \(signal 9\): "
+                       "out of memory, or killed by another process"):
         train(long_pair(), split, workers=True)
     assert time.perf_counter() - start < 10
     assert all(gone(pid) for pid in pids), "the other worker is stopped too"
@@ -199,8 +200,16 @@ def test_an_exception_in_a_worker_is_raised_by_the_population(split, monkeypatch
         raise FloatingPointError("the step broke")
 
     monkeypatch.setattr(shards.Shard, "train_block", broken)  # the forks inherit it
-    with pytest.raises(processes.WorkerFailed, match="FloatingPointError: the step broke"):
+    with pytest.raises(processes.WorkerFailed, match="FloatingPointError: the step broke") as e:
         train([run(steps=40, eval_every=20)], split, workers=True)
+    # the worker's own traceback comes along: where in the step it raised
+    assert "in broken" in e.value.remote_traceback
+    assert e.value.remote_traceback.rstrip().endswith("FloatingPointError: the step broke")
+    from bnexp.sweep import failure_traceback  # what a failed run's failed.json keeps
+
+    kept = failure_traceback(e.value)
+    assert kept.index("in _answer") < kept.index("In the worker process:") < kept.index(
+        "in broken")
 
 
 class _Signalled(Exception):

@@ -1,5 +1,6 @@
 """Checkpoints, kill -9 and resume, locks, retries and mismatches, through real sweeps."""
 
+import csv
 import json
 import os
 import signal
@@ -125,9 +126,20 @@ def test_retry_failed_trains_only_failed_runs(grid, tmp_path, monkeypatch):
     out = tmp_path / "r"
     fast = ["--set", "steps=200"]
     monkeypatch.setattr(sweep, "train_population", flaky)
-    assert sweep_in_process(grid, out, *fast).exit_code == 1
+    first = sweep_in_process(grid, out, *fast)
+    assert first.exit_code == 1
+    assert "failed.json" in first.stderr and "Traceback" not in first.output, "one line"
     failed = list(out.rglob("failed.json"))
-    assert len(failed) == 1 and "simulated crash" in failed[0].read_text()
+    assert len(failed) == 1
+    record = json.loads(failed[0].read_text())
+    assert record["error"] == "RuntimeError: simulated crash"
+    assert "in flaky" in record["traceback"], "where it raised, for a bug report"
+    listed = CliRunner().invoke(app, ["runs", str(out), "--csv"])
+    by_status = {r["status"]: r for r in csv.DictReader(listed.stdout.splitlines())}
+    assert by_status["failed"]["detail"] == "RuntimeError: simulated crash"
+    assert by_status["done"]["detail"] == ""
+    table = CliRunner().invoke(app, ["runs", str(out)], env={"COLUMNS": "300"})
+    assert "RuntimeError: simulated crash" in table.stdout
     monkeypatch.setattr(sweep, "train_population", real)
     dry = sweep_in_process(grid, out, *fast, "--retry-failed", "--dry-run")
     assert dry.stdout.count("would train") == 1

@@ -210,6 +210,10 @@ def _report_failures(outcomes: list[sweep.Outcome]) -> int:
     for o in failed:
         err_console.print(f"failed {o.planned.run.experiment}/{o.planned.run_id}: {o.error}",
                           markup=False, highlight=False, soft_wrap=True)
+    if failed:
+        err_console.print("(each failed run's folder keeps the traceback in failed.json; "
+                          "`bnexp runs --where status=failed` lists them)",
+                          markup=False, highlight=False, soft_wrap=True)
     return len(failed)
 
 

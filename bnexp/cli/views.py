@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from bnexp import config as cfg
 from bnexp import experiment_file
@@ -82,7 +83,9 @@ def runs(
 
 def _runs_table(rows: list, varied: list[str], models: list[str], root: Path) -> Table:
     table = Table(title=f"runs under {root}: {len(rows)}")
-    for column in ("experiment", "run", "status", *varied, *[f"{m} val/test" for m in models]):
+    details = any(row.detail for row in rows)  # why runs failed, are damaged or mismatched
+    for column in ("experiment", "run", "status", *varied, *[f"{m} val/test" for m in models],
+                   *(["detail"] if details else [])):
         table.add_column(column, overflow="fold")
     for row in rows:
         accs = []
@@ -91,7 +94,8 @@ def _runs_table(rows: list, varied: list[str], models: list[str], root: Path) ->
             accs.append("-" if math.isnan(val) else
                         f"{val:.4f}" + ("" if math.isnan(test) else f" / {test:.4f}"))
         table.add_row(row.experiment, row.run_id, row.status_text,
-                      *[str(row.config.get(k, "")) for k in varied], *accs)
+                      *[str(row.config.get(k, "")) for k in varied], *accs,
+                      *([Text(row.detail)] if details else []))
     return table
 
 

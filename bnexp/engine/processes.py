@@ -26,6 +26,7 @@ import os
 import resource
 import signal
 import sys
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from multiprocessing import Pipe
@@ -45,7 +46,14 @@ _STOPS = {signal.SIGINT, signal.SIGTERM}
 
 
 class WorkerFailed(RuntimeError):
-    """A shard's worker process raised, or died (killed, out of memory)."""
+    """A shard's worker process raised, or died (killed, out of memory).
+
+    remote_traceback: the worker's own traceback where it raised (the parent's traceback
+    ends at the pipe)."""
+
+    def __init__(self, message: str, remote_traceback: str | None = None) -> None:
+        super().__init__(message)
+        self.remote_traceback = remote_traceback
 
 
 def can_fork() -> bool:
@@ -217,9 +225,9 @@ def _serve(conn: Connection, shard) -> None:
         try:
             shard.train_block(n_steps, never)
         except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
-            conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+            conn.send(("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
             return
-        conn.send(("done", None))
+        conn.send(("done", None, None))
 
 
 class _Never:
@@ -242,14 +250,16 @@ def _die_with_parent(parent: int) -> None:
 def _answer(worker: _Worker, index: int) -> None:
     """The worker's answer for the block; WorkerFailed where it raised or died."""
     try:
-        status, message = worker.conn.recv()
+        status, message, remote = worker.conn.recv()
     except (EOFError, OSError):
         code = worker.reap()
         how = (f"was killed by {_signal_name(-code)} (signal {-code})"
                if code is not None and code < 0 else f"exited with code {code}")
+        if code == -signal.SIGKILL:  # what the kernel's out-of-memory killer sends
+            how += ": out of memory, or killed by another process"
         raise WorkerFailed(f"the worker process training shard {index} {how}") from None
     if status != "done":
-        raise WorkerFailed(message)
+        raise WorkerFailed(message, remote)
 
 
 def _signal_name(signum: int) -> str:
