@@ -9,6 +9,7 @@ import base64
 import html
 import json
 import math
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import yaml
 from bnexp import stats
 from bnexp.cells import NORMALISED, Cell, collect_cells, sort_key
 from bnexp.files import atomic_write
+from bnexp.readback import damaged_runs
 from bnexp.report_figures import captioned_figures, seeds_and_steps
 
 
@@ -111,8 +113,30 @@ def _grid_axes(cells: list[Cell]) -> dict:
     return axes
 
 
-def _header(experiment_dir: Path, cells: list[Cell]) -> list[tuple[str, str]]:
-    """What a reader needs first: how many runs, seeds and steps, where, how long."""
+def left_out(experiment_dir: Path, damaged: int) -> dict[str, int]:
+    """The experiment's run folders that its statistics do not cover, counted by status:
+    unfinished (partial, failed, started, mismatch: see inventory) and damaged (finished,
+    but their files do not read back; the caller has counted them)."""
+    from bnexp.inventory import read_row
+
+    counts = Counter(read_row(p.parent).status for p in experiment_dir.glob("*/config.yaml")
+                     if not (p.parent / "summary.json").exists())
+    if damaged:
+        counts["damaged"] += damaged
+    return dict(sorted(counts.items()))
+
+
+def left_out_text(experiment_dir: Path, counts: dict[str, int]) -> str:
+    """e.g. '2 run folder(s): 1 failed, 1 partial (`bnexp runs results/g` lists them)'."""
+    parts = ", ".join(f"{n} {status}" for status, n in counts.items())
+    return (f"{sum(counts.values())} run folder(s): {parts} "
+            f"(`bnexp runs {experiment_dir}` lists them)")
+
+
+def _header(experiment_dir: Path, cells: list[Cell], left: dict[str, int],
+            ) -> list[tuple[str, str]]:
+    """What a reader needs first: how many runs (and which were left out), seeds and steps,
+    where, how long."""
     folders = [f for c in cells for f in c.folders]
     summaries = [s for c in cells for s in c.summaries]
     seeds = sorted({seed for c in cells for seed in c.seeds})
@@ -127,7 +151,10 @@ def _header(experiment_dir: Path, cells: list[Cell]) -> list[tuple[str, str]]:
     if description:
         rows.append(("description", description))
     per_cell, steps = seeds_and_steps(cells)
-    rows += [("runs", f"{len(folders)} in {len(cells)} grid cell(s)"),
+    rows.append(("runs", f"{len(folders)} in {len(cells)} grid cell(s)"))
+    if left:  # a statistic over fewer seeds than the grid asked for must say so
+        rows.append(("left out", left_out_text(experiment_dir, left)))
+    rows += [
              ("seeds", f"{seeds_text}; {per_cell}"),
              ("steps", steps),
              ("device", ", ".join(sorted({f"{s['device']} ({s['engine']} engine, "
@@ -138,16 +165,19 @@ def _header(experiment_dir: Path, cells: list[Cell]) -> list[tuple[str, str]]:
 
 
 def write_report(experiment_dir: Path, cells: list[Cell] | None = None,
-                 on_figure: Callable[[], None] | None = None) -> tuple[Path, Path]:
+                 on_figure: Callable[[], None] | None = None,
+                 left: dict[str, int] | None = None) -> tuple[Path, Path]:
     """report.md and a self-contained report.html (images embedded, no external resources);
     cells: collect_cells(experiment_dir), where the caller has them; on_figure is called as
-    each figure is written."""
+    each figure is written; left: left_out(experiment_dir, ...), where the caller has it."""
     cells = collect_cells(experiment_dir) if cells is None else cells
+    if left is None:
+        left = left_out(experiment_dir, len(damaged_runs(experiment_dir)))
     if not cells:
         raise FileNotFoundError(f"{experiment_dir}: no finished runs to report on")
     figures = captioned_figures(experiment_dir, cells, on_figure)
     rows = table_rows(cells)
-    header = _header(experiment_dir, cells)
+    header = _header(experiment_dir, cells, left)
     axes = yaml.safe_dump(_grid_axes(cells), sort_keys=False, default_flow_style=None).strip()
     shared = yaml.safe_dump(_shared_config(cells), sort_keys=False).strip()
     env = _environments(cells)

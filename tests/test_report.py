@@ -106,6 +106,32 @@ def test_the_environment_is_the_runs(experiment, tmp_path):
     assert all(e["device"] == "cpu" for e in env) and "the latest writer" not in md
 
 
+def test_runs_left_out_of_the_statistics_are_named(experiment, tmp_path):
+    """A report over fewer runs than the grid has says so: a run that failed, one stopped
+    part-way and one whose files do not read back are counted in its header and on stderr."""
+    import json
+    import shutil
+
+    copy = tmp_path / "g"
+    shutil.copytree(experiment, copy)
+    failed, partial, damaged = sorted(copy.glob("*/summary.json"))[:3]
+    failed.unlink()
+    (failed.parent / "failed.json").write_text(json.dumps({"error": "RuntimeError: boom"}))
+    partial.unlink()
+    damaged.write_text("{")
+    result = CliRunner().invoke(app, ["report", str(copy)])
+    assert result.exit_code == 0, result.output
+    line = (f"3 run folder(s): 1 damaged, 1 failed, 1 partial (`bnexp runs {copy}` lists "
+            "them)")
+    assert f"left out of g's statistics: {line}" in " ".join(result.stderr.split())
+    md = (copy / "report.md").read_text()
+    # the three were lr 0.05's seeds: its whole cell is gone from the table, not from the header
+    assert "- **runs**: 3 in 1 grid cell(s)" in md and f"- **left out**: {line}" in md
+    assert "left out" in (copy / "report.html").read_text()
+    assert CliRunner().invoke(app, ["report", str(experiment)]).exit_code == 0
+    assert "left out" not in (experiment / "report.md").read_text(), "only where runs are"
+
+
 def test_the_interval_is_the_seeds_t_interval(experiment):
     """Each cell's BN − plain entry: the mean of its seeds' paired differences of final test
     accuracy and Student's t interval (two degrees of freedom for three seeds), in points."""

@@ -148,15 +148,21 @@ def _report_one(experiment: Path) -> str | None:
     from bnexp import cells as grid_cells
     from bnexp import readback, report, report_figures
 
+    damaged = readback.damaged_runs(experiment)
+    left = report.left_out(experiment, len(damaged))
     try:
         cells = grid_cells.collect_cells(experiment)
         with figure_progress(report_figures.figure_count(cells)) as advance:
-            md, page = report.write_report(experiment, cells, advance)
+            md, page = report.write_report(experiment, cells, advance, left)
     except FileNotFoundError as exc:
         return str(exc)
     except OSError as exc:
         return f"{exc.filename or experiment}: cannot write the report ({exc.strerror or exc})"
-    _warn_damaged(readback.damaged_runs(experiment))
+    _warn_damaged(damaged)
+    if left:
+        err_console.print(f"left out of {experiment.name}'s statistics: "
+                          f"{report.left_out_text(experiment, left)}",
+                          markup=False, highlight=False, soft_wrap=True)
     table = Table(title=f"{experiment.name}: comparison over seeds")
     for column in report.TABLE_HEADER:
         table.add_column(column, overflow="fold")
