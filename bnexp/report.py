@@ -154,8 +154,7 @@ def _header(experiment_dir: Path, cells: list[Cell], left: dict[str, int],
     rows.append(("runs", f"{len(folders)} in {len(cells)} grid cell(s)"))
     if left:  # a statistic over fewer seeds than the grid asked for must say so
         rows.append(("left out", left_out_text(experiment_dir, left)))
-    rows += [
-             ("seeds", f"{seeds_text}; {per_cell}"),
+    rows += [("seeds", f"{seeds_text}; {per_cell}"),
              ("steps", steps),
              ("device", ", ".join(sorted({f"{s['device']} ({s['engine']} engine, "
                                          f"{s.get('execution', 'eager')})" for s in summaries}))),
@@ -174,7 +173,8 @@ def write_report(experiment_dir: Path, cells: list[Cell] | None = None,
     if left is None:
         left = left_out(experiment_dir, len(damaged_runs(experiment_dir)))
     if not cells:
-        raise FileNotFoundError(f"{experiment_dir}: no finished runs to report on")
+        raise FileNotFoundError(f"{experiment_dir}: no finished runs to report on" + (
+            f" ({left_out_text(experiment_dir, left)})" if left else ""))
     figures = captioned_figures(experiment_dir, cells, on_figure)
     rows = table_rows(cells)
     header = _header(experiment_dir, cells, left)

@@ -130,6 +130,12 @@ def test_runs_left_out_of_the_statistics_are_named(experiment, tmp_path):
     assert "left out" in (copy / "report.html").read_text()
     assert CliRunner().invoke(app, ["report", str(experiment)]).exit_code == 0
     assert "left out" not in (experiment / "report.md").read_text(), "only where runs are"
+    only_failed = tmp_path / "f" / "g"
+    shutil.copytree(failed.parent, only_failed / failed.parent.name)
+    none = CliRunner().invoke(app, ["report", str(only_failed)])
+    assert none.exit_code == 2 and none.stderr.strip() == (
+        f"error: {only_failed}: no finished runs to report on (1 run folder(s): 1 failed "
+        f"(`bnexp runs {only_failed}` lists them))")
 
 
 def test_the_interval_is_the_seeds_t_interval(experiment):

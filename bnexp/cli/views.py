@@ -148,9 +148,9 @@ def _report_one(experiment: Path) -> str | None:
     from bnexp import cells as grid_cells
     from bnexp import readback, report, report_figures
 
-    damaged = readback.damaged_runs(experiment)
-    left = report.left_out(experiment, len(damaged))
     try:
+        damaged = readback.damaged_runs(experiment)
+        left = report.left_out(experiment, len(damaged))
         cells = grid_cells.collect_cells(experiment)
         with figure_progress(report_figures.figure_count(cells)) as advance:
             md, page = report.write_report(experiment, cells, advance, left)
