@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_engine import fingerprint, mixed_runs, run
 
-from bnexp.engine import processes, shards, train_population
+from bnexp.engine import processes, shards, threads, train_population
 from bnexp.engine.common import Interrupted
 
 CPU = torch.device("cpu")
@@ -210,6 +210,87 @@ def test_an_exception_in_a_worker_is_raised_by_the_population(split, monkeypatch
     kept = failure_traceback(e.value)
     assert kept.index("in _answer") < kept.index("In the worker process:") < kept.index(
         "in broken")
+
+
+def hang_at_start(monkeypatch, tmp_path, times: int) -> None:
+    """The first `times` workers forked from now on hang before they are ready, as a fork
+    that inherited a lock held by another thread does in its first matrix product."""
+    real = processes._first_products
+
+    def first_products(shard) -> None:
+        for n in range(times):
+            try:  # the marker says this hang is taken; each fork takes the next
+                os.close(os.open(tmp_path / f"hang{n}", os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                continue
+            time.sleep(3600)
+        real(shard)
+
+    monkeypatch.setattr(processes, "_first_products", first_products)
+    monkeypatch.setattr(processes, "WORKER_START_S", 1.0)
+
+
+@LINUX
+def test_a_worker_that_hangs_as_it_starts_is_killed_and_forked_again(
+        split, monkeypatch, tmp_path, caplog):
+    runs = [run(steps=40, eval_every=20), run(steps=40, eval_every=20, lr=0.5)]
+    in_threads = train(runs, split, workers=False, keep_states=True)
+    pids = forks(monkeypatch)
+    hang_at_start(monkeypatch, tmp_path, times=1)
+    in_processes = train(runs, split, workers=True, keep_states=True)
+    assert {r.shards_in for r in in_processes} == {"processes"}
+    assert len(pids) == 3 and all(gone(pid) for pid in pids), "the hung one was killed"
+    assert "did not start within 1 s; forking it again" in caplog.text
+    for a, b in zip(in_threads, in_processes, strict=True):
+        assert fingerprint(a) == fingerprint(b)
+
+
+@LINUX
+def test_workers_that_never_start_leave_the_population_to_threads(
+        split, monkeypatch, tmp_path, caplog):
+    runs = [run(steps=40, eval_every=20), run(steps=40, eval_every=20, lr=0.5)]
+    in_threads = train(runs, split, workers=False, keep_states=True)
+    pids = forks(monkeypatch)
+    hang_at_start(monkeypatch, tmp_path, times=2)
+    in_processes = train(runs, split, workers=True, keep_states=True)
+    assert {r.shards_in for r in in_processes} == {"threads"}
+    assert len(pids) == 2 and all(gone(pid) for pid in pids)
+    assert "the shards train as threads instead" in caplog.text
+    for a, b in zip(in_threads, in_processes, strict=True):
+        assert fingerprint(a) == fingerprint(b)
+
+
+@LINUX
+def test_threads_gone_waits_for_a_threads_end_for_the_system():
+    release, ids = threading.Event(), []
+
+    def body() -> None:
+        ids.append(threading.get_native_id())
+        release.wait()
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    try:
+        while not ids:
+            time.sleep(0.001)
+        assert not threads.threads_gone(ids, timeout=0.2), "still running"
+    finally:
+        release.set()
+        thread.join()
+    assert threads.threads_gone(ids, timeout=5.0)
+    assert not os.path.exists(f"/proc/self/task/{ids[0]}")
+
+
+def test_leaving_a_shard_pool_waits_for_its_threads_to_end(monkeypatch):
+    """Before a worker is forked: a pool thread Python has joined may still be freeing
+    MKL's buffers under MKL's lock (threads.threads_gone)."""
+    waited = []
+    monkeypatch.setattr(threads, "threads_gone", lambda ids: waited.append(sorted(ids)))
+    with threads.shard_pool(2) as pool:
+        barrier = threading.Barrier(2)  # both threads busy at once: two threads ran
+        ran = sorted(set(pool.map(lambda _: (barrier.wait(), threading.get_native_id())[1],
+                                  range(2))))
+    assert waited == [ran] and len(ran) == 2
 
 
 class _Signalled(Exception):

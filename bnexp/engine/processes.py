@@ -40,6 +40,10 @@ import torch
 # cores, `bnexp run experiments/relu_lr1.yaml --steps 500`: 0.4 s of training in processes,
 # 0.6 s in one thread. Below that nothing is worth the workers.
 PROCESS_MIN_STEPS = 500
+# How long a new worker may take to say it is ready (it then has made its first matrix
+# products): milliseconds normally, seconds on a loaded machine. One that does not is killed
+# and the population trains as threads (see _first_products).
+WORKER_START_S = 30.0
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 _STOPS = {signal.SIGINT, signal.SIGTERM}
@@ -154,8 +158,7 @@ class ShardProcesses:
                 self._workers.pop(i).stop()
                 worker = None
             if worker is None and shard.stacks:
-                others = [w.conn for w in self._workers.values()]
-                self._workers[i] = _fork(shard, others)
+                self._workers[i] = _started(shard, i, [w.conn for w in self._workers.values()])
 
 
 def _more_open_files() -> None:
@@ -196,6 +199,44 @@ def _fork(shard, others: list[Connection]) -> _Worker:
     return _Worker(pid, parent, list(shard.stacks))
 
 
+class WorkerHung(RuntimeError):
+    """A new worker did not say it was ready in time (it was killed)."""
+
+
+def _started(shard, index: int, others: list[Connection]) -> _Worker:
+    """A worker for the shard that has said it is ready; a hung one is forked again once.
+    RuntimeError where none starts (the caller trains the shards as threads)."""
+    try:
+        return _await_start(_fork(shard, others), index)
+    except WorkerHung as exc:
+        log.warning("training: %s; forking it again", exc)
+    return _await_start(_fork(shard, others), index)
+
+
+def _await_start(worker: _Worker, index: int) -> _Worker:
+    """The worker, once it has said it is ready; WorkerHung where it does not in time (it is
+    killed: it has changed nothing yet), RuntimeError where it dies first."""
+    if not worker.conn.poll(WORKER_START_S):
+        worker.stop()
+        raise WorkerHung(f"the worker process for shard {index} did not start within "
+                         f"{WORKER_START_S:g} s")
+    try:
+        worker.conn.recv()
+    except (EOFError, OSError):
+        code = worker.reap()
+        raise RuntimeError(f"the worker process for shard {index} ended as it started "
+                           f"(exit code {code})") from None
+    return worker
+
+
+def _first_products(shard) -> None:
+    """The step's forward products on a batch of zeros (Shard.rehearse) before the worker
+    says it is ready: a fork that inherited a lock of MKL's held by another thread of the
+    parent (engine/threads.py: threads_gone) spins in its first product, here, where the
+    parent's timeout catches it, rather than in a block, where nothing would."""
+    shard.rehearse()
+
+
 def _worker(conn: Connection, inherited: list[Connection], shard, mask, parent: int) -> None:
     """The forked worker's life: serve the parent, then leave without running anything it
     inherited (atexit handlers, other threads' locks, buffered streams)."""
@@ -216,6 +257,8 @@ def _worker(conn: Connection, inherited: list[Connection], shard, mask, parent: 
 def _serve(conn: Connection, shard) -> None:
     """Train blocks until the parent closes the pipe (or dies)."""
     torch.set_num_threads(1)
+    _first_products(shard)
+    conn.send(("ready", None, None))
     never = _Never()
     while True:
         try:

@@ -113,6 +113,17 @@ class Shard:
         for stack in self.stacks:
             train_step(stack, x, y, self.step)
 
+    def rehearse(self) -> None:
+        """Every stack's inference pass on a batch of zeros: the training step's forward
+        products, with its shapes and layouts, changing nothing."""
+        x = self._split.train_x
+        batch = self._block.shape[1] // self._n_streams
+        with torch.no_grad():
+            zeros = torch.zeros(self._n_streams, batch, x.shape[1], dtype=x.dtype,
+                                device=x.device)
+            for stack in self.stacks:
+                stack.forward(zeros, train=False)
+
     def shared_state(self) -> list[torch.Tensor]:
         """What its steps change and what they read from the caller (the block of batch
         indices): what a worker process training it shares with its parent."""

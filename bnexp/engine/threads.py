@@ -12,7 +12,9 @@ process each, engine/processes.py, where the GIL would keep threads waiting).
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -65,15 +67,50 @@ class ShardPool:
 
 @contextmanager
 def shard_pool(shards: int) -> Iterator[ShardPool]:
-    """Worker threads for the shards of a CPU population (none for one shard)."""
+    """Worker threads for the shards of a CPU population (none for one shard). Leaving it
+    waits until its threads have ended for the system too (threads_gone)."""
     if shards <= 1:
         yield ShardPool(None)
         return
-    with ThreadPoolExecutor(shards, thread_name_prefix="bnexp-shard",
-                            initializer=torch.set_num_threads, initargs=(1,)) as executor:
-        pool = ShardPool(executor)
-        try:
-            yield pool
-        except BaseException:
-            pool.abandoned.set()  # the executor's exit then waits a step, not a block
-            raise
+    ids: list[int] = []
+
+    def start() -> None:
+        ids.append(threading.get_native_id())
+        torch.set_num_threads(1)
+
+    try:
+        with ThreadPoolExecutor(shards, thread_name_prefix="bnexp-shard",
+                                initializer=start) as executor:
+            pool = ShardPool(executor)
+            try:
+                yield pool
+            except BaseException:
+                pool.abandoned.set()  # the executor's exit then waits a step, not a block
+                raise
+    finally:
+        threads_gone(ids)
+
+
+# How long leaving a pool waits for its threads' last native code; they take microseconds
+# unless the machine is loaded.
+THREAD_EXIT_WAIT_S = 5.0
+
+
+def threads_gone(native_ids: list[int], timeout: float = THREAD_EXIT_WAIT_S) -> bool:
+    """Wait until the threads with these ids have ended for the system, not only for Python
+    (whether they have, on Linux; elsewhere True at once).
+
+    Joining a thread returns before its native exit: MKL then still frees the thread's
+    buffers under a lock of its own, and a process forked in that moment (a worker,
+    engine/processes.py) inherits the lock held and spins on its first matrix product
+    forever. Measured with two processes on 2 cores, each repeating a population stopped
+    and resumed in worker processes: one hung within 4 minutes.
+    """
+    deadline = time.monotonic() + timeout
+    left = [i for i in native_ids if os.path.exists(f"/proc/self/task/{i}")]
+    while left:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.0005)
+        left = [i for i in left if os.path.exists(f"/proc/self/task/{i}")]
+    return True
