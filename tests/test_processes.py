@@ -231,32 +231,22 @@ def hang_at_start(monkeypatch, tmp_path, times: int) -> None:
 
 
 @LINUX
-def test_a_worker_that_hangs_as_it_starts_is_killed_and_forked_again(
-        split, monkeypatch, tmp_path, caplog):
+@pytest.mark.parametrize("hangs, shards_in, forked, said", [
+    (1, "processes", 3, "did not start within 1 s; forking it again"),
+    (2, "threads", 2, "the shards train as threads instead")])
+def test_a_worker_that_hangs_as_it_starts_is_killed_and_forked_again_then_threads_train(
+        split, monkeypatch, tmp_path, caplog, hangs, shards_in, forked, said):
+    """One hang: the worker is killed and forked again. Two (the shard's worker and its
+    second fork): the population trains as threads. The same bytes either way."""
     runs = [run(steps=40, eval_every=20), run(steps=40, eval_every=20, lr=0.5)]
     in_threads = train(runs, split, workers=False, keep_states=True)
     pids = forks(monkeypatch)
-    hang_at_start(monkeypatch, tmp_path, times=1)
-    in_processes = train(runs, split, workers=True, keep_states=True)
-    assert {r.shards_in for r in in_processes} == {"processes"}
-    assert len(pids) == 3 and all(gone(pid) for pid in pids), "the hung one was killed"
-    assert "did not start within 1 s; forking it again" in caplog.text
-    for a, b in zip(in_threads, in_processes, strict=True):
-        assert fingerprint(a) == fingerprint(b)
-
-
-@LINUX
-def test_workers_that_never_start_leave_the_population_to_threads(
-        split, monkeypatch, tmp_path, caplog):
-    runs = [run(steps=40, eval_every=20), run(steps=40, eval_every=20, lr=0.5)]
-    in_threads = train(runs, split, workers=False, keep_states=True)
-    pids = forks(monkeypatch)
-    hang_at_start(monkeypatch, tmp_path, times=2)
-    in_processes = train(runs, split, workers=True, keep_states=True)
-    assert {r.shards_in for r in in_processes} == {"threads"}
-    assert len(pids) == 2 and all(gone(pid) for pid in pids)
-    assert "the shards train as threads instead" in caplog.text
-    for a, b in zip(in_threads, in_processes, strict=True):
+    hang_at_start(monkeypatch, tmp_path, times=hangs)
+    trained = train(runs, split, workers=True, keep_states=True)
+    assert {r.shards_in for r in trained} == {shards_in}
+    assert len(pids) == forked and all(gone(pid) for pid in pids), "the hung ones killed"
+    assert said in caplog.text
+    for a, b in zip(in_threads, trained, strict=True):
         assert fingerprint(a) == fingerprint(b)
 
 

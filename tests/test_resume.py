@@ -1,6 +1,7 @@
 """Checkpoints, kill -9 and resume, locks, retries and mismatches, through real sweeps."""
 
 import csv
+import io
 import json
 import os
 import signal
@@ -138,8 +139,16 @@ def test_retry_failed_trains_only_failed_runs(grid, tmp_path, monkeypatch):
     by_status = {r["status"]: r for r in csv.DictReader(listed.stdout.splitlines())}
     assert by_status["failed"]["detail"] == "RuntimeError: simulated crash"
     assert by_status["done"]["detail"] == ""
-    table = CliRunner().invoke(app, ["runs", str(out)], env={"COLUMNS": "300"})
-    assert "RuntimeError: simulated crash" in table.stdout
+    from rich.console import Console
+
+    from bnexp import inventory
+    from bnexp.cli.views import _runs_table
+
+    rows = inventory.find_runs(out)  # the table, at a width where nothing folds
+    wide = Console(width=400, record=True, file=io.StringIO())
+    wide.print(_runs_table(rows, inventory.varied_settings(rows), inventory.model_names(rows),
+                           out))
+    assert "RuntimeError: simulated crash" in wide.export_text()
     monkeypatch.setattr(sweep, "train_population", real)
     dry = sweep_in_process(grid, out, *fast, "--retry-failed", "--dry-run")
     assert dry.stdout.count("would train") == 1
