@@ -216,7 +216,12 @@ def _started(shard, index: int, others: list[Connection]) -> _Worker:
 def _await_start(worker: _Worker, index: int) -> _Worker:
     """The worker, once it has said it is ready; WorkerHung where it does not in time (it is
     killed: it has changed nothing yet), RuntimeError where it dies first."""
-    if not worker.conn.poll(WORKER_START_S):
+    try:
+        ready = worker.conn.poll(WORKER_START_S)
+    except BaseException:  # a second Ctrl-C while it starts: it is not ours to keep
+        worker.stop()
+        raise
+    if not ready:
         worker.stop()
         raise WorkerHung(f"the worker process for shard {index} did not start within "
                          f"{WORKER_START_S:g} s")
