@@ -215,9 +215,9 @@ def test_an_exception_in_a_worker_is_raised_by_the_population(split, monkeypatch
 def hang_at_start(monkeypatch, tmp_path, times: int) -> None:
     """The first `times` workers forked from now on hang before they are ready, as a fork
     that inherited a lock held by another thread does in its first matrix product."""
-    real = processes._first_products
+    real = shards.Shard.rehearse
 
-    def first_products(shard) -> None:
+    def rehearse(shard) -> None:
         for n in range(times):
             try:  # the marker says this hang is taken; each fork takes the next
                 os.close(os.open(tmp_path / f"hang{n}", os.O_CREAT | os.O_EXCL))
@@ -226,7 +226,7 @@ def hang_at_start(monkeypatch, tmp_path, times: int) -> None:
             time.sleep(3600)
         real(shard)
 
-    monkeypatch.setattr(processes, "_first_products", first_products)
+    monkeypatch.setattr(shards.Shard, "rehearse", rehearse)  # the forks inherit it
     monkeypatch.setattr(processes, "WORKER_START_S", 1.0)
 
 

@@ -42,7 +42,7 @@ import torch
 PROCESS_MIN_STEPS = 500
 # How long a new worker may take to say it is ready (it then has made its first matrix
 # products): milliseconds normally, seconds on a loaded machine. One that does not is killed
-# and the population trains as threads (see _first_products).
+# and forked again, then the population trains as threads (see _serve).
 WORKER_START_S = 30.0
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
@@ -228,18 +228,9 @@ def _await_start(worker: _Worker, index: int) -> _Worker:
     try:
         worker.conn.recv()
     except (EOFError, OSError):
-        code = worker.reap()
-        raise RuntimeError(f"the worker process for shard {index} ended as it started "
-                           f"(exit code {code})") from None
+        raise RuntimeError(f"the worker process for shard {index} "
+                           f"{_how_it_ended(worker.reap())} as it started") from None
     return worker
-
-
-def _first_products(shard) -> None:
-    """The step's forward products on a batch of zeros (Shard.rehearse) before the worker
-    says it is ready: a fork that inherited a lock of MKL's held by another thread of the
-    parent (engine/threads.py: threads_gone) spins in its first product, here, where the
-    parent's timeout catches it, rather than in a block, where nothing would."""
-    shard.rehearse()
 
 
 def _worker(conn: Connection, inherited: list[Connection], shard, mask, parent: int) -> None:
@@ -262,7 +253,11 @@ def _worker(conn: Connection, inherited: list[Connection], shard, mask, parent: 
 def _serve(conn: Connection, shard) -> None:
     """Train blocks until the parent closes the pipe (or dies)."""
     torch.set_num_threads(1)
-    _first_products(shard)
+    # The step's forward products on zeros before it says it is ready: a fork that inherited
+    # a lock of MKL's held by another thread of the parent (engine/threads.py: threads_gone)
+    # spins in its first product, here, where the parent's timeout catches it, rather than
+    # in a block, where nothing would.
+    shard.rehearse()
     conn.send(("ready", None, None))
     never = _Never()
     while True:
@@ -300,14 +295,20 @@ def _answer(worker: _Worker, index: int) -> None:
     try:
         status, message, remote = worker.conn.recv()
     except (EOFError, OSError):
-        code = worker.reap()
-        how = (f"was killed by {_signal_name(-code)} (signal {-code})"
-               if code is not None and code < 0 else f"exited with code {code}")
-        if code == -signal.SIGKILL:  # what the kernel's out-of-memory killer sends
-            how += ": out of memory, or killed by another process"
-        raise WorkerFailed(f"the worker process training shard {index} {how}") from None
+        raise WorkerFailed(f"the worker process training shard {index} "
+                           f"{_how_it_ended(worker.reap())}") from None
     if status != "done":
         raise WorkerFailed(message, remote)
+
+
+def _how_it_ended(code: int | None) -> str:
+    """A reaped worker's exit code (negative: the signal that ended it) in words."""
+    if code is None or code >= 0:
+        return f"exited with code {code}"
+    how = f"was killed by {_signal_name(-code)} (signal {-code})"
+    if code == -signal.SIGKILL:  # what the kernel's out-of-memory killer sends
+        how += ": out of memory, or killed by another process"
+    return how
 
 
 def _signal_name(signum: int) -> str:
