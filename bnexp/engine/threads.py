@@ -106,11 +106,9 @@ def threads_gone(native_ids: list[int], timeout: float = THREAD_EXIT_WAIT_S) -> 
     forever. Measured with two processes on 2 cores, each repeating a population stopped
     and resumed in worker processes: one hung within 4 minutes.
     """
-    deadline = time.monotonic() + timeout
-    left = [i for i in native_ids if os.path.exists(f"/proc/self/task/{i}")]
-    while left:
+    deadline, left = time.monotonic() + timeout, native_ids
+    while left := [i for i in left if os.path.exists(f"/proc/self/task/{i}")]:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.0005)
-        left = [i for i in left if os.path.exists(f"/proc/self/task/{i}")]
     return True
