@@ -56,11 +56,12 @@ def _load_run(folder: Path) -> tuple[dict, dict, dict]:
 
 
 def collect_cells(experiment_dir: Path, failure_threshold: float = stats.FAILURE_THRESHOLD,
-                  ) -> list[Cell]:
-    """Group an experiment's finished runs into cells and compute their statistics."""
+                  folders: list[Path] | None = None) -> list[Cell]:
+    """Group an experiment's finished runs into cells and compute their statistics; folders:
+    run_folders(experiment_dir), where the caller has them."""
     cells: dict[tuple, Cell] = {}
     loaded = {}
-    for folder in run_folders(experiment_dir):
+    for folder in run_folders(experiment_dir) if folders is None else folders:
         config, summary, curves = _load_run(folder)
         key_items = {k: v for k, v in config.items() if k not in CELL_IGNORES}
         key_items["engine_device"] = (summary["engine"], summary["device"])

@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bnexp.config import NON_RESULT_FIELDS, RunConfig
-from bnexp.readback import DamagedRun, check_run, read_config, read_metrics, read_summary
+from bnexp.readback import (
+    NOT_ITS_FOLDER,
+    DamagedRun,
+    check_run,
+    names_its_folder,
+    read_config,
+    read_metrics,
+    read_summary,
+)
 
 STATUSES = ("done", "partial", "failed", "damaged", "mismatch", "started")
 
@@ -59,7 +67,7 @@ def read_row(folder: Path) -> RunRow:
         row.status, row.detail = "damaged", str(exc)
         return row
     if not _names_its_folder(row.config, folder.name):
-        row.status, row.detail = "mismatch", "config.yaml does not give this folder's name"
+        row.status, row.detail = "mismatch", NOT_ITS_FOLDER
     elif (folder / "summary.json").exists():
         _read_finished(row)
     elif (folder / "failed.json").is_file():
@@ -74,7 +82,7 @@ def _names_its_folder(config: dict, name: str) -> bool:
         run = RunConfig(**config)
     except Exception:  # a config no run can have: not this folder's
         return False
-    return name in {run.run_id(device) for device in ("cpu", "cuda")}
+    return names_its_folder(run, name)
 
 
 def _failure(path: Path) -> str:

@@ -76,14 +76,25 @@ def check_run(folder: Path) -> None:
         if key not in config:
             raise DamagedRun(f"config.yaml has no {key}")
     try:
-        RunConfig.model_validate(config)
+        run = RunConfig.model_validate(config)
     except ValidationError as exc:
         raise DamagedRun(f"config.yaml is no run's configuration ({_first_problem(exc)})"
                          ) from None
+    if not names_its_folder(run, folder.name):
+        raise DamagedRun(NOT_ITS_FOLDER)
     curves = read_metrics(folder)
     missing = set(summary["models"]) - set(curves)
     if missing:
         raise DamagedRun(f"metrics.csv has no rows for {', '.join(sorted(missing))}")
+
+
+# A finished run whose config.yaml was edited: its numbers belong to another configuration.
+NOT_ITS_FOLDER = "config.yaml does not give this folder's name (edited after the run?)"
+
+
+def names_its_folder(run: RunConfig, name: str) -> bool:
+    """Whether name is the folder a run of this configuration trains in (on either device)."""
+    return name in {run.run_id(device) for device in ("cpu", "cuda")}
 
 
 def read_metrics(folder: Path) -> dict[str, dict[str, list[float]]]:
@@ -127,13 +138,14 @@ def sort_runs(folders: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
 
 def run_folders(experiment_dir: Path) -> list[Path]:
     """Finished, intact run folders of one experiment, sorted by name (see damaged_runs)."""
-    return sort_runs(_finished(experiment_dir))[0]
+    return sort_runs(finished(experiment_dir))[0]
 
 
 def damaged_runs(experiment_dir: Path) -> list[tuple[Path, str]]:
     """Finished run folders whose files do not read back, with why."""
-    return sort_runs(_finished(experiment_dir))[1]
+    return sort_runs(finished(experiment_dir))[1]
 
 
-def _finished(experiment_dir: Path) -> list[Path]:
+def finished(experiment_dir: Path) -> list[Path]:
+    """An experiment's run folders holding summary.json (intact or not), sorted by name."""
     return sorted(p.parent for p in experiment_dir.glob("*/summary.json"))

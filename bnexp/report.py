@@ -18,7 +18,7 @@ import yaml
 from bnexp import stats
 from bnexp.cells import NORMALISED, Cell, collect_cells, sort_key
 from bnexp.files import atomic_write
-from bnexp.readback import damaged_runs
+from bnexp.readback import run_folders
 from bnexp.report_figures import captioned_figures, seeds_and_steps
 
 
@@ -113,16 +113,14 @@ def _grid_axes(cells: list[Cell]) -> dict:
     return axes
 
 
-def left_out(experiment_dir: Path, damaged: int) -> dict[str, int]:
-    """The experiment's run folders that its statistics do not cover, counted by status:
-    unfinished (partial, failed, started, mismatch: see inventory) and damaged (finished,
-    but their files do not read back; the caller has counted them)."""
+def left_out(experiment_dir: Path, intact: list[Path]) -> dict[str, int]:
+    """The experiment's run folders that its statistics do not cover, counted by status (see
+    inventory): every folder with config.yaml but the intact finished ones (run_folders)."""
     from bnexp.inventory import read_row
 
+    covered = set(intact)
     counts = Counter(read_row(p.parent).status for p in experiment_dir.glob("*/config.yaml")
-                     if not (p.parent / "summary.json").exists())
-    if damaged:
-        counts["damaged"] += damaged
+                     if p.parent not in covered)
     return dict(sorted(counts.items()))
 
 
@@ -169,9 +167,10 @@ def write_report(experiment_dir: Path, cells: list[Cell] | None = None,
     """report.md and a self-contained report.html (images embedded, no external resources);
     cells: collect_cells(experiment_dir), where the caller has them; on_figure is called as
     each figure is written; left: left_out(experiment_dir, ...), where the caller has it."""
-    cells = collect_cells(experiment_dir) if cells is None else cells
+    intact = run_folders(experiment_dir) if cells is None or left is None else []
+    cells = collect_cells(experiment_dir, folders=intact) if cells is None else cells
     if left is None:
-        left = left_out(experiment_dir, len(damaged_runs(experiment_dir)))
+        left = left_out(experiment_dir, intact)
     if not cells:
         raise FileNotFoundError(f"{experiment_dir}: no finished runs to report on" + (
             f" ({left_out_text(experiment_dir, left)})" if left else ""))

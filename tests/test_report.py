@@ -138,6 +138,30 @@ def test_runs_left_out_of_the_statistics_are_named(experiment, tmp_path):
         f"(`bnexp runs {only_failed}` lists them))")
 
 
+def test_a_finished_run_whose_config_was_edited_is_left_out(experiment, tmp_path):
+    """A run folder whose config.yaml was edited to another valid configuration holds numbers
+    that configuration never produced: report and plot leave it out as a mismatch (and say
+    how to mend it) rather than count it in the cell the edit points to."""
+    import shutil
+
+    copy = tmp_path / "g"
+    shutil.copytree(experiment, copy)
+    edited = sorted(copy.glob("*lr0.05*/config.yaml"))[0]
+    edited.write_text(edited.read_text().replace("lr: 0.05\n", "lr: 0.5\n"))
+    result = CliRunner().invoke(app, ["report", str(copy)])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.stderr.split())
+    assert (f"mismatch {edited.parent}: config.yaml does not give this folder's name (edited "
+            "after the run?); left out (restore its config.yaml, or delete the folder)") in said
+    line = f"1 run folder(s): 1 mismatch (`bnexp runs {copy}` lists them)"
+    assert f"left out of g's statistics: {line}" in said
+    md = (copy / "report.md").read_text()
+    assert "| relu lr=0.05 init=0.05 | 2 |" in md and "| relu lr=0.5 init=0.05 | 3 |" in md
+    assert "- **runs**: 5 in 2 grid cell(s)" in md and f"- **left out**: {line}" in md
+    plotted = CliRunner().invoke(app, ["plot", str(copy)])
+    assert plotted.exit_code == 0 and f"mismatch {edited.parent}" in plotted.stderr
+
+
 def test_the_interval_is_the_seeds_t_interval(experiment):
     """Each cell's BN − plain entry: the mean of its seeds' paired differences of final test
     accuracy and Student's t interval (two degrees of freedom for three seeds), in points."""

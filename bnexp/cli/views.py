@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bnexp import config as cfg
-from bnexp import experiment_file
+from bnexp import experiment_file, readback
 from bnexp.cli.common import (
     YesOption,
     app,
@@ -123,8 +123,11 @@ def plot(root: Annotated[Path, typer.Argument(help="Results folder to redraw.")]
 
 def _warn_damaged(damaged: list[tuple[Path, str]]) -> None:
     for folder, why in damaged:
-        err_console.print(f"damaged {folder}: {why}; left out (delete the folder, or rerun the "
-                          "sweep with --force, to train it again)", markup=False,
+        edited = why == readback.NOT_ITS_FOLDER  # its numbers are another configuration's
+        remedy = ("restore its config.yaml, or delete the folder" if edited
+                  else "delete the folder, or rerun the sweep with --force, to train it again")
+        err_console.print(f"{'mismatch' if edited else 'damaged'} {folder}: {why}; left out "
+                          f"({remedy})", markup=False,
                           highlight=False, soft_wrap=True)
 
 
@@ -146,12 +149,12 @@ def report_command(
 def _report_one(experiment: Path) -> str | None:
     """Write one experiment's report and print its table; the problem where it cannot."""
     from bnexp import cells as grid_cells
-    from bnexp import readback, report, report_figures
+    from bnexp import report, report_figures
 
     try:
-        damaged = readback.damaged_runs(experiment)
-        left = report.left_out(experiment, len(damaged))
-        cells = grid_cells.collect_cells(experiment)
+        intact, damaged = readback.sort_runs(readback.finished(experiment))
+        left = report.left_out(experiment, intact)
+        cells = grid_cells.collect_cells(experiment, folders=intact)
         with figure_progress(report_figures.figure_count(cells)) as advance:
             md, page = report.write_report(experiment, cells, advance, left)
     except FileNotFoundError as exc:
