@@ -195,6 +195,51 @@ def test_a_worker_killed_between_blocks_fails_its_population_naming_the_signal(
 
 
 @LINUX
+def test_a_worker_that_hangs_inside_a_block_is_stopped_and_fails_its_population(
+        split, monkeypatch, tmp_path):
+    """A worker that finishes no step for STALL_S (a fork hazard its start did not show) is
+    killed and its population fails, rather than the sweep waiting for ever."""
+    pids = forks(monkeypatch)
+    real = shards.Shard.step_all
+
+    def step_all(shard) -> None:
+        if int(shard.step) == 25:  # some steps into its block
+            time.sleep(3600)
+        real(shard)
+
+    monkeypatch.setattr(shards.Shard, "step_all", step_all)  # the forks inherit it
+    monkeypatch.setattr(processes, "STALL_S", 1.0)
+    monkeypatch.setattr(processes, "STALL_POLL_S", 0.1)
+    start = time.perf_counter()
+    with pytest.raises(processes.WorkerFailed, match=r"the worker process training shard \d "
+                       r"finished no step for 1 s \(hung\) and was stopped"):
+        train(long_pair(), split, workers=True)
+    assert time.perf_counter() - start < 30
+    assert len(pids) == 2 and all(gone(pid) for pid in pids), "the other worker too"
+
+
+@LINUX
+def test_a_slow_worker_that_keeps_stepping_is_not_taken_for_hung(split, monkeypatch):
+    """The watch is on steps, not on blocks: steps slower than nothing but each well within
+    STALL_S make a block longer than it, and the population trains to the same bytes."""
+    runs = [run(steps=20, eval_every=20), run(steps=20, eval_every=20, lr=0.5)]
+    in_threads = train(runs, split, workers=False, keep_states=True)
+    real = shards.Shard.step_all
+
+    def step_all(shard) -> None:
+        time.sleep(0.1)
+        real(shard)
+
+    monkeypatch.setattr(shards.Shard, "step_all", step_all)
+    monkeypatch.setattr(processes, "STALL_S", 1.0)
+    monkeypatch.setattr(processes, "STALL_POLL_S", 0.05)
+    trained = train(runs, split, workers=True, keep_states=True)
+    assert {r.shards_in for r in trained} == {"processes"}
+    for a, b in zip(in_threads, trained, strict=True):
+        assert fingerprint(a) == fingerprint(b)
+
+
+@LINUX
 def test_an_exception_in_a_worker_is_raised_by_the_population(split, monkeypatch):
     def broken(self, n_steps, abandoned):
         raise FloatingPointError("the step broke")

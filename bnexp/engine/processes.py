@@ -26,6 +26,7 @@ import os
 import resource
 import signal
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
@@ -44,6 +45,14 @@ PROCESS_MIN_STEPS = 500
 # products): milliseconds normally, seconds on a loaded machine. One that does not is killed
 # and forked again, then the population trains as threads (see _serve).
 WORKER_START_S = 30.0
+# How long a worker inside a block may go without finishing a step before it is taken for
+# hung (a fork hazard the start's rehearsal did not catch), killed, and its population failed
+# with its checkpoint kept (`--retry-failed` resumes it): far beyond any step a population
+# that fits in memory takes (seconds for 100,000 networks on 2 cores), and counted in polls
+# of at most STALL_POLL_S each, so a machine suspended or a process stopped (Ctrl-Z) meanwhile
+# adds one poll, not its pause.
+STALL_S = 600.0
+STALL_POLL_S = 1.0
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 _STOPS = {signal.SIGINT, signal.SIGTERM}
@@ -142,12 +151,19 @@ class ShardProcesses:
             except OSError:  # it died since its last block: its answer below says how
                 pass
         waiting = dict(self._workers)
+        stalls = _Stalls({i: self.shards[i].step for i in waiting})
         while waiting:  # any worker's failure at once, not after the others' blocks
-            ready = wait([worker.conn for worker in waiting.values()])
+            ready = wait([worker.conn for worker in waiting.values()], timeout=STALL_POLL_S)
             for i, worker in list(waiting.items()):
                 if worker.conn in ready:
                     _answer(worker, i)
                     del waiting[i]
+            hung = stalls.hung(waiting)
+            if hung is not None:
+                waiting[hung].stop()
+                del self._workers[hung]
+                raise WorkerFailed(f"the worker process training shard {hung} finished no "
+                                   f"step for {STALL_S:g} s (hung) and was stopped")
 
     def _start(self) -> None:
         """A worker for every shard without one, or whose stacks changed (dead networks
@@ -159,6 +175,29 @@ class ShardProcesses:
                 worker = None
             if worker is None and shard.stacks:
                 self._workers[i] = _started(shard, i, [w.conn for w in self._workers.values()])
+
+
+class _Stalls:
+    """How long each worker of a block has gone without finishing a step (shard.step, in
+    shared memory, moves at every step), counted in polls of at most STALL_POLL_S."""
+
+    def __init__(self, steps: dict[int, torch.Tensor]) -> None:
+        self._steps = steps
+        self._seen = {i: int(step) for i, step in steps.items()}
+        self._still = dict.fromkeys(steps, 0.0)
+        self._last = time.monotonic()
+
+    def hung(self, waiting: dict) -> int | None:
+        """The first worker still waited for that has stalled for STALL_S, else None."""
+        now = time.monotonic()
+        elapsed, self._last = min(now - self._last, STALL_POLL_S), now
+        for i in waiting:
+            step = int(self._steps[i])
+            self._still[i] = 0.0 if step != self._seen[i] else self._still[i] + elapsed
+            self._seen[i] = step
+            if self._still[i] >= STALL_S:
+                return i
+        return None
 
 
 def _more_open_files() -> None:
