@@ -125,67 +125,123 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool,
            stop: threading.Event | None) -> list[RunResult]:
     first = runs[0]
     start = time.perf_counter()
-    groups, where = build_stacks(runs, device, n_shards)
-    stacks = [stack for group in groups for stack in group]
-    n_models = sum(s.m for s in stacks)
-    streams = {seed: BatchStream(split.train_x.shape[0], first.batch_size, seed, device)
-               for seed in stream_seeds(runs)}
-    block = torch.zeros(min(first.eval_every, first.steps), len(streams) * first.batch_size,
-                        dtype=torch.long, device=device)
-    shards = [Shard(group, split, block, len(streams), device, cuda_graph, compile_step)
-              for group in groups]
-    if compile_step and device.type == "cpu":
-        compile_cpu(shards, stacks)
-    each = pool.map
-    each_shard = each if len(shards) > 1 else map
-    if workers is not None:
-        workers.shards = shards
+    pop = _Population(runs, split, device, n_shards, pool, workers, cuda_graph, compile_step)
+    done = 0
+    if resume:
+        done = pop.restore(resume)
+        for r in range(len(runs)):  # the live metrics go back to the checkpoint's step
+            on_evaluate(r, pop.results[r])
+        pop.retire_dead()  # as the uninterrupted run did at this step
+    else:
+        pop.evaluate(0, 0, on_evaluate)
+    next_checkpoint = done + first.checkpoint_every
+    for n_block in remaining_blocks(first, done):
+        pop.train_block(n_block)
+        done += n_block
+        pop.evaluate(done, n_block, on_evaluate)
+        stopping = stop is not None and stop.is_set() and done < first.steps
+        if on_checkpoint and (done >= next_checkpoint or done == first.steps or stopping):
+            for r, data in enumerate(pop.checkpoints(done)):
+                on_checkpoint(r, data)
+            next_checkpoint = done + first.checkpoint_every
+        if progress:
+            progress(n_block * pop.n_models)
+        if stopping:
+            raise Interrupted(done, checkpointed=on_checkpoint is not None)
+    pop.finish(keep_states)
+    return pop.run_results(time.perf_counter() - start)
 
-    def in_threads(n: int) -> None:
-        list(each_shard(lambda shard: shard.train_block(n, pool.abandoned), shards))
 
-    def train_block(n: int) -> None:
+class _Population:
+    """One population while it trains: its shards (in threads or worker processes), where
+    each run's models are, and what has been measured of them."""
+
+    def __init__(self, runs: list[RunConfig], split: Split, device: torch.device,
+                 n_shards: int, pool, workers: ShardProcesses | None, cuda_graph: bool,
+                 compile_step: bool) -> None:
+        first = runs[0]
+        self.runs, self.split, self.device, self.pool, self.workers = (runs, split, device,
+                                                                       pool, workers)
+        groups, self.where = build_stacks(runs, device, n_shards)
+        self.n_models = sum(stack.m for group in groups for stack in group)
+        self.streams = {seed: BatchStream(split.train_x.shape[0], first.batch_size, seed,
+                                          device)
+                        for seed in stream_seeds(runs)}
+        self.block = torch.zeros(min(first.eval_every, first.steps),
+                                 len(self.streams) * first.batch_size, dtype=torch.long,
+                                 device=device)
+        self.shards = [Shard(group, split, self.block, len(self.streams), device, cuda_graph,
+                             compile_step) for group in groups]
+        if compile_step and device.type == "cpu":
+            compile_cpu(self.shards, [stack for group in groups for stack in group])
         if workers is not None:
-            workers.train_block(n, in_threads)
-        else:
-            in_threads(n)
-    results = [[ModelResult(variant_name(bn, run.norm)) for bn in run.batch_norm]
-               for run in runs]
-    on_test = first.eval_split == "test"
-    eval_x, eval_y = (split.test_x, split.test_y) if on_test else (split.val_x, split.val_y)
-    probe = tracked_unit(first)
-    train_x, train_y = (split.train_x[:TRAIN_EVAL_EXAMPLES], split.train_y[:TRAIN_EVAL_EXAMPLES])
+            workers.shards = self.shards
+        self.results = [[ModelResult(variant_name(bn, run.norm)) for bn in run.batch_norm]
+                        for run in runs]
+        on_test = first.eval_split == "test"
+        self.eval_x, self.eval_y = ((split.test_x, split.test_y) if on_test
+                                    else (split.val_x, split.val_y))
+        self.train_x = split.train_x[:TRAIN_EVAL_EXAMPLES]
+        self.train_y = split.train_y[:TRAIN_EVAL_EXAMPLES]
+        self.probe = tracked_unit(first)
+        self.graves: list[Stack] = []  # the stacks of networks that left the step (retire)
+        self.train_time = self.eval_time = 0.0
+        self.earlier = (0.0, 0.0)  # training and evaluation time before a resume
 
-    eval_time = 0.0
-    graves: list[Stack] = []  # the stacks of networks that left the step (_retire)
+    def live_stacks(self) -> list[Stack]:
+        return [stack for shard in self.shards for stack in shard.stacks]
 
-    def live_stacks() -> list[Stack]:
-        return [stack for shard in shards for stack in shard.stacks]
+    def all_stacks(self) -> list[Stack]:
+        return self.live_stacks() + self.graves
 
-    def all_stacks() -> list[Stack]:
-        return live_stacks() + graves
+    def restore(self, resume: list[dict]) -> int:
+        """The checkpoints' state, curves and times; the step they were taken at."""
+        done, self.train_time, self.eval_time = restore(resume, self.runs, self.all_stacks(),
+                                                        self.where, self.results,
+                                                        self.streams)
+        self.earlier = (self.train_time, self.eval_time)
+        for shard in self.shards:
+            shard.step.fill_(done)
+        return done
 
-    def retire_dead() -> None:
-        # where a unit is tracked dead networks train on: its input may still move
-        if probe is None:
-            graves.extend(retire(shards, where))
+    def _in_threads(self, n: int) -> None:
+        each_shard = self.pool.map if len(self.shards) > 1 else map
+        list(each_shard(lambda shard: shard.train_block(n, self.pool.abandoned), self.shards))
 
-    def evaluate(done: int, n_block: int) -> None:
-        nonlocal eval_time
+    def train_block(self, n: int) -> None:
+        """The next n steps of every shard, on the streams' next batches."""
+        self.block[:n].copy_(next_block(self.streams.values(), n))
         tick = time.perf_counter()
-        live = live_stacks()
+        if self.workers is not None:
+            self.workers.train_block(n, self._in_threads)
+        else:
+            self._in_threads(n)
+        sync(self.device)
+        self.train_time += time.perf_counter() - tick
+
+    def retire_dead(self) -> None:
+        # where a unit is tracked dead networks train on: its input may still move
+        if self.probe is None:
+            self.graves.extend(retire(self.shards, self.where))
+
+    def evaluate(self, done: int, n_block: int, on_evaluate: OnEvaluate) -> None:
+        """Record every model's accuracies and mean loss over the block just trained (none
+        at step 0), tell on_evaluate, and let dead networks leave the step."""
+        tick = time.perf_counter()
+        live = self.live_stacks()
         # Both accuracies in one pass over the shards (each shard's thread evaluates its own).
-        outs = list(each(lambda s: (*correct(s, eval_x, eval_y, probe),
-                                    correct(s, train_x, train_y)[0]), live))
-        accs = [[n / eval_x.shape[0] for n in c.tolist()] for c, _, _ in outs]
-        fits = [[n / train_x.shape[0] for n in c.tolist()] for _, _, c in outs]
+        outs = list(self.pool.map(
+            lambda s: (*correct(s, self.eval_x, self.eval_y, self.probe),
+                       correct(s, self.train_x, self.train_y)[0]), live))
+        accs = [[n / self.eval_x.shape[0] for n in c.tolist()] for c, _, _ in outs]
+        fits = [[n / self.train_x.shape[0] for n in c.tolist()] for _, _, c in outs]
         percentiles = [None if p is None else p.tolist() for _, p, _ in outs]
         losses = [(s.loss_sum / max(n_block, 1)).tolist() for s in live]
         for s in live:
             s.loss_sum.zero_()
-        for (r, bn), (stack, i) in where.items():
-            model = results[r][run_variant(runs[r], bn)]
-            if stack in graves:  # what training on would have measured: its NaN outputs'
+        for (r, bn), (stack, i) in self.where.items():
+            model = self.results[r][run_variant(self.runs[r], bn)]
+            if stack in self.graves:  # what training on would have measured: its NaN outputs'
                 model.record(done, model.val_acc[-1], float("nan"), None,
                              train_acc=model.train_acc[-1])
                 continue
@@ -193,55 +249,33 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool,
             loss = losses[j][i] if n_block else float("nan")
             unit = percentiles[j][i] if percentiles[j] is not None else None
             model.record(done, accs[j][i], loss, unit, train_acc=fits[j][i])
-        for r in range(len(runs)):
-            on_evaluate(r, results[r])
-        retire_dead()
-        eval_time += time.perf_counter() - tick
+        for r in range(len(self.runs)):
+            on_evaluate(r, self.results[r])
+        self.retire_dead()
+        self.eval_time += time.perf_counter() - tick
 
-    done, train_time, earlier = 0, 0.0, (0.0, 0.0)
-    if resume:
-        done, train_time, eval_time = restore(resume, runs, stacks, where, results, streams)
-        earlier = (train_time, eval_time)
-        for shard in shards:
-            shard.step.fill_(done)
-        for r in range(len(runs)):  # the live metrics go back to the checkpoint's step
-            on_evaluate(r, results[r])
-        retire_dead()  # as the uninterrupted run did at this step
-    else:
-        evaluate(0, 0)
-    next_checkpoint = done + first.checkpoint_every
-    for n_block in remaining_blocks(first, done):
-        block[:n_block].copy_(next_block(streams.values(), n_block))
+    def checkpoints(self, done: int) -> list[dict]:
+        return make_checkpoints(self.runs, self.all_stacks(), self.where, self.results,
+                                self.streams, done, self.train_time, self.eval_time)
+
+    def finish(self, keep_states: bool) -> None:
         tick = time.perf_counter()
-        train_block(n_block)
-        sync(device)
-        train_time += time.perf_counter() - tick
-        done += n_block
-        evaluate(done, n_block)
-        stopping = stop is not None and stop.is_set() and done < first.steps
-        if on_checkpoint and (done >= next_checkpoint or done == first.steps or stopping):
-            for r, data in enumerate(make_checkpoints(runs, all_stacks(), where, results,
-                                                      streams, done, train_time, eval_time)):
-                on_checkpoint(r, data)
-            next_checkpoint = done + first.checkpoint_every
-        if progress:
-            progress(n_block * n_models)
-        if stopping:
-            raise Interrupted(done, checkpointed=on_checkpoint is not None)
-    tick = time.perf_counter()
-    _finish(runs, all_stacks(), where, results, split, keep_states, each)
-    eval_time += time.perf_counter() - tick  # the final test accuracy is an evaluation too
-    wall = time.perf_counter() - start
-    population = uuid.uuid4().hex
-    return [RunResult(run, str(device), "population", results[r], wall, n_models,
-                      shards[0].execution, train_time_s=train_time,
-                      compile_time_s=sum(shard.compile_s for shard in shards),
-                      eval_time_s=eval_time, resumed_train_time_s=earlier[0],
-                      resumed_eval_time_s=earlier[1], threads=len(shards),
-                      shards_in=("processes" if workers is not None and not workers.unavailable
-                                 else "threads"),
-                      population_id=population)
-            for r, run in enumerate(runs)]
+        _finish(self.runs, self.all_stacks(), self.where, self.results, self.split,
+                keep_states, self.pool.map)
+        self.eval_time += time.perf_counter() - tick  # the final test accuracy is one too
+
+    def run_results(self, wall: float) -> list[RunResult]:
+        population = uuid.uuid4().hex
+        shards_in = ("processes" if self.workers is not None and not self.workers.unavailable
+                     else "threads")
+        return [RunResult(run, str(self.device), "population", self.results[r], wall,
+                          self.n_models, self.shards[0].execution,
+                          train_time_s=self.train_time,
+                          compile_time_s=sum(shard.compile_s for shard in self.shards),
+                          eval_time_s=self.eval_time, resumed_train_time_s=self.earlier[0],
+                          resumed_eval_time_s=self.earlier[1], threads=len(self.shards),
+                          shards_in=shards_in, population_id=population)
+                for r, run in enumerate(self.runs)]
 
 
 def _accuracies(stack: Stack, x: torch.Tensor, y: torch.Tensor) -> list[float]:
