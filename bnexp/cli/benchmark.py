@@ -75,7 +75,6 @@ def bench(
     import json
 
     from bnexp import bench as bench_mod
-    from bnexp.data import DataError, load_split, resolve_data_dir
     from bnexp.engine import resolve_device
     from bnexp.engine.precision import tf32_problem
     from bnexp.files import atomic_write
@@ -109,17 +108,34 @@ def bench(
                 split, dev, m, n_steps, reference, cuda_graph, compile_step, dtype))
     with err_console.status("operators per training step..."):
         ops = bench_mod.ops_per_step(split, dev, compile_step)
-    grid_record = None
-    if grid_runs:
-        try:
-            grid_split, source = load_split(grid_runs[0].dataset, resolve_data_dir(data_dir),
-                                            dev), "real data"
-        except DataError:
-            grid_split, source = split, "random data"
-        with err_console.status(f"grid {grid} ({len(grid_runs)} runs, {source})..."):
-            grid_record = bench_mod.bench_grid(grid_runs, grid_split, dev, compile_step)
-        grid_record.update(file=str(grid), data=source)
+    grid_record = (_bench_grid(grid, grid_runs, split, dev, compile_step, data_dir)
+                   if grid_runs else None)
     out_console.print(_bench_table(rows))
+    out_console.print(_ops_line(ops), highlight=False)
+    if grid_record:
+        out_console.print(_grid_line(grid_record), highlight=False)
+    atomic_write(path, json.dumps(bench_mod.as_record(rows, dev, grid_record, ops, tf32), indent=2))
+    out_console.print(f"written {path}")
+
+
+def _bench_grid(grid: Path, runs: list, split, device, compile_step: bool,
+                data_dir: Path | None) -> dict:
+    """The grid file timed as sweep trains it: on real data where found, else on split."""
+    from bnexp import bench as bench_mod
+    from bnexp.data import DataError, load_split, resolve_data_dir
+
+    try:
+        split, source = load_split(runs[0].dataset, resolve_data_dir(data_dir),
+                                   device), "real data"
+    except DataError:
+        source = "random data"
+    with err_console.status(f"grid {grid} ({len(runs)} runs, {source})..."):
+        record = bench_mod.bench_grid(runs, split, device, compile_step)
+    record.update(file=str(grid), data=source)
+    return record
+
+
+def _ops_line(ops: dict) -> str:
     kernels = (f"; CUDA kernels: {ops['cuda_kernels_eager']} eager, "
                f"{ops['cuda_kernels_compiled']} compiled ({ops['compile_s']:.1f} s to compile)"
                if "cuda_kernels_compiled" in ops else
@@ -127,21 +143,18 @@ def bench(
                f"{ops['cpu_compiled_kernel_calls']} of generated C++ kernels, "
                f"{ops['cpu_compiled_aten_calls']} of aten operators; {ops['compile_s']:.1f} s "
                "to compile)" if "cpu_compiled_calls" in ops else "")
-    out_console.print(f"one training step of the lesson population ({ops['networks']} "
-                      f"networks): {ops['aten_ops']} aten operators dispatched "
-                      f"({ops['aten_ops_without_views']} without views; "
-                      f"{ops['aten_ops_one_stack']} with CUDA's one stack){kernels}",
-                      highlight=False)
-    if grid_record:
-        out_console.print(
-            f"grid {grid}: {grid_record['networks']} networks x {grid_record['steps']:,} steps "
-            f"({grid_record['data']}): {grid_record['train_time_s']:.1f} s training, "
-            f"{grid_record['wall_time_s']:.1f} s wall with evaluation every "
-            f"{grid_record['eval_every']} steps; {grid_record['populations']} population(s), "
-            f"{grid_record['seeds']} seed(s), {grid_record['compile_time_s']:.1f} s compiling, "
-            f"{', '.join(grid_record['execution'])}", highlight=False)
-    atomic_write(path, json.dumps(bench_mod.as_record(rows, dev, grid_record, ops, tf32), indent=2))
-    out_console.print(f"written {path}")
+    return (f"one training step of the lesson population ({ops['networks']} networks): "
+            f"{ops['aten_ops']} aten operators dispatched ({ops['aten_ops_without_views']} "
+            f"without views; {ops['aten_ops_one_stack']} with CUDA's one stack){kernels}")
+
+
+def _grid_line(record: dict) -> str:
+    return (f"grid {record['file']}: {record['networks']} networks x {record['steps']:,} steps "
+            f"({record['data']}): {record['train_time_s']:.1f} s training, "
+            f"{record['wall_time_s']:.1f} s wall with evaluation every "
+            f"{record['eval_every']} steps; {record['populations']} population(s), "
+            f"{record['seeds']} seed(s), {record['compile_time_s']:.1f} s compiling, "
+            f"{', '.join(record['execution'])}")
 
 
 def _bench_table(rows: list) -> Table:
