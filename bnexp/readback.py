@@ -137,13 +137,9 @@ def sort_runs(folders: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
 
 
 def run_folders(experiment_dir: Path) -> list[Path]:
-    """Finished, intact run folders of one experiment, sorted by name (see damaged_runs)."""
+    """Finished, intact run folders of one experiment, sorted by name (the others:
+    sort_runs(finished(experiment_dir)))."""
     return sort_runs(finished(experiment_dir))[0]
-
-
-def damaged_runs(experiment_dir: Path) -> list[tuple[Path, str]]:
-    """Finished run folders whose files do not read back, with why."""
-    return sort_runs(finished(experiment_dir))[1]
 
 
 def finished(experiment_dir: Path) -> list[Path]:

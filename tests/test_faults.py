@@ -272,10 +272,12 @@ def test_summary_reads_back_only_intact_runs(grid, tmp_path):
     out = tmp_path / "out"
     assert invoke("sweep", grid, "--out", out).exit_code == 0
     folders = readback.run_folders(out / "f")
-    assert len(folders) == 2 and readback.damaged_runs(out / "f") == []
+    assert readback.sort_runs(readback.finished(out / "f")) == (folders, [])
+    assert len(folders) == 2
     (folders[0] / "summary.json").write_text(json.dumps({"models": {"plain": {}}}))
     assert readback.run_folders(out / "f") == folders[1:]
-    assert [f for f, _ in readback.damaged_runs(out / "f")] == [folders[0]]
+    intact, damaged = readback.sort_runs(readback.finished(out / "f"))
+    assert intact == folders[1:] and [f for f, _ in damaged] == [folders[0]]
 
 
 def test_a_run_folder_that_is_a_file_is_set_aside(grid, tmp_path):
