@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -227,6 +228,24 @@ def run_status(root: Path, run: RunConfig, device: str) -> tuple[str, str | None
     return "new", None
 
 
+# What a file system without locks breaks: two sweeps could train one run at once.
+NO_LOCKS = ("sweeps lock each run they train; use a results folder on a file system with "
+            "file locks")
+
+
+def lock_problem(folder: Path) -> str | None:
+    """Why a file in folder (which exists) cannot be locked, or None where it can."""
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".bnexp-lock-test-")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+    return None
+
+
 class RunLock:
     """An exclusive lock on one folder (non-blocking unless asked); the OS drops it if the
     process dies."""
@@ -236,6 +255,8 @@ class RunLock:
         self._file = None
 
     def acquire(self, wait: bool = False) -> bool:
+        """Whether the lock is ours; OSError (naming the file) where the file system has no
+        locks to give (NFS without its lock service: ENOLCK)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a")
         try:
@@ -244,6 +265,10 @@ class RunLock:
             self._file.close()
             self._file = None
             return False
+        except OSError as exc:
+            self._file.close()
+            self._file = None
+            raise OSError(exc.errno, f"{exc.strerror} ({NO_LOCKS})", str(self.path)) from None
         return True
 
     def release(self) -> None:

@@ -316,7 +316,8 @@ class ResultsUnwritable(Exception):
 
 
 # Errors of the disk, not of a run: retrying another run would fail the same way.
-DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO)
+DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO,
+               errno.ENOLCK)
 
 
 def _disk_error(exc: BaseException) -> ResultsUnwritable | None:

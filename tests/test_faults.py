@@ -142,6 +142,38 @@ def test_an_experiment_folder_that_is_a_file_is_an_error(grid, tmp_path):
     assert (out / "f").read_text() == "not a folder"
 
 
+@pytest.mark.parametrize("where", ["everywhere", "run locks"])
+def test_a_file_system_without_locks_is_a_clear_error(where, grid, tmp_path, monkeypatch):
+    """Sweeps lock each run they train, so that two never train one run at once: a results
+    folder whose file system gives no locks (NFS without its lock service: ENOLCK) is an
+    error before training, or, where only a run's lock fails, a clean stop naming it."""
+    import fcntl
+
+    real = fcntl.flock
+
+    def flock(f, operation):
+        name = getattr(f, "name", "")
+        if where == "everywhere" or str(name).endswith(".lock"):
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+        return real(f, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    out = tmp_path / "out"
+    result = invoke("sweep", grid, "--out", out)
+    no_traceback(result)
+    assert result.exit_code == 2, result.output
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    reason = "sweeps lock each run they train; use a results folder on a file system"
+    if where == "everywhere":
+        assert line.startswith(f"error: {out}: files cannot be locked there (No locks "
+                               f"available); {reason}")
+        assert not out.exists() and not list(tmp_path.glob(".bnexp-*")), "nothing left"
+    else:
+        assert line.startswith(f"error: {out / 'f'}/") and (
+            f"/.lock: No locks available ({reason}" in line)
+        assert not list(out.rglob("summary.json"))
+
+
 @pytest.mark.parametrize("target, code", [("curves.png", errno.ENOSPC),
                                           ("checkpoint.pt", errno.EROFS),
                                           ("summary.csv", errno.ENOSPC)])

@@ -220,13 +220,18 @@ def check_writable(out: Path, experiments: set[str], files: tuple[str, ...] = ()
     """Fail early, before any training and without creating anything, where results cannot
     be written: the results folder, each experiment's folder that exists already, and the
     files each experiment's folder gets beside its runs."""
+    from bnexp.results import NO_LOCKS, lock_problem
+
     problems = []
     for folder in [out] + [out / name for name in sorted(experiments)]:
         if folder.exists() and not folder.is_dir():
             problems.append(f"{folder}: is a file, not a folder; move it away")
             continue
-        if (folder == out or folder.is_dir()) and (why := _cannot_create_in(folder)):
+        checked = folder == out or folder.is_dir()  # else the sweep makes it, in out
+        if checked and (why := _cannot_create_in(folder)):
             problems.append(f"{folder}: results folder is not writable ({why})")
+        elif checked and (why := lock_problem(_nearest_existing(folder))):
+            problems.append(f"{folder}: files cannot be locked there ({why}); {NO_LOCKS}")
         if folder != out:
             problems += [f"{folder / name}: is a folder where a file is written; move it "
                          "away" for name in files if (folder / name).is_dir()]
@@ -243,12 +248,16 @@ def check_output_file(path: Path, option: str) -> None:
         fail([f"{option} {path}: cannot write there ({why})"])
 
 
+def _nearest_existing(path: Path) -> Path:
+    return next(p for p in [path, *path.parents] if p.exists())
+
+
 def _cannot_create_in(path: Path) -> str | None:
     """Why nothing could be created at path's nearest existing folder (None if it can): a
     folder made and removed there at once, since permissions alone do not tell (root, /proc,
     a read-only mount); its name is its own, so sweeps starting together never remove each
     other's."""
-    parent = next(p for p in [path, *path.parents] if p.exists())
+    parent = _nearest_existing(path)
     if not parent.is_dir():
         return f"{parent} is a file, not a folder"
     try:
