@@ -9,7 +9,6 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
-from rich.text import Text
 
 from bnexp import config as cfg
 from bnexp import experiment_file, readback
@@ -79,13 +78,13 @@ def runs(
         return
     out_console.print(_runs_table(rows, inventory.varied_settings(rows),
                                   inventory.model_names(rows), root))
+    for line in why_lines(rows):  # whole lines below the table, not folded into a column
+        out_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _runs_table(rows: list, varied: list[str], models: list[str], root: Path) -> Table:
     table = Table(title=f"runs under {root}: {len(rows)}")
-    details = any(row.detail for row in rows)  # why runs failed, are damaged or mismatched
-    for column in ("experiment", "run", "status", *varied, *[f"{m} val/test" for m in models],
-                   *(["detail"] if details else [])):
+    for column in ("experiment", "run", "status", *varied, *[f"{m} val/test" for m in models]):
         table.add_column(column, overflow="fold")
     for row in rows:
         accs = []
@@ -94,9 +93,14 @@ def _runs_table(rows: list, varied: list[str], models: list[str], root: Path) ->
             accs.append("-" if math.isnan(val) else
                         f"{val:.4f}" + ("" if math.isnan(test) else f" / {test:.4f}"))
         table.add_row(row.experiment, row.run_id, row.status_text,
-                      *[str(row.config.get(k, "")) for k in varied], *accs,
-                      *([Text(row.detail)] if details else []))
+                      *[str(row.config.get(k, "")) for k in varied], *accs)
     return table
+
+
+def why_lines(rows: list) -> list[str]:
+    """Why runs failed, are damaged or are mismatches: a line each, for below the table."""
+    return [f"{row.status} {row.experiment}/{row.run_id}: {row.detail}" for row in rows
+            if row.detail]
 
 
 @app.command()
