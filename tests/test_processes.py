@@ -220,18 +220,18 @@ def test_a_worker_that_hangs_inside_a_block_is_stopped_and_fails_its_population(
 
 @LINUX
 def test_a_slow_worker_that_keeps_stepping_is_not_taken_for_hung(split, monkeypatch):
-    """The watch is on steps, not on blocks: steps slower than nothing but each well within
-    STALL_S make a block longer than it, and the population trains to the same bytes."""
-    runs = [run(steps=20, eval_every=20), run(steps=20, eval_every=20, lr=0.5)]
+    """The watch is on steps, not on blocks: slow steps, each well within STALL_S, make a
+    block longer than it, and the population trains to the same bytes."""
+    runs = [run(steps=30, eval_every=30), run(steps=30, eval_every=30, lr=0.5)]
     in_threads = train(runs, split, workers=False, keep_states=True)
     real = shards.Shard.step_all
 
-    def step_all(shard) -> None:
+    def step_all(shard) -> None:  # a block of 3 s, a step 20 times within the bound
         time.sleep(0.1)
         real(shard)
 
     monkeypatch.setattr(shards.Shard, "step_all", step_all)
-    monkeypatch.setattr(processes, "STALL_S", 1.0)
+    monkeypatch.setattr(processes, "STALL_S", 2.0)
     monkeypatch.setattr(processes, "STALL_POLL_S", 0.05)
     trained = train(runs, split, workers=True, keep_states=True)
     assert {r.shards_in for r in trained} == {"processes"}
