@@ -235,7 +235,10 @@ NO_LOCKS = ("sweeps lock each run they train; use a results folder on a file sys
 
 def lock_problem(folder: Path) -> str | None:
     """Why a file in folder (which exists) cannot be locked, or None where it can."""
-    fd, name = tempfile.mkstemp(dir=folder, prefix=".bnexp-lock-test-")
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".bnexp-lock-test-")
+    except OSError as exc:
+        return f"cannot create a file there: {exc.strerror or exc}"
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
