@@ -323,8 +323,10 @@ DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPER
 def _disk_error(exc: BaseException) -> ResultsUnwritable | None:
     if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
         where = exc.filename or "the results folder"
-        return ResultsUnwritable(f"{where}: {exc.strerror}; finished runs are kept, and "
-                                 "running the command again resumes the rest")
+        text = f"{where}: {exc.strerror}; finished runs are kept"
+        if exc.errno != errno.ENOLCK:  # a folder without locks would refuse again
+            text += ", and running the command again resumes the rest"
+        return ResultsUnwritable(text)
     return None
 
 
