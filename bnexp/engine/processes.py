@@ -47,9 +47,9 @@ PROCESS_MIN_STEPS = 500
 WORKER_START_S = 30.0
 # How long a worker inside a block may go without finishing a step before it is taken for
 # hung (a fork hazard the start's rehearsal did not catch), killed, and its population failed
-# with its checkpoint kept (`--retry-failed` resumes it): far beyond any step a population
-# that fits in memory takes (100,000 networks' step: ~2.6 TFLOP, under a minute on 2 cores
-# at ~57 GFLOP/s each), and counted in polls of at most STALL_POLL_S each, so a machine
+# with its checkpoint kept (`--retry-failed` resumes it): far beyond any step (the largest
+# population, 4,096 networks of ~26 MFLOP a step, all in one worker: about 2 s at the ~57
+# GFLOP/s of one core), and counted in polls of at most STALL_POLL_S each, so a machine
 # suspended or a process stopped (Ctrl-Z) meanwhile adds one poll, not its pause.
 STALL_S = 600.0
 STALL_POLL_S = 1.0
