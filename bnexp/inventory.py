@@ -131,6 +131,29 @@ def varied_keys(configs: list[dict]) -> list[str]:
     return [k for k in keys if len({repr(config.get(k)) for config in configs}) > 1]
 
 
+# Left out of what tells runs apart: what run names show (RunConfig.run_id), and examples
+# (they follow from steps).
+NAMED_SETTINGS = ("activation", "lr", "init", "init_scale", "arch", "norm", "batch_size", "seed",
+                  "examples")
+
+
+def apart(runs: list[tuple[str, dict]]) -> list[str]:
+    """For each (experiment, config) pair, the settings in which the configs of its
+    experiment differ beyond what run names show (activation, learning rate, initial weights,
+    architecture, normaliser, batch size, seed), as "bn_impl=manual dropout=0.5"; "" where
+    they do not."""
+    by_experiment: dict[str, list[int]] = {}
+    for i, (experiment, _) in enumerate(runs):
+        by_experiment.setdefault(experiment, []).append(i)
+    texts = [""] * len(runs)
+    for members in by_experiment.values():
+        configs = [runs[i][1] for i in members]
+        differ = [k for k in varied_keys(configs) if k not in NAMED_SETTINGS]
+        for i, config in zip(members, configs, strict=True):
+            texts[i] = " ".join(f"{k}={setting_text(config.get(k))}" for k in differ)
+    return texts
+
+
 def matches(row: RunRow, where: list[tuple[str, object]]) -> bool:
     """Whether every key=value of where holds for the row (status is a key too)."""
     for key, value in where:

@@ -581,7 +581,7 @@ def test_tables_say_what_tells_runs_apart_beyond_their_names(env, monkeypatch):
     and seed; where an experiment's runs differ in anything else, the tables say in what."""
     from rich.console import Console
 
-    from bnexp.cli import common, dry_run, outcomes, train
+    from bnexp.cli import common, dry_run, outcomes, train, views
 
     def cfg(experiment="a", **kw):
         return RunConfig(**{"experiment": experiment, "steps": 40, "eval_every": 20,
@@ -614,3 +614,18 @@ def test_tables_say_what_tells_runs_apart_beyond_their_names(env, monkeypatch):
     assert "(1 network) 40 would train" in text and "networks)" not in text
     demo = invoke("run", experiment(env, "name: d\n", "d.yaml"), *FAST)
     assert demo.exit_code == 0 and "settings" not in demo.stdout, demo.stdout
+    # `runs` over several experiments: one settings column, each experiment's differences
+    monkeypatch.setattr(views, "out_console", wide)
+    listed = invoke("runs", "results")
+    assert listed.exit_code == 0, listed.output
+    header = next(line for line in listed.stdout.splitlines() if "experiment" in line)
+    assert [c.strip() for c in header.split("┃")[1:-1]] == [
+        "experiment", "run", "status", "settings", "plain val/test", "bn val/test"], header
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in listed.stdout.splitlines()
+             if line.startswith("│")]
+    assert sorted((c[0], c[3]) for c in cells) == [
+        ("d", ""), ("m", "bn_impl=manual"), ("m", "bn_impl=torch")]
+    one = invoke("runs", "results/m")  # one experiment: a column per setting it varies
+    header = next(line for line in one.stdout.splitlines() if "experiment" in line)
+    assert [c.strip() for c in header.split("┃")[1:-1]] == [
+        "experiment", "run", "status", "bn_impl", "bn val/test"], header

@@ -149,28 +149,12 @@ def labels(**named: object) -> dict[str, str]:
             if value is not None}
 
 
-# Left out of what tells runs apart: what run names show (RunConfig.run_id), and examples
-# (they follow from steps).
-NAMED_SETTINGS = ("activation", "lr", "init", "init_scale", "arch", "norm", "batch_size", "seed",
-                  "examples")
-
-
 def settings_apart(runs: list[cfg.RunConfig]) -> list[str]:
     """For each run, the settings in which the runs of its experiment differ beyond what run
-    names show (activation, learning rate, initial weights, architecture, normaliser, batch
-    size, seed), as "bn_impl=manual dropout=0.5"; "" where they do not."""
+    names show, as "bn_impl=manual dropout=0.5"; "" where they do not (inventory.apart)."""
     from bnexp import inventory
 
-    by_experiment: dict[str, list[int]] = {}
-    for i, run in enumerate(runs):
-        by_experiment.setdefault(run.experiment, []).append(i)
-    apart = [""] * len(runs)
-    for members in by_experiment.values():
-        configs = [runs[i].model_dump(mode="json") for i in members]
-        differ = [k for k in inventory.varied_keys(configs) if k not in NAMED_SETTINGS]
-        for i, config in zip(members, configs):
-            apart[i] = " ".join(f"{k}={inventory.setting_text(config[k])}" for k in differ)
-    return apart
+    return inventory.apart([(run.experiment, run.model_dump(mode="json")) for run in runs])
 
 
 def settings_column(runs: list[cfg.RunConfig]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:

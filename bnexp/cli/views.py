@@ -76,25 +76,42 @@ def runs(
     if as_csv:
         sys.stdout.write(inventory.as_csv(rows))
         return
-    out_console.print(_runs_table(rows, inventory.varied_settings(rows),
-                                  inventory.model_names(rows), root))
+    out_console.print(_runs_table(rows, inventory.model_names(rows), root))
     for line in why_lines(rows):  # whole lines below the table, not folded into a column
         out_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
-def _runs_table(rows: list, varied: list[str], models: list[str], root: Path) -> Table:
+def _runs_table(rows: list, models: list[str], root: Path) -> Table:
     table = Table(title=f"runs under {root}: {len(rows)}")
-    for column in ("experiment", "run", "status", *varied, *[f"{m} val/test" for m in models]):
+    headers, settings = _setting_cells(rows)
+    for column in ("experiment", "run", "status", *headers, *[f"{m} val/test" for m in models]):
         table.add_column(column, overflow="fold")
-    for row in rows:
+    for row, cells in zip(rows, settings, strict=True):
         accs = []
         for m in models:
             val, test = row.accuracies.get(m, (math.nan, math.nan))
             accs.append("-" if math.isnan(val) else
                         f"{val:.4f}" + ("" if math.isnan(test) else f" / {test:.4f}"))
-        table.add_row(row.experiment, row.run_id, row.status_text,
-                      *[str(row.config.get(k, "")) for k in varied], *accs)
+        table.add_row(row.experiment, row.run_id, row.status_text, *cells, *accs)
     return table
+
+
+def _setting_cells(rows: list) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """The table's setting columns and each row's cells: of one experiment, a column per
+    setting its runs vary; of several, one `settings` column with what tells each
+    experiment's runs apart beyond their names (a column per setting any of them varies
+    would be dozens)."""
+    from bnexp import inventory
+
+    if len({row.experiment for row in rows}) <= 1:
+        varied = inventory.varied_settings(rows)
+        return tuple(varied), [tuple(str(row.config.get(k, "")) for k in varied)
+                               for row in rows]
+    known = [row for row in rows if row.config]  # a damaged row's settings are unknown
+    texts = dict(zip(map(id, known), inventory.apart([(r.experiment, r.config) for r in known]),
+                     strict=True))
+    cells = [(texts.get(id(row), ""),) for row in rows]
+    return (("settings",), cells) if any(cell[0] for cell in cells) else ((), [()] * len(rows))
 
 
 def why_lines(rows: list) -> list[str]:
