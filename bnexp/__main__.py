@@ -1,3 +1,3 @@
-from bnexp.cli import main
+from bnexp.entry import main
 
 main()

@@ -629,3 +629,26 @@ def test_tables_say_what_tells_runs_apart_beyond_their_names(env, monkeypatch):
     header = next(line for line in one.stdout.splitlines() if "experiment" in line)
     assert [c.strip() for c in header.split("┃")[1:-1]] == [
         "experiment", "run", "status", "bn_impl", "bn val/test"], header
+
+
+def test_ctrl_c_while_the_command_line_loads_exits_130_without_a_traceback(monkeypatch):
+    """The first fifth of a second of every command imports the command line (Typer, Rich,
+    the commands); a Ctrl-C there ends it as a Ctrl-C after it does: 130, nothing printed."""
+    import builtins
+
+    from bnexp import entry
+
+    real = builtins.__import__
+
+    def interrupted(name, *args, **kwargs):
+        if name == "bnexp.cli":
+            raise KeyboardInterrupt
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            entry.main()
+    except KeyboardInterrupt:  # not to pytest, which would stop the whole session
+        pytest.fail("the Ctrl-C escaped the entry point (Python prints its traceback)")
+    assert exited.value.code == 130
