@@ -3,6 +3,7 @@
 import csv
 import json
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -652,3 +653,34 @@ def test_ctrl_c_while_the_command_line_loads_exits_130_without_a_traceback(monke
     except KeyboardInterrupt:  # not to pytest, which would stop the whole session
         pytest.fail("the Ctrl-C escaped the entry point (Python prints its traceback)")
     assert exited.value.code == 130
+
+
+def test_ctrl_c_during_torch_import_is_held_until_the_import_is_done(monkeypatch):
+    """Inside torch's import a Ctrl-C can be swallowed by its C extension (numpy taken for
+    missing, the command then going on) or abort the process from C++; the training
+    commands import torch with it held, and raise it once the import is whole."""
+    import builtins
+    import signal
+
+    from bnexp.cli import common
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    whole, real = [], builtins.__import__
+
+    def importing(name, *args, **kwargs):
+        if name == "torch":
+            signal.raise_signal(signal.SIGINT)  # in the middle of the import
+            whole.append(name)
+        return real(name, *args, **kwargs)
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a worker may ignore it
+    try:
+        monkeypatch.setattr(builtins, "__import__", importing)
+        with pytest.raises(KeyboardInterrupt):  # raised once the import is done, not lost
+            common.import_torch()
+        assert whole == ["torch"], "the interrupt broke into the import"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "put back"
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGINT, before)

@@ -16,6 +16,7 @@ from bnexp.cli.common import (
     check_output_file,
     err_console,
     fail,
+    import_torch,
     load_runs,
     out_console,
 )
@@ -74,6 +75,7 @@ def bench(
     step of the lesson population dispatches."""
     import json
 
+    import_torch()
     from bnexp import bench as bench_mod
     from bnexp.engine import resolve_device
     from bnexp.engine.precision import tf32_problem

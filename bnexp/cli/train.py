@@ -32,6 +32,7 @@ from bnexp.cli.common import (
     check_writable,
     err_console,
     fail,
+    import_torch,
     labels,
     load_runs,
     out_console,
@@ -238,6 +239,7 @@ def _plan(runs: list[cfg.RunConfig], out: Path, executor: str = "local",
           address: str | None = None) -> list[sweep.Planned]:
     """The runs planned for this machine, or for a Ray cluster's (joined here: `auto` means
     cuda where the cluster has GPUs, whatever this process sees)."""
+    import_torch()
     from bnexp import sweep
 
     cuda = None

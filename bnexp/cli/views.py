@@ -18,6 +18,7 @@ from bnexp.cli.common import (
     err_console,
     fail,
     figure_progress,
+    import_torch,
     out_console,
 )
 
@@ -219,6 +220,7 @@ def bn_check(
     if batch * features > BN_CHECK_MAX_VALUES:
         fail([f"--batch {batch} --features {features}: {batch * features:,} values per tensor "
               f"is more than {BN_CHECK_MAX_VALUES:,}"])
+    import_torch()
     import torch
 
     from bnexp.analyses import compare_batch_norms
