@@ -129,9 +129,9 @@ def _train(runs, split: Split, device: torch.device, n_shards: int, pool,
     done = 0
     if resume:
         done = pop.restore(resume)
-        for r in range(len(runs)):  # the live metrics go back to the checkpoint's step
-            on_evaluate(r, pop.results[r])
-        pop.retire_dead()  # as the uninterrupted run did at this step
+        # the live metrics go back to the checkpoint's step, and dead networks leave the
+        # step as they did there in the uninterrupted run
+        pop.announce(on_evaluate)
     else:
         pop.evaluate(0, 0, on_evaluate)
     next_checkpoint = done + first.checkpoint_every
@@ -219,8 +219,11 @@ class _Population:
         sync(self.device)
         self.train_time += time.perf_counter() - tick
 
-    def retire_dead(self) -> None:
-        # where a unit is tracked dead networks train on: its input may still move
+    def announce(self, on_evaluate: OnEvaluate) -> None:
+        """Tell on_evaluate every run's curves so far, then let dead networks leave the step
+        (where a unit is tracked they train on: its input may still move)."""
+        for r, models in enumerate(self.results):
+            on_evaluate(r, models)
         if self.probe is None:
             self.graves.extend(retire(self.shards, self.where))
 
@@ -249,9 +252,7 @@ class _Population:
             loss = losses[j][i] if n_block else float("nan")
             unit = percentiles[j][i] if percentiles[j] is not None else None
             model.record(done, accs[j][i], loss, unit, train_acc=fits[j][i])
-        for r in range(len(self.runs)):
-            on_evaluate(r, self.results[r])
-        self.retire_dead()
+        self.announce(on_evaluate)
         self.eval_time += time.perf_counter() - tick
 
     def checkpoints(self, done: int) -> list[dict]:
