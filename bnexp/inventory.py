@@ -141,10 +141,11 @@ def apart(runs: list[tuple[str, dict]]) -> list[str]:
     """For each (experiment, config) pair, the settings in which the configs of its
     experiment differ beyond what run names show (activation, learning rate, initial weights,
     architecture, normaliser, batch size, seed), as "bn_impl=manual dropout=0.5"; "" where
-    they do not."""
+    they do not, and for an empty config (a damaged run's, whose settings are unknown)."""
     by_experiment: dict[str, list[int]] = {}
-    for i, (experiment, _) in enumerate(runs):
-        by_experiment.setdefault(experiment, []).append(i)
+    for i, (experiment, config) in enumerate(runs):
+        if config:
+            by_experiment.setdefault(experiment, []).append(i)
     texts = [""] * len(runs)
     for members in by_experiment.values():
         configs = [runs[i][1] for i in members]

@@ -108,11 +108,8 @@ def _setting_cells(rows: list) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
         varied = inventory.varied_settings(rows)
         return tuple(varied), [tuple(str(row.config.get(k, "")) for k in varied)
                                for row in rows]
-    known = [row for row in rows if row.config]  # a damaged row's settings are unknown
-    texts = dict(zip(map(id, known), inventory.apart([(r.experiment, r.config) for r in known]),
-                     strict=True))
-    cells = [(texts.get(id(row), ""),) for row in rows]
-    return (("settings",), cells) if any(cell[0] for cell in cells) else ((), [()] * len(rows))
+    texts = inventory.apart([(row.experiment, row.config) for row in rows])
+    return (("settings",), [(text,) for text in texts]) if any(texts) else ((), [()] * len(rows))
 
 
 def why_lines(rows: list) -> list[str]:
