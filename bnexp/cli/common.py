@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated
 
 import typer
@@ -107,31 +108,29 @@ CompileOption = Annotated[bool, typer.Option(
     "normaliser or clipping stay uncompiled.")]
 
 
-def import_torch() -> None:
-    """Import torch (the training commands' first step) with Ctrl-C held until it is done,
+def import_torch() -> ModuleType:
+    """torch, imported (the training commands' first step) with Ctrl-C held until it is done,
     then raised: inside torch's import a Ctrl-C can be taken by its C extension for "numpy
     is missing" and lost, or abort the process from C++ (exit 134); held, it is a
     KeyboardInterrupt at most the import's second later (exit 130)."""
     if (threading.current_thread() is not threading.main_thread()  # no signals there
             or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):  # nothing to hold
-        import torch  # noqa: F401
-        return
+        import torch
+        return torch
     held: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
     try:
-        import torch  # noqa: F401
+        import torch
     finally:
         signal.signal(signal.SIGINT, previous)
     if held:
         raise KeyboardInterrupt
+    return torch
 
 
 def set_threads(threads: int | None) -> None:
     if threads is not None:
-        import_torch()
-        import torch
-
-        torch.set_num_threads(threads)
+        import_torch().set_num_threads(threads)
 
 
 def check_executor(executor: str, address: str | None) -> None:

@@ -217,8 +217,7 @@ def bn_check(
     if batch * features > BN_CHECK_MAX_VALUES:
         fail([f"--batch {batch} --features {features}: {batch * features:,} values per tensor "
               f"is more than {BN_CHECK_MAX_VALUES:,}"])
-    import_torch()
-    import torch
+    torch = import_torch()
 
     from bnexp.analyses import compare_batch_norms
 
