@@ -196,7 +196,7 @@ def test_a_worker_killed_between_blocks_fails_its_population_naming_the_signal(
 
 @LINUX
 def test_a_worker_that_hangs_inside_a_block_is_stopped_and_fails_its_population(
-        split, monkeypatch, tmp_path):
+        split, monkeypatch):
     """A worker that finishes no step for STALL_S (a fork hazard its start did not show) is
     killed and its population fails, rather than the sweep waiting for ever."""
     pids = forks(monkeypatch)
