@@ -18,8 +18,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bnexp.files import atomic_write, files_named  # noqa: E402
-from bnexp.readback import read_config, read_metrics, sort_runs  # noqa: E402
+from bnexp.files import atomic_write  # noqa: E402
+from bnexp.readback import read_config, read_metrics  # noqa: E402
 
 LABELS = {"plain": "Without Batch Norm", "bn": "With Batch Norm", "ln": "With Layer Norm",
           "gn": "With Group Norm"}
@@ -113,14 +113,6 @@ def _share_y(panels) -> None:
         p.set_ylim(min(lows), max(highs))
 
 
-def plot_tree(root: Path, on_figure: Callable[[], None] | None = None,
-              ) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Redraw the figure of every finished run found under root: (figures, damaged runs);
-    on_figure is called as each is written."""
-    intact, damaged = sort_runs(sorted(p.parent for p in files_named(root, "summary.json")))
-    return plot_runs(intact, parallel=True, on_figure=on_figure), damaged
-
-
 # A run's figure takes ~0.2 s to draw on one core, a worker process ~1 s to start (it imports
 # matplotlib and pydantic): a worker per this many figures, and figures for fewer than two
 # workers (16), or on one core, are drawn here.
@@ -131,6 +123,16 @@ def plot_runs(folders: list[Path], parallel: bool = False,
               on_figure: Callable[[], None] | None = None) -> list[Path]:
     """plot_run for every folder, in order (see draw_all)."""
     return draw_all(plot_run, [(folder,) for folder in folders], parallel, on_figure)
+
+
+def draw_calls(calls: list[tuple[Callable[..., Path], tuple]], parallel: bool = False,
+               on_figure: Callable[[], None] | None = None) -> list[Path]:
+    """draw(*args) for every (draw, args) of calls, figures of any kind (see draw_all)."""
+    return draw_all(_call, calls, parallel, on_figure)
+
+
+def _call(draw: Callable[..., Path], args: tuple) -> Path:
+    return draw(*args)
 
 
 def draw_all(draw: Callable[..., Path], jobs: list[tuple], parallel: bool = False,

@@ -8,15 +8,31 @@ from pathlib import Path
 
 from bnexp import plots
 from bnexp.cells import VARIANT_ORDER, Cell, collect_cells
-from bnexp.readback import read_metrics
+from bnexp.files import files_named
+from bnexp.readback import read_metrics, sort_runs
+
+# (draw, args, caption): a figure drawn by draw(*args), which returns its file; draw is a
+# module-level function, so the figure can be drawn in a worker process (plots.draw_calls).
+Job = tuple[Callable[..., Path], tuple, str]
 
 
-def draw_figures(experiment_dir: Path, cells: list[Cell] | None = None,
-                 on_figure: Callable[[], None] | None = None) -> list[Path]:
-    """Every figure file of the experiment under <experiment>/plots/ (see captioned_figures;
-    the paper figure's SVG included)."""
-    paths = [path for path, _ in captioned_figures(experiment_dir, cells, on_figure)]
+def with_svgs(paths: list[Path]) -> list[Path]:
+    """paths and, after them, the SVG drawn beside each paper figure."""
     return paths + [p.with_suffix(".svg") for p in paths if p.name == "paper.png"]
+
+
+def tree_figures(root: Path) -> tuple[list[tuple[Callable[..., Path], tuple]],
+                                      list[tuple[Path, str]]]:
+    """What `bnexp plot` draws under root, as (draw, args) calls for plots.draw_calls: the
+    figures of every experiment folder root holds (not where root is one of its runs), then
+    every finished run's; and the damaged runs left out (see readback.sort_runs)."""
+    summaries = files_named(root, "summary.json")
+    intact, damaged = sort_runs(sorted(p.parent for p in summaries))
+    experiments = sorted({p.parent.parent for p in summaries
+                          if (p.parent / "config.yaml").is_file() and p.parent != root})
+    calls = [(draw, args) for experiment in experiments
+             for draw, args, _ in figure_jobs(experiment)]
+    return calls + [(plots.plot_run, (folder,)) for folder in intact], damaged
 
 
 def figure_count(cells: list[Cell]) -> int:
@@ -30,10 +46,18 @@ def figure_count(cells: list[Cell]) -> int:
 def captioned_figures(experiment_dir: Path, cells: list[Cell] | None = None,
                       on_figure: Callable[[], None] | None = None,
                       ) -> list[tuple[Path, str]]:
-    """(figure, caption): the paper figure (PNG, with an SVG beside it), the grid overview,
-    seed-band curves per cell and, where batch size varies, accuracy against batch size.
-    on_figure is called after each figure is written."""
-    on_figure = on_figure or (lambda: None)
+    """(figure, caption) for each of figure_jobs, drawn in worker processes where there are
+    enough of them (plots.draw_all); on_figure is called after each figure is written."""
+    jobs = figure_jobs(experiment_dir, cells)
+    paths = plots.draw_calls([(draw, args) for draw, args, _ in jobs], parallel=True,
+                             on_figure=on_figure)
+    return [(path, caption) for path, (*_, caption) in zip(paths, jobs)]
+
+
+def figure_jobs(experiment_dir: Path, cells: list[Cell] | None = None) -> list[Job]:
+    """The experiment's figures under <experiment>/plots/, to be drawn: the paper figure (PNG,
+    with an SVG beside it), the grid overview, seed-band curves per cell and, where batch size
+    varies, accuracy against batch size. Reads the runs' files now; draws nothing."""
     cells = cells if cells is not None else collect_cells(experiment_dir)
     if not cells:
         return []
@@ -43,38 +67,39 @@ def captioned_figures(experiment_dir: Path, cells: list[Cell] | None = None,
             if max(len(c.folders) for c in cells) > 1 else "One seed per cell: no band")
     curves = {c.key: _cell_curves(c) for c in cells}
     split = plots.curve_split([c.config for c in cells])
-    paper = plots.plot_small_multiples(
-        [(c.label, curves[c.key]) for c in cells], _columns(cells),
-        f"{experiment_dir.name}: {split} accuracy, {steps}, {seeds}", out / "paper",
-        plots.accuracy_label([c.config for c in cells]))
-    figures = [(paper[0], f"{split.capitalize()} accuracy during training, one panel per grid cell "
-                          f"({steps}, {seeds}; the same y-scale in every panel). {band}; "
-                          "crosses mark the first divergence among a cell's seeds. "
-                          f"Also as {paper[1].name} (vector).")]
-    on_figure()
+    jobs: list[Job] = [(
+        _paper, ([(c.label, curves[c.key]) for c in cells], _columns(cells),
+                 f"{experiment_dir.name}: {split} accuracy, {steps}, {seeds}", out / "paper",
+                 plots.accuracy_label([c.config for c in cells])),
+        f"{split.capitalize()} accuracy during training, one panel per grid cell "
+        f"({steps}, {seeds}; the same y-scale in every panel). {band}; "
+        "crosses mark the first divergence among a cell's seeds. Also as paper.svg (vector).")]
     variants = sorted({v for c in cells for v in c.variants}, key=VARIANT_ORDER.index)
     values = [[c.stats[v].median_test if v in c.stats else math.nan for v in variants]
               for c in cells]
-    overview = plots.plot_overview([c.label for c in cells], variants, values,
-                                   out / "overview.png",
-                                   f"Median final test accuracy ({steps}, {seeds})")
-    figures.append((overview, f"Median final test accuracy of every cell and variant over "
-                              f"{seeds} ({steps})."))
-    on_figure()
-    jobs, captions = [], []
+    jobs.append((plots.plot_overview,
+                 ([c.label for c in cells], variants, values, out / "overview.png",
+                  f"Median final test accuracy ({steps}, {seeds})"),
+                 f"Median final test accuracy of every cell and variant over {seeds} "
+                 f"({steps})."))
     for cell in cells:
         n = len(cell.folders)
         title = f"{cell.label}\n{_steps_text(cell)}, {n} seed{'s' * (n > 1)}"
-        jobs.append((curves[cell.key], title, out / f"curves-{cell.slug}.png",
-                     plots.accuracy_label([cell.config])))
-        captions.append(f"{cell.label}: {plots.curve_split([cell.config])} accuracy during "
-                        f"training ({_steps_text(cell)}, {n} seed{'s' * (n > 1)}). {band}; a "
-                        "cross marks the first divergence among the seeds.")
-    paths = plots.draw_all(plots.plot_seed_bands, jobs, parallel=True, on_figure=on_figure)
-    figures += zip(paths, captions)
+        jobs.append((plots.plot_seed_bands,
+                     (curves[cell.key], title, out / f"curves-{cell.slug}.png",
+                      plots.accuracy_label([cell.config])),
+                     f"{cell.label}: {plots.curve_split([cell.config])} accuracy during "
+                     f"training ({_steps_text(cell)}, {n} seed{'s' * (n > 1)}). {band}; a "
+                     "cross marks the first divergence among the seeds."))
     if "batch_size" in cells[0].varying:
-        figures += _batch_size_figures(cells, out, on_figure)
-    return figures
+        jobs += _batch_size_jobs(cells, out)
+    return jobs
+
+
+def _paper(panels: list[tuple[str, dict]], columns: int, title: str, stem: Path,
+           ylabel: str) -> Path:
+    """The paper figure's PNG (its SVG is written beside it)."""
+    return plots.plot_small_multiples(panels, columns, title, stem, ylabel)[0]
 
 
 def _cell_curves(cell: Cell) -> dict[str, list]:
@@ -124,20 +149,18 @@ def _budgets(cells: list[Cell]) -> dict[str, dict[str, dict[int, list[float]]]]:
     return budgets
 
 
-def _batch_size_figures(cells: list[Cell], out: Path, on_figure: Callable[[], None],
-                        ) -> list[tuple[Path, str]]:
+def _batch_size_jobs(cells: list[Cell], out: Path) -> list[Job]:
     """Median final test accuracy against batch size, one line per normaliser, one figure
     per training budget: runs of different budgets are never drawn together."""
     budgets = _budgets(cells)
-    figures = []
+    jobs: list[Job] = []
     for i, (budget, points) in enumerate(sorted(budgets.items())):
         # plain appears once per normaliser cell; the copies are the same runs' numbers.
         series = {v: sorted((b, sum(a) / len(a)) for b, a in by_size.items())
                   for v, by_size in sorted(points.items(),
                                            key=lambda item: VARIANT_ORDER.index(item[0]))}
         name = "batch_size.png" if len(budgets) == 1 else f"batch_size-{i + 1}.png"
-        path = plots.plot_batch_sizes(series, out / name, budget)
-        figures.append((path, f"Median final test accuracy against batch size ({budget} "
-                              "for every point; log2 axis)."))
-        on_figure()
-    return figures
+        jobs.append((plots.plot_batch_sizes, (series, out / name, budget),
+                     f"Median final test accuracy against batch size ({budget} for every "
+                     "point; log2 axis)."))
+    return jobs

@@ -299,6 +299,46 @@ def test_run_figures_drawn_in_worker_processes_are_the_same_bytes(experiment, tm
     assert digests() == serial
 
 
+def test_plot_draws_the_whole_tree_in_one_pool_of_workers(experiment, tmp_path, monkeypatch):
+    """`bnexp plot` hands every figure under the folder, the experiments' and the runs', to
+    one pool of workers (rather than each experiment's few figures one after another in this
+    process): the same PNG bytes as drawn one by one, and the same count."""
+    import hashlib
+    import shutil
+    from concurrent.futures import ProcessPoolExecutor
+
+    from bnexp import plots
+
+    shutil.copytree(experiment, tmp_path / "r" / "g")
+
+    def drawn():
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted((tmp_path / "r").rglob("*.png"))}
+
+    monkeypatch.setattr(plots, "_cores", lambda: 1)
+    serial = CliRunner().invoke(app, ["plot", str(tmp_path / "r")])
+    assert serial.exit_code == 0 and "drew 11 figure(s)" in serial.stdout
+    one_by_one = drawn()
+    assert len(one_by_one) == 10  # 6 runs' curves, paper, overview, 2 cells' seed bands
+    for path in one_by_one:
+        path.unlink()
+    pools = []
+
+    class Recorded(ProcessPoolExecutor):
+        def map(self, fn, *iterables, chunksize=1):
+            draws, args = (list(items) for items in iterables)
+            pools.append(sorted({draw.__name__ for draw in draws}) + [len(draws)])
+            return super().map(fn, draws, args, chunksize=chunksize)
+
+    monkeypatch.setattr(plots, "_cores", lambda: 2)
+    monkeypatch.setattr(plots, "FIGURES_PER_WORKER", 2)
+    monkeypatch.setattr(plots, "ProcessPoolExecutor", Recorded)
+    pooled = CliRunner().invoke(app, ["plot", str(tmp_path / "r")])
+    assert pooled.exit_code == 0 and "drew 11 figure(s)" in pooled.stdout
+    assert pools == [["_paper", "plot_overview", "plot_run", "plot_seed_bands", 10]]
+    assert drawn() == one_by_one
+
+
 def test_files_named_passes_over_a_folder_that_vanishes_while_listed(tmp_path, monkeypatch):
     """A running sweep makes and removes a write-test folder in its results folder; `plot`
     walking that folder at the moment must not fail (Path.rglob raised FileNotFoundError)."""

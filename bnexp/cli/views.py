@@ -123,17 +123,14 @@ def plot(root: Annotated[Path, typer.Argument(help="Results folder to redraw.")]
          ) -> None:
     """Redraw every figure under a results folder from the files on disk."""
     from bnexp import plots, report_figures
-    from bnexp.files import files_named
     if not root.is_dir():
         fail([f"{root}: no such results folder"])
     try:
-        with figure_progress(None) as advance:
-            paths, damaged = plots.plot_tree(root, advance)
-            # an experiment's figures where root holds it (not where root is one of its runs)
-            experiments = {p.parent.parent for p in files_named(root, "summary.json")
-                           if (p.parent / "config.yaml").is_file() and p.parent != root}
-            for experiment in sorted(experiments):
-                paths += report_figures.draw_figures(experiment, on_figure=advance)
+        # one pool for every figure: the experiments' (the larger ones first), then the runs'
+        calls, damaged = report_figures.tree_figures(root)
+        with figure_progress(len(calls)) as advance:
+            paths = report_figures.with_svgs(plots.draw_calls(calls, parallel=True,
+                                                              on_figure=advance))
     except OSError as exc:
         fail([f"{exc.filename or root}: cannot write a figure ({exc.strerror or exc})"])
     _warn_damaged(damaged)
