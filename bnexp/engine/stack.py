@@ -18,8 +18,9 @@ Shapes: M models, S batch streams, B examples, layer l maps n_in -> n_out.
   learning rates, BN momenta, masks      (M, 1, 1)
   a step's batch                         (S, B, n_in), read by each model through its stream
 
-A model's numbers must not depend on how many others share its stack (see README,
-"Same config, same numbers"). So on the CPU, where the engine runs its math on one thread:
+A model's numbers must not depend on how many others share its stack (see
+docs/internals.md, "Same config, same numbers: how"). So on the CPU, where the engine runs
+its math on one thread:
 every product is a per-model matrix of fixed shape (the first layer's batch is broadcast or
 gathered per model, never multiplied as one wide GEMM); reductions run over contiguous
 per-model blocks; softmax is row-wise; and activations are written into a *canvas*, a buffer
