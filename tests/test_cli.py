@@ -684,3 +684,54 @@ def test_ctrl_c_during_torch_import_is_held_until_the_import_is_done(monkeypatch
     finally:
         monkeypatch.undo()
         signal.signal(signal.SIGINT, before)
+
+
+def test_tables_narrower_than_their_rows_keep_every_value_whole():
+    """Where a table is wider than the terminal, Rich narrows its widest column first and
+    folds the words in it: a report's cell 'batch_size=256' became 'batch_size=2' over '56'.
+    add_columns gives each column room for its longest word first, then headers and lines;
+    where even the words cannot fit, or the table fits, Rich lays it out as before."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from bnexp.cli import common
+    from bnexp.report import TABLE_HEADER as headers
+
+    rows = [["relu lr=0.05 init=0.05 steps=24 batch_size=256 norm=batch", "3",
+             "14.6 [12.0, 16.1]", "65.9 [64.0, 66.2]", "+51.2 [40.1, 60.2]", "100.0%", "0.0%",
+             "never", "never"],
+            ["relu lr=0.05 init=0.05 steps=47 batch_size=128 norm=layer", "3",
+             "21.0 [20.2, 22.4]", "80.4 [79.9, 81.0]", "+59.4 [55.0, 63.3]", "0.0%", "0.0%",
+             "never", "1,500"]]
+    words = {w for row in rows for cell in row for w in cell.split()}
+
+    def render(width: int, fitted: bool) -> list[str]:
+        table = Table()
+        if fitted:
+            common.add_columns(table, headers, rows, width)
+        else:
+            for header in headers:
+                table.add_column(header, overflow="fold")
+            for row in rows:
+                table.add_row(*row)
+        console = Console(width=width, record=True)
+        console.print(table)
+        return console.export_text().splitlines()
+
+    def broken(lines: list[str]) -> set[str]:
+        pieces = {w for line in lines if line.startswith("│")
+                  for cell in line.split("│")[1:-1] for w in cell.split()}
+        return pieces - words - {"[", "]"}
+
+    assert broken(render(120, fitted=False)), "Rich alone splits a value here"
+    for width in (100, 120, 150, 180):
+        lines = render(width, fitted=True)
+        assert not broken(lines), (width, broken(lines))
+        assert max(map(len, lines)) == width, "the whole width, not beyond it"
+    widths = common.column_widths(headers, rows, 100)
+    assert widths and sum(widths) + 3 * len(headers) + 1 == 100
+    assert all(w >= max(len(word) for row in rows for word in row[i].split())
+               for i, w in enumerate(widths))
+    assert common.column_widths(headers, rows, 400) is None  # fits: Rich's own layout
+    assert common.column_widths(headers, rows, 60) is None  # no room for the words
+    assert common.column_widths(["a"], [], 10) is None

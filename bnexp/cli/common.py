@@ -13,6 +13,7 @@ from types import ModuleType
 from typing import Annotated
 
 import typer
+from rich.cells import cell_len
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -22,6 +23,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
 
 from bnexp import config as cfg
 from bnexp import experiment_file
@@ -201,6 +203,56 @@ def load_runs(files: list[Path], overrides: list[str], seeds: int | None = None,
     if problems:
         fail(list(dict.fromkeys(problems)))  # an override's problem once, not once per file
     return runs
+
+
+def add_columns(table: Table, headers: list[str], rows: list[list[str]], width: int) -> None:
+    """headers as table's columns (folding what does not fit), at column_widths where those
+    keep every word of the rows whole, and rows as its rows."""
+    widths = column_widths(headers, rows, width) or [None] * len(headers)
+    for header, column_width in zip(headers, widths):
+        table.add_column(header, overflow="fold", width=column_width)
+    for row in rows:
+        table.add_row(*row)
+
+
+def column_widths(headers: list[str], rows: list[list[str]], width: int) -> list[int] | None:
+    """Widths for a Rich table's columns (default box and padding) in width characters that
+    break no word of a cell, where the table's natural width is more than width and the
+    cells' longest words fit: each column gets its cells' longest word, then room toward its
+    header's longest word, its cells' longest line and its header's, in turn, in proportion
+    to what each column still lacks. None where the table fits as it is, or no such widths
+    exist. (Rich's own narrowing splits the widest column's words first: a cell's
+    'batch_size=256' as 'batch_size=2' over '56'.)"""
+    columns = [(header, *cells) for header, *cells in zip(headers, *rows, strict=True)]
+
+    def longest(texts, split) -> int:
+        return max((cell_len(part) for text in texts for part in split(text)), default=0)
+
+    widths = [max(1, longest(col[1:], str.split)) for col in columns]
+    targets = []
+    for texts, split in (((0, 1), str.split), ((1, None), str.splitlines),
+                         ((0, 1), str.splitlines)):
+        targets.append([max(t, longest(col[slice(*texts)], split))
+                        for t, col in zip(targets[-1] if targets else widths, columns)])
+    room = width - (3 * len(columns) + 1)  # a border before each column, one after, padding
+    if sum(targets[-1]) <= room or sum(widths) > room:
+        return None
+    for target in targets:
+        widths = _spread(widths, target, room - sum(widths))
+    return widths
+
+
+def _spread(widths: list[int], target: list[int], spare: int) -> list[int]:
+    """widths grown toward target by at most spare characters in all, in proportion to what
+    each lacks (the rounding's remainder to those that lack most)."""
+    lack = [t - w for w, t in zip(widths, target)]
+    if sum(lack) <= spare:
+        return list(target)
+    grown = [w + spare * x // sum(lack) for w, x in zip(widths, lack)]
+    for i in sorted(range(len(grown)), key=lambda i: lack[i], reverse=True)[:spare - sum(grown)
+                                                                           + sum(widths)]:
+        grown[i] += 1
+    return grown
 
 
 def progress_bar() -> Progress:

@@ -14,6 +14,7 @@ from bnexp import config as cfg
 from bnexp import experiment_file, readback
 from bnexp.cli.common import (
     YesOption,
+    add_columns,
     app,
     err_console,
     fail,
@@ -85,15 +86,16 @@ def runs(
 def _runs_table(rows: list, models: list[str], root: Path) -> Table:
     table = Table(title=f"runs under {root}: {len(rows)}")
     headers, settings = _setting_cells(rows)
-    for column in ("experiment", "run", "status", *headers, *[f"{m} val/test" for m in models]):
-        table.add_column(column, overflow="fold")
+    columns = ["experiment", "run", "status", *headers, *[f"{m} val/test" for m in models]]
+    lines = []
     for row, cells in zip(rows, settings, strict=True):
         accs = []
         for m in models:
             val, test = row.accuracies.get(m, (math.nan, math.nan))
             accs.append("-" if math.isnan(val) else
                         f"{val:.4f}" + ("" if math.isnan(test) else f" / {test:.4f}"))
-        table.add_row(row.experiment, row.run_id, row.status_text, *cells, *accs)
+        lines.append([row.experiment, row.run_id, row.status_text, *cells, *accs])
+    add_columns(table, columns, lines, out_console.width)
     return table
 
 
@@ -183,10 +185,7 @@ def _report_one(experiment: Path) -> str | None:
                           f"{report.left_out_text(experiment, left)}",
                           markup=False, highlight=False, soft_wrap=True)
     table = Table(title=f"{experiment.name}: comparison over seeds")
-    for column in report.TABLE_HEADER:
-        table.add_column(column, overflow="fold")
-    for row in report.table_rows(cells):
-        table.add_row(*row)
+    add_columns(table, report.TABLE_HEADER, report.table_rows(cells), out_console.width)
     out_console.print(table)
     out_console.print(f"written {md} and {page}")
     return None
