@@ -85,6 +85,24 @@ def test_several_experiments_get_a_report_each(experiment, tmp_path):
     assert gone.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such experiment folder"
 
 
+def test_a_results_folder_gets_a_report_per_experiment(experiment, tmp_path):
+    """`bnexp report results/`: every experiment folder in it gets its report (folders
+    without runs, such as bench/, are passed over); given twice, each is written once."""
+    import shutil
+
+    root = tmp_path / "results"
+    for name in ("g", "h"):
+        shutil.copytree(experiment, root / name)
+        (root / name / "report.md").unlink(missing_ok=True)
+    (root / "bench").mkdir()
+    (root / "bench" / "bench-1.json").write_text("{}")
+    result = CliRunner().invoke(app, ["report", str(root), str(root / "h")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("written ") == 2
+    assert all((root / name / "report.md").is_file() for name in ("g", "h"))
+    assert not (root / "report.md").exists() and not (root / "bench" / "report.md").exists()
+
+
 def test_the_environment_is_the_runs(experiment, tmp_path):
     """The report names where its runs trained (their summaries), not the experiment's latest
     writer; runs from two machines give two entries with their counts."""

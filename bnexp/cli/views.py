@@ -152,16 +152,30 @@ def _warn_damaged(damaged: list[tuple[Path, str]]) -> None:
 @app.command("report")
 def report_command(
     experiments: Annotated[list[Path], typer.Argument(
-        help="Experiment folders, e.g. results/lesson_grid (several: one report each).")],
+        help="Experiment folders, e.g. results/lesson_grid (several: one report each; a "
+             "results folder: one for each experiment in it).")],
 ) -> None:
     """Write report.md and a self-contained report.html: statistics over seeds and figures."""
     missing = [f"{e}: no such experiment folder" for e in experiments if not e.is_dir()]
     if missing:
         fail(missing)
-    problems = [problem for experiment in dict.fromkeys(experiments)
+    found = [e for folder in experiments for e in experiments_in(folder)]
+    problems = [problem for experiment in dict.fromkeys(found)
                 if (problem := _report_one(experiment))]
     if problems:
         fail(problems)
+
+
+def experiments_in(folder: Path) -> list[Path]:
+    """folder where it is an experiment's (it holds run folders, finished or not), else the
+    experiment folders a results folder holds, by name; folder itself where it holds
+    neither (its report then says that it has no runs)."""
+    def holds_runs(path: Path) -> bool:
+        return any(p.is_file() for p in path.glob("*/config.yaml"))
+
+    if holds_runs(folder):
+        return [folder]
+    return sorted(p for p in folder.iterdir() if p.is_dir() and holds_runs(p)) or [folder]
 
 
 def _report_one(experiment: Path) -> str | None:
