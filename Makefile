@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch and torchvision are pinned to the builds that pip finds on this kind of machine.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-threads test-all test-browser browser lint validate sweep extras seeds plot bench bench-gpu test-gpu clean
+.PHONY: install demo test test-threads test-all test-browser browser lint validate sweep extras seeds plot report bench bench-gpu test-gpu clean
 
 $(BIN)/bnexp: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,9 @@ seeds: install
 
 plot: install
 	$(BIN)/bnexp plot results
+
+report: install
+	$(BIN)/bnexp report results
 
 bench: install
 	$(BIN)/bnexp bench --grid experiments/lesson_grid.yaml
