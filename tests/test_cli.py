@@ -230,21 +230,29 @@ def test_sweep_dry_run_then_sweep_then_skip(env):
 
 
 def test_sweep_reports_a_failing_run_and_goes_on(env, monkeypatch):
+    """The error, as torch words it (brackets included: no Rich markup), on stderr and in the
+    closing table."""
+    from rich.console import Console
+
     from bnexp import sweep
+    from bnexp.cli import outcomes
 
     real = sweep.train_population
+    error = "[enforce fail at alloc_cpu.cpp:117] out of memory (simulated)"
 
     def flaky(runs, *args, **kwargs):
         if runs[0].batch_size == 50:
-            raise RuntimeError("out of memory (simulated)")
+            raise RuntimeError(error)
         return real(runs, *args, **kwargs)
 
     monkeypatch.setattr(sweep, "train_population", flaky)
+    monkeypatch.setattr(outcomes, "out_console", Console(width=250))
     path = experiment(env, "name: g\ngrid:\n  batch_size: [50, 60]\n")
     result = invoke("sweep", path, *FAST)
     assert result.exit_code == 1
     assert "1 done, 0 skipped, 1 failed" in result.stdout
-    assert "out of memory (simulated)" in result.stderr
+    assert error in result.stderr
+    assert f"RuntimeError: {error}" in result.stdout, result.stdout
     stopped = invoke("sweep", path, *FAST, "--fail-fast", "--set", "lr=0.2")
     assert "0 done, 0 skipped, 1 failed" in stopped.stdout
 
@@ -735,3 +743,16 @@ def test_tables_narrower_than_their_rows_keep_every_value_whole():
     assert common.column_widths(headers, rows, 400) is None  # fits: Rich's own layout
     assert common.column_widths(headers, rows, 60) is None  # no room for the words
     assert common.column_widths(["a"], [], 10) is None
+
+
+def test_paths_with_brackets_are_printed_as_they_are(env):
+    """A file or folder named like Rich markup ('[ab]', '[old]') is printed whole: Rich took
+    it for a style and printed 'ok x.yaml', 'results in res/demo'."""
+    path = experiment(env, "name: demo\n", "x[ab].yaml")
+    assert f"ok {path}: 1 run(s)" in invoke("validate", path).stdout
+    out = env / "res[old]"
+    ran = invoke("run", path, *FAST, "--out", out)
+    assert ran.exit_code == 0 and f"results in {out / 'demo'}" in ran.stdout, ran.stdout
+    reported = invoke("report", out / "demo")
+    assert f"written {out / 'demo' / 'report.md'}" in reported.stdout, reported.stdout
+    assert f"drew 5 figure(s) under {out}" in invoke("plot", out).stdout

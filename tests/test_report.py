@@ -217,10 +217,20 @@ def sweep_and_report(name: str, settings: str, tiny_mnist, tmp_path) -> str:
     return (out / name / "report.md").read_text()
 
 
-def test_one_seed_prints_no_interval(tiny_mnist, tmp_path):
+def test_one_seed_prints_no_interval(tiny_mnist, tmp_path, monkeypatch):
+    """report.md and the terminal's table alike (where Rich took '[n/a (1 seed)]' for markup
+    and dropped it)."""
+    from rich.console import Console
+
+    from bnexp.cli import views
+
     md = sweep_and_report("one", "", tiny_mnist, tmp_path)
     row = next(line for line in md.splitlines() if line.startswith("| relu lr=0.01"))
     assert row.count("[n/a (1 seed)]") == 3, row
+    monkeypatch.setattr(views, "out_console", Console(width=250))
+    printed = CliRunner().invoke(app, ["report", str(tmp_path / "results" / "one")])
+    row = next(line for line in printed.stdout.splitlines() if "relu lr=0.01" in line)
+    assert row.count("[n/a (1 seed)]") == 3, printed.stdout
     assert "One seed per cell: no band" in md
 
 

@@ -117,7 +117,7 @@ def bench(
     if grid_record:
         out_console.print(_grid_line(grid_record), highlight=False)
     atomic_write(path, json.dumps(bench_mod.as_record(rows, dev, grid_record, ops, tf32), indent=2))
-    out_console.print(f"written {path}")
+    out_console.print(f"written {path}", markup=False)
 
 
 def _bench_grid(grid: Path, runs: list, split, device, compile_step: bool,

@@ -24,6 +24,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from bnexp import config as cfg
 from bnexp import experiment_file
@@ -207,12 +208,13 @@ def load_runs(files: list[Path], overrides: list[str], seeds: int | None = None,
 
 def add_columns(table: Table, headers: list[str], rows: list[list[str]], width: int) -> None:
     """headers as table's columns (folding what does not fit), at column_widths where those
-    keep every word of the rows whole, and rows as its rows."""
+    keep every word of the rows whole, and rows as its rows: plain text, never Rich markup
+    (a cell's '[n/a (1 seed)]' would be taken for a style and vanish)."""
     widths = column_widths(headers, rows, width) or [None] * len(headers)
     for header, column_width in zip(headers, widths):
-        table.add_column(header, overflow="fold", width=column_width)
+        table.add_column(Text(header), overflow="fold", width=column_width)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*map(Text, row))
 
 
 def column_widths(headers: list[str], rows: list[list[str]], width: int) -> list[int] | None:
@@ -228,16 +230,15 @@ def column_widths(headers: list[str], rows: list[list[str]], width: int) -> list
     def longest(texts, split) -> int:
         return max((cell_len(part) for text in texts for part in split(text)), default=0)
 
-    widths = [max(1, longest(col[1:], str.split)) for col in columns]
-    targets = []
-    for texts, split in (((0, 1), str.split), ((1, None), str.splitlines),
-                         ((0, 1), str.splitlines)):
-        targets.append([max(t, longest(col[slice(*texts)], split))
-                        for t, col in zip(targets[-1] if targets else widths, columns)])
+    widths = [max(1, longest(col[1:], str.split)) for col in columns]  # the cells' words
+    header_words = [max(w, longest(col[:1], str.split)) for w, col in zip(widths, columns)]
+    cell_lines = [max(w, longest(col[1:], str.splitlines))
+                  for w, col in zip(header_words, columns)]
+    natural = [max(w, longest(col[:1], str.splitlines)) for w, col in zip(cell_lines, columns)]
     room = width - (3 * len(columns) + 1)  # a border before each column, one after, padding
-    if sum(targets[-1]) <= room or sum(widths) > room:
+    if sum(natural) <= room or sum(widths) > room:
         return None
-    for target in targets:
+    for target in (header_words, cell_lines, natural):
         widths = _spread(widths, target, room - sum(widths))
     return widths
 
@@ -249,8 +250,8 @@ def _spread(widths: list[int], target: list[int], spare: int) -> list[int]:
     if sum(lack) <= spare:
         return list(target)
     grown = [w + spare * x // sum(lack) for w, x in zip(widths, lack)]
-    for i in sorted(range(len(grown)), key=lambda i: lack[i], reverse=True)[:spare - sum(grown)
-                                                                           + sum(widths)]:
+    left = spare - (sum(grown) - sum(widths))  # fewer than the columns that lack any
+    for i in sorted(range(len(grown)), key=lambda i: lack[i], reverse=True)[:left]:
         grown[i] += 1
     return grown
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.table import Table
+from rich.text import Text
 
 from bnexp.cli.common import LISTED_RUNS, out_console, settings_column
 
@@ -29,10 +30,12 @@ def print_outcomes(outcomes: list[sweep.Outcome], counts: dict[str, int], out: P
             table.add_column(column, overflow="fold")
         for o, settings in zip(shown, cells):
             detail = o.error or (str(o.folder) if o.folder else "already complete")
-            table.add_row(o.planned.run.experiment, o.planned.run_id, *settings, o.status,
-                          detail)
+            # plain text: an error such as "[enforce fail at alloc_cpu.cpp:117] ..." is no
+            # Rich markup
+            table.add_row(*map(Text, (o.planned.run.experiment, o.planned.run_id, *settings,
+                                      o.status, detail)))
         out_console.print(table)
     if len(shown) < len(outcomes):
         out_console.print(f"{counts['done']:,} done and {counts['skipped']:,} skipped runs not "
                           f"listed (more than {LISTED_RUNS:,} runs): `bnexp runs {out}` lists "
-                          "every run", highlight=False)
+                          "every run", markup=False, highlight=False)

@@ -101,7 +101,7 @@ def _execute(planned: list[sweep.Planned], out: Path, data_dir: Path | None, lab
                 kept = "cancelled populations keep their last checkpoints"
             where = f"interrupted at step {exc.step:,}" if exc.step is not None else "interrupted"
             err_console.print(f"{where}: {kept}; finished runs are kept. Run the same command "
-                              "again to resume.", highlight=False, soft_wrap=True)
+                              "again to resume.", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(128 + (received[0] if received else signal.SIGINT)) from None
     raise AssertionError("unreachable")
 
@@ -189,7 +189,7 @@ def run(
     for outcome in outcomes:
         for line in _analysis_lines(outcome.analyses or {}):
             out_console.print(line, markup=False, highlight=False, soft_wrap=True)
-    out_console.print(f"results in {out / runs[0].experiment}")
+    out_console.print(f"results in {out / runs[0].experiment}", markup=False)
     _print_time(outcomes, began)
     if _report_failures(outcomes) or any(o.status in NOT_TRAINED for o in outcomes):
         raise typer.Exit(1)

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from bnexp import config as cfg
 from bnexp import experiment_file, readback
@@ -32,7 +33,7 @@ def validate(files: Annotated[list[Path], typer.Argument(help="Experiment YAML f
     for path in files:
         try:
             n = len(cfg.expand_grid(experiment_file.load_spec(path, allow_large=yes)))
-            out_console.print(f"ok {path}: {n} run(s)", highlight=False)
+            out_console.print(f"ok {path}: {n} run(s)", markup=False, highlight=False)
         except cfg.ConfigError as exc:
             problems.extend(exc.problems)
     if problems:
@@ -84,7 +85,7 @@ def runs(
 
 
 def _runs_table(rows: list, models: list[str], root: Path) -> Table:
-    table = Table(title=f"runs under {root}: {len(rows)}")
+    table = Table(title=Text(f"runs under {root}: {len(rows)}"))
     headers, settings = _setting_cells(rows)
     columns = ["experiment", "run", "status", *headers, *[f"{m} val/test" for m in models]]
     lines = []
@@ -128,7 +129,8 @@ def plot(root: Annotated[Path, typer.Argument(help="Results folder to redraw.")]
     if not root.is_dir():
         fail([f"{root}: no such results folder"])
     try:
-        # one pool for every figure: the experiments' (the larger ones first), then the runs'
+        # one pool for every figure: the experiments' first (the paper figures take
+        # longest), then the runs'
         calls, damaged = report_figures.tree_figures(root)
         with figure_progress(len(calls)) as advance:
             paths = report_figures.with_svgs(plots.draw_calls(calls, parallel=True,
@@ -136,7 +138,7 @@ def plot(root: Annotated[Path, typer.Argument(help="Results folder to redraw.")]
     except OSError as exc:
         fail([f"{exc.filename or root}: cannot write a figure ({exc.strerror or exc})"])
     _warn_damaged(damaged)
-    out_console.print(f"drew {len(paths)} figure(s) under {root}")
+    out_console.print(f"drew {len(paths)} figure(s) under {root}", markup=False)
 
 
 def _warn_damaged(damaged: list[tuple[Path, str]]) -> None:
@@ -201,7 +203,7 @@ def _report_one(experiment: Path) -> str | None:
     table = Table(title=f"{experiment.name}: comparison over seeds")
     add_columns(table, report.TABLE_HEADER, report.table_rows(cells), out_console.width)
     out_console.print(table)
-    out_console.print(f"written {md} and {page}")
+    out_console.print(f"written {md} and {page}", markup=False)
     return None
 
 
