@@ -745,9 +745,16 @@ def test_tables_narrower_than_their_rows_keep_every_value_whole():
     assert common.column_widths(["a"], [], 10) is None
 
 
-def test_paths_with_brackets_are_printed_as_they_are(env):
+def test_paths_with_brackets_are_printed_as_they_are(env, monkeypatch):
     """A file or folder named like Rich markup ('[ab]', '[old]') is printed whole: Rich took
     it for a style and printed 'ok x.yaml', 'results in res/demo'."""
+    from rich.console import Console
+
+    from bnexp.cli import train, views
+
+    wide = Console(width=400)  # each line whole, whatever the terminal
+    for module in (train, views):
+        monkeypatch.setattr(module, "out_console", wide)
     path = experiment(env, "name: demo\n", "x[ab].yaml")
     assert f"ok {path}: 1 run(s)" in invoke("validate", path).stdout
     out = env / "res[old]"
