@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.table import Table
+from rich.text import Text
 
 from bnexp.cli.common import LISTED_RUNS, out_console, settings_column
 
@@ -65,7 +66,7 @@ def _run_table(planned: list[sweep.Planned], where: dict) -> Table:
         if trains:
             number, size = where[id(p)]
             group = f"{number} ({_networks(size)})"
-        table.add_row(p.run.experiment, p.run_id, *settings, str(p.device),
+        table.add_row(p.run.experiment, p.run_id, *map(Text, settings), str(p.device),
                       effective_engine(p.run), group, f"{p.run.steps * len(p.run.batch_norm):,}",
                       status)
     return table

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from bnexp import config as cfg
 from bnexp.cli import timing
@@ -146,7 +147,7 @@ def _accuracy_table(outcomes: list[sweep.Outcome]) -> Table:
     for outcome, settings in zip(trained, cells):
         for model in outcome.result.models:
             diverged = "-" if model.diverged_step is None else f"step {model.diverged_step}"
-            table.add_row(outcome.planned.run_id, *settings, model.name,
+            table.add_row(outcome.planned.run_id, *map(Text, settings), model.name,
                           f"{model.final_val_acc:.4f}", f"{model.final_test_acc:.4f}", diverged)
     return table
 
