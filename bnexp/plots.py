@@ -8,9 +8,11 @@ import multiprocessing
 import os
 import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
@@ -19,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from bnexp.files import atomic_write  # noqa: E402
+from bnexp.lifeline import die_with_parent  # noqa: E402
 from bnexp.readback import read_config, read_metrics  # noqa: E402
 
 LABELS = {"plain": "Without Batch Norm", "bn": "With Batch Norm", "ln": "With Layer Norm",
@@ -147,14 +150,54 @@ def draw_all(draw: Callable[..., Path], jobs: list[tuple], parallel: bool = Fals
     # which the parent handles (it lets the figures of a finished population complete)
     context = multiprocessing.get_context("spawn")
     paths: list[Path] = []
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_stops,
+                               initargs=(os.getpid(),))
     try:
-        with ProcessPoolExecutor(workers, mp_context=context,
-                                 initializer=_ignore_stops) as pool:
-            for path in pool.map(draw, *zip(*jobs), chunksize=4):
-                paths.append(_advance(path, on_figure))
+        # the workers start (all of them, as map submits every job) with both signals
+        # blocked, so that one sent to the whole process group (a terminal's Ctrl-C) while
+        # they import cannot kill them with a traceback before _ignore_stops runs; here
+        # one that arrives meanwhile is delivered once they are started
+        with _stops_blocked():
+            drawn = pool.map(draw, *zip(*jobs), chunksize=4)
+        for path in drawn:
+            paths.append(_advance(path, on_figure))
     except BrokenProcessPool:  # a worker died (killed, out of memory): draw the rest here
         paths += [_advance(draw(*job), on_figure) for job in jobs[len(paths):]]
+    except BaseException:  # Ctrl-C or SIGTERM in this process: the workers go at once
+        _stop_workers(pool)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return paths
+
+
+_STOPS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextmanager
+def _stops_blocked() -> Iterator[None]:
+    """SIGINT and SIGTERM held back from this thread (and from the processes it starts)
+    inside; delivered, if they came, on the way out (where they were not blocked before)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals are the main thread's
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Kill a pool's worker processes: shutting it down would wait for the figures they draw
+    and, interrupted inside its queues, could wait for ever (1 hang in 30 Ctrl-Cs of `bnexp
+    plot`, README)."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14
+    if terminate is not None:
+        terminate()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.kill()
 
 
 def _cores() -> int:
@@ -179,9 +222,12 @@ def _advance(path: Path, on_figure: Callable[[], None] | None) -> Path:
     return path
 
 
-def _ignore_stops() -> None:
+def _ignore_stops(parent: int) -> None:
+    """A figure worker's set-up: Ctrl-C and SIGTERM are its parent's to handle, and it goes
+    when its parent does (a `kill` of `bnexp plot` alone left its workers waiting for ever)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent(parent)
 
 
 def _save(fig, path: Path, close: bool = True) -> Path:

@@ -1,6 +1,9 @@
 """The report from a real (tiny) multi-seed sweep: tables, figures, a self-contained page."""
 
+import os
+import sys
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -320,11 +323,92 @@ def test_run_figures_drawn_in_worker_processes_are_the_same_bytes(experiment, tm
             yield from map(fn, list(items)[:2])
             raise BrokenProcessPool("a worker died")
 
+        def shutdown(self, wait=True, cancel_futures=False):
+            pass
+
     for f in folders:
         (f / "curves.png").unlink()
     monkeypatch.setattr(plots, "ProcessPoolExecutor", Breaks)
     assert plots.plot_runs(folders, parallel=True) == [f / "curves.png" for f in folders]
     assert digests() == serial
+
+
+def test_figure_workers_ignore_stops_from_their_first_instruction(monkeypatch):
+    """A terminal's Ctrl-C goes to the whole process group: figure workers start with SIGINT
+    and SIGTERM blocked (they printed KeyboardInterrupt tracebacks when it came while they
+    imported), then ignore them; the parent's own mask is as it was."""
+    import signal
+
+    from bnexp import plots
+
+    monkeypatch.setattr(plots, "_cores", lambda: 2)
+    monkeypatch.setattr(plots, "FIGURES_PER_WORKER", 1)
+    stops = {signal.SIGINT, signal.SIGTERM}
+    masks = plots.draw_all(signal.pthread_sigmask, [(signal.SIG_BLOCK, [])] * 4, parallel=True)
+    assert all(stops <= set(mask) for mask in masks), masks
+    handlers = plots.draw_all(signal.getsignal, [(s,) for s in stops] * 2, parallel=True)
+    assert set(handlers) == {signal.SIG_IGN}
+    assert not stops & set(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+WORKERS_SCRIPT = """
+import os, sys, time
+from bnexp import plots
+plots._cores = lambda: 2
+plots.FIGURES_PER_WORKER = 1
+print(os.getpid(), flush=True)
+plots.draw_all(time.sleep, [(60,)] * 16, parallel=True)  # 4 chunks: 2 workers
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG")
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGKILL"])
+def test_figure_workers_go_with_their_parent(stop):
+    """Ctrl-C in the parent kills the workers at once (shutting the pool down waited for
+    their figures, and could wait for ever); a parent killed outright takes them with it
+    (they waited on their queue for ever)."""
+    import signal
+    import subprocess
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", WORKERS_SCRIPT], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        pid = int(parent.stdout.readline())
+        children = Path(f"/proc/{pid}/task/{pid}/children")
+        deadline = time.monotonic() + 60
+        while len(workers) < 2 and time.monotonic() < deadline:  # two workers, started
+            time.sleep(0.2)
+            workers = [int(c) for c in children.read_text().split()
+                       if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text(errors="replace")]
+        assert len(workers) == 2, workers
+        time.sleep(2)  # they draw (sleep) now
+        os.kill(pid, getattr(signal, stop))
+        parent.wait(timeout=20)
+        deadline = time.monotonic() + 10
+        while _alive(workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(workers)
+        if stop == "SIGINT":
+            assert parent.stderr.read().count("Traceback") == 1  # the script's own only
+    finally:
+        parent.kill()
+        for worker in _alive(workers):
+            os.kill(worker, signal.SIGKILL)
+
+
+def _alive(pids: list[int]) -> list[int]:
+    """The processes of pids that still run (not zombies)."""
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
 
 
 def test_plot_draws_the_whole_tree_in_one_pool_of_workers(experiment, tmp_path, monkeypatch):

@@ -131,6 +131,26 @@ def import_torch() -> ModuleType:
     return torch
 
 
+@contextmanager
+def stopped_by_sigterm() -> Iterator[None]:
+    """Inside, SIGTERM (`kill`, `timeout`) stops the command as Ctrl-C does, by an exception
+    (exit 143), so that the figure workers it started are stopped with it and its
+    semaphores released, rather than the process ending where it stands."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):  # handled already
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def set_threads(threads: int | None) -> None:
     if threads is not None:
         import_torch().set_num_threads(threads)

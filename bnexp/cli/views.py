@@ -22,6 +22,7 @@ from bnexp.cli.common import (
     figure_progress,
     import_torch,
     out_console,
+    stopped_by_sigterm,
 )
 
 
@@ -132,7 +133,7 @@ def plot(root: Annotated[Path, typer.Argument(help="Results folder to redraw.")]
         # one pool for every figure: the experiments' first (the paper figures take
         # longest), then the runs'
         calls, damaged = report_figures.tree_figures(root)
-        with figure_progress(len(calls)) as advance:
+        with stopped_by_sigterm(), figure_progress(len(calls)) as advance:
             paths = report_figures.with_svgs(plots.draw_calls(calls, parallel=True,
                                                               on_figure=advance))
     except OSError as exc:
@@ -162,8 +163,9 @@ def report_command(
     if missing:
         fail(missing)
     found = [e for folder in experiments for e in experiments_in(folder)]
-    problems = [problem for experiment in dict.fromkeys(found)
-                if (problem := _report_one(experiment))]
+    with stopped_by_sigterm():
+        problems = [problem for experiment in dict.fromkeys(found)
+                    if (problem := _report_one(experiment))]
     if problems:
         fail(problems)
 

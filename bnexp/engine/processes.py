@@ -20,7 +20,6 @@ stacks change (dead networks leaving the step) gets a new worker.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import resource
@@ -34,6 +33,8 @@ from multiprocessing import Pipe
 from multiprocessing.connection import Connection, wait
 
 import torch
+
+from bnexp.lifeline import die_with_parent
 
 # Steps a population must still train for its shards to become processes by default. A fork
 # and its shared memory cost milliseconds, and the parent's first writes after it copy the
@@ -54,7 +55,6 @@ WORKER_START_S = 30.0
 STALL_S = 600.0
 STALL_POLL_S = 1.0
 log = logging.getLogger(__name__)
-_PR_SET_PDEATHSIG = 1
 _STOPS = {signal.SIGINT, signal.SIGTERM}
 
 
@@ -282,7 +282,7 @@ def _worker(conn: Connection, inherited: list[Connection], shard, mask, parent: 
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for other in inherited:
             other.close()
-        _die_with_parent(parent)
+        die_with_parent(parent)
         _serve(conn, shard)
         code = 0
     finally:
@@ -317,16 +317,6 @@ class _Never:
 
     def is_set(self) -> bool:
         return False
-
-
-def _die_with_parent(parent: int) -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # it died before prctl took effect (we were adopted)
-        os._exit(1)
 
 
 def _answer(worker: _Worker, index: int) -> None:
