@@ -743,6 +743,14 @@ def test_tables_narrower_than_their_rows_keep_every_value_whole():
     assert common.column_widths(headers, rows, 400) is None  # fits: Rich's own layout
     assert common.column_widths(headers, rows, 60) is None  # no room for the words
     assert common.column_widths(["a"], [], 10) is None
+    # a run id longer than the room left: it alone folds, beside whole headers where they fit
+    runs = [["small_batches", "relu-lr0.05-init0.05-layernorm-bs128-seed0-77cf4289", "done",
+             "0.2166 / 0.2104"]]
+    run_headers = ["experiment", "run", "status", "plain val/test"]
+    widths = common.column_widths(run_headers, runs, 80)
+    assert widths == [13, 80 - 13 - 6 - 8 - 13, 6, 8], widths
+    assert common.column_widths(run_headers, runs, 53) == [13, 17, 4, 6]  # headers fold
+    assert common.column_widths(run_headers, runs, 51) is None  # the id's column under 16
 
 
 def test_paths_with_brackets_are_printed_as_they_are(env, monkeypatch):

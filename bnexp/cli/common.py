@@ -237,14 +237,19 @@ def add_columns(table: Table, headers: list[str], rows: list[list[str]], width: 
         table.add_row(*map(Text, row))
 
 
+# The narrowest a column whose words are folded gets from column_widths.
+FOLDED_MIN = 16
+
+
 def column_widths(headers: list[str], rows: list[list[str]], width: int) -> list[int] | None:
     """Widths for a Rich table's columns (default box and padding) in width characters that
-    break no word of a cell, where the table's natural width is more than width and the
-    cells' longest words fit: each column gets its cells' longest word, then room toward its
-    header's longest word, its cells' longest line and its header's, in turn, in proportion
-    to what each column still lacks. None where the table fits as it is, or no such widths
-    exist. (Rich's own narrowing splits the widest column's words first: a cell's
-    'batch_size=256' as 'batch_size=2' over '56'.)"""
+    break no word of a cell, where the table's natural width is more than width: each column
+    gets its cells' longest word, then room toward its header's longest word, its cells'
+    longest line and its header's, in turn, in proportion to what each column still lacks.
+    Where the words do not all fit, the column of the longest word (a run id) gets what the
+    others leave, at least FOLDED_MIN, and only its words fold. None where the table fits
+    as it is, or not even so. (Rich's own narrowing splits the widest column's words first:
+    a cell's 'batch_size=256' as 'batch_size=2' over '56'.)"""
     columns = [(header, *cells) for header, *cells in zip(headers, *rows, strict=True)]
 
     def longest(texts, split) -> int:
@@ -256,8 +261,17 @@ def column_widths(headers: list[str], rows: list[list[str]], width: int) -> list
                   for w, col in zip(header_words, columns)]
     natural = [max(w, longest(col[:1], str.splitlines)) for w, col in zip(cell_lines, columns)]
     room = width - (3 * len(columns) + 1)  # a border before each column, one after, padding
-    if sum(natural) <= room or sum(widths) > room:
+    if sum(natural) <= room:
         return None
+    if sum(widths) > room:  # only the column of the longest word folds it (a run id),
+        widest = widths.index(max(widths))  # beside whole headers where they fit
+        for others in (header_words, widths):
+            rest = sum(others) - others[widest]
+            if room - rest >= FOLDED_MIN:
+                widths = [*others[:widest], room - rest, *others[widest + 1:]]
+                break
+        else:
+            return None
     for target in (header_words, cell_lines, natural):
         widths = _spread(widths, target, room - sum(widths))
     return widths
