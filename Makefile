@@ -4,6 +4,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch and torchvision are pinned to the builds that pip finds on this kind of machine.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# The GPU targets use .venv (installing it first) by default. On a machine whose Python
+# already has torch and bnexp's other dependencies (an offline GPU node, say), run them from
+# the checkout without installing anything:
+#   make bench-gpu INSTALL= BNEXP='python3 -m bnexp' PYTEST='python3 -m pytest'
+INSTALL ?= install
+BNEXP ?= $(BIN)/bnexp
+PYTEST ?= $(BIN)/python -m pytest
 
 .PHONY: install demo test test-threads test-all test-browser browser lint validate sweep extras seeds plot report bench bench-gpu test-gpu clean
 
@@ -70,25 +77,25 @@ bench: install
 # The README's GPU table, every row in one go (JSON records in results/bench/, the pair's
 # output, whose last line times it, in results/bench/pair-*.txt), then the CUDA tests.
 GPU_OUT := results/bench
-bench-gpu: install
+bench-gpu: $(INSTALL)
 	mkdir -p $(GPU_OUT)
-	$(BIN)/bnexp bench --device cuda --models 24 --grid experiments/lesson_grid.yaml
-	$(BIN)/bnexp bench --device cuda --compile --models 24 --grid experiments/lesson_grid.yaml
-	$(BIN)/bnexp bench --device cuda --compile --models 24 --grid experiments/lesson_grid.yaml \
+	$(BNEXP) bench --device cuda --models 24 --grid experiments/lesson_grid.yaml
+	$(BNEXP) bench --device cuda --compile --models 24 --grid experiments/lesson_grid.yaml
+	$(BNEXP) bench --device cuda --compile --models 24 --grid experiments/lesson_grid.yaml \
 		--grid-seeds 10
-	$(BIN)/bnexp bench --device cuda --compile --models 2,32,256,1024,4096 --steps 3000
-	$(BIN)/bnexp bench --device cuda --compile --tf32 --models 256,4096 --steps 3000
-	$(BIN)/bnexp run experiments/relu_lr1.yaml --device cuda --force --out $(GPU_OUT)/pair \
+	$(BNEXP) bench --device cuda --compile --models 2,32,256,1024,4096 --steps 3000
+	$(BNEXP) bench --device cuda --compile --tf32 --models 256,4096 --steps 3000
+	$(BNEXP) run experiments/relu_lr1.yaml --device cuda --force --out $(GPU_OUT)/pair \
 		> $(GPU_OUT)/pair-eager.txt || { cat $(GPU_OUT)/pair-eager.txt; exit 1; }
 	cat $(GPU_OUT)/pair-eager.txt
-	$(BIN)/bnexp run experiments/relu_lr1.yaml --device cuda --compile --force \
+	$(BNEXP) run experiments/relu_lr1.yaml --device cuda --compile --force \
 		--out $(GPU_OUT)/pair > $(GPU_OUT)/pair-compiled.txt \
 		|| { cat $(GPU_OUT)/pair-compiled.txt; exit 1; }
 	cat $(GPU_OUT)/pair-compiled.txt
-	$(MAKE) test-gpu
+	$(MAKE) test-gpu INSTALL='$(INSTALL)' PYTEST='$(PYTEST)'
 
-test-gpu: install
-	$(BIN)/python -m pytest -q -m gpu
+test-gpu: $(INSTALL)
+	$(PYTEST) -q -m gpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
