@@ -21,13 +21,16 @@ ACTIVATION_FNS = {
     "leaky_relu": functools.partial(F.leaky_relu, negative_slope=LEAKY_SLOPE),
 }
 
-# d activation / d input, from the activation's *output* a (PyTorch's own backward kernels).
+# d activation / d input, from the activation's *output* a (PyTorch's own backward kernels);
+# grad_input=out writes it into out (the .grad_input overloads), as a slice of a stack's
+# gradient, instead of a new tensor copied there.
+_aten = torch.ops.aten
 ACTIVATION_GRADS = {
-    "relu": lambda g, a: torch.ops.aten.threshold_backward(g, a, 0.0),
-    "sigmoid": torch.ops.aten.sigmoid_backward,
-    "tanh": torch.ops.aten.tanh_backward,
-    "elu": lambda g, a: torch.ops.aten.elu_backward(g, 1.0, 1.0, 1.0, True, a),
-    "leaky_relu": lambda g, a: torch.ops.aten.leaky_relu_backward(g, a, LEAKY_SLOPE, True),
+    "relu": lambda g, a, **out: _aten.threshold_backward(g, a, 0.0, **out),
+    "sigmoid": lambda g, a, **out: _aten.sigmoid_backward(g, a, **out),
+    "tanh": lambda g, a, **out: _aten.tanh_backward(g, a, **out),
+    "elu": lambda g, a, **out: _aten.elu_backward(g, 1.0, 1.0, 1.0, True, a, **out),
+    "leaky_relu": lambda g, a, **out: _aten.leaky_relu_backward(g, a, LEAKY_SLOPE, True, **out),
 }
 
 INIT_SCHEMES = ("normal", "xavier_uniform", "xavier_normal", "he_uniform", "he_normal")

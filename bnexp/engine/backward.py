@@ -25,8 +25,10 @@ def train_step(stack: Stack, x: torch.Tensor, y: torch.Tensor, step: torch.Tenso
         steps = _clipped_steps(stack, grads)
     torch._foreach_sub_(stack.params, steps)
     stack.loss_sum += loss
-    newly = ~torch.isfinite(loss) & (stack.diverged_at < 0)
-    stack.diverged_at.copy_(torch.where(newly, step, stack.diverged_at))
+    # loss - loss is 0 exactly where the loss is finite, NaN where it is NaN or infinite:
+    # two operators where isfinite takes four
+    newly = (loss - loss).ne(0) & (stack.diverged_at < 0)
+    torch.where(newly, step, stack.diverged_at, out=stack.diverged_at)
 
 
 def gradients(stack: Stack, x: torch.Tensor, y: torch.Tensor,
@@ -107,8 +109,8 @@ def _activation_grad(stack: Stack, g: torch.Tensor, a: torch.Tensor) -> torch.Te
     if len(stack.slices) == 1:
         return ACTIVATION_GRADS[stack.slices[0][0]](g, a)
     out = torch.empty_like(g)
-    for name, lo, hi in stack.slices:
-        out[lo:hi] = ACTIVATION_GRADS[name](g[lo:hi], a[lo:hi])
+    for name, lo, hi in stack.slices:  # each slice's kernel writes its part of out
+        ACTIVATION_GRADS[name](g[lo:hi], a[lo:hi], grad_input=out[lo:hi])
     return out
 
 
