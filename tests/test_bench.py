@@ -48,6 +48,9 @@ def test_bench_command_writes_its_table(tmp_path):
     assert ops["networks"] == 24 and 0 < ops["aten_ops_without_views"] < ops["aten_ops"]
     assert ops["aten_ops_by_name"]["bmm"] >= 7, "one product per layer and direction, one stack"
     assert 0 < ops["aten_ops_one_stack"] < ops["aten_ops"], "CUDA's layout: one stack, not two"
+    # each kernel writes where its result belongs (an activation's gradient into its slice
+    # of the stack's, the divergence step in place): no operator copies one
+    assert "copy_" not in ops["aten_ops_by_name"], ops["aten_ops_by_name"]
 
 
 def test_the_lesson_population_needs_one_stack_on_cuda_and_two_on_the_cpu():
