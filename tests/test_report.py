@@ -352,7 +352,8 @@ def test_figure_workers_ignore_stops_from_their_first_instruction(monkeypatch):
 
 
 WORKERS_SCRIPT = """
-import os, sys, time
+import faulthandler, os, signal, sys, time
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test's view of a hang
 from bnexp import plots
 plots._cores = lambda: 2
 plots.FIGURES_PER_WORKER = 1
@@ -385,7 +386,13 @@ def test_figure_workers_go_with_their_parent(stop):
         assert len(workers) == 2, workers
         time.sleep(2)  # they draw (sleep) now
         os.kill(pid, getattr(signal, stop))
-        parent.wait(timeout=20)
+        try:  # well before the 4 x 60 s of figures each worker has queued
+            parent.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.kill(pid, signal.SIGUSR1)  # every thread's stack to its stderr
+            time.sleep(1)
+            parent.kill()
+            pytest.fail(f"the parent did not stop; its threads:\n{parent.stderr.read()}")
         deadline = time.monotonic() + 10
         while _alive(workers) and time.monotonic() < deadline:
             time.sleep(0.1)
