@@ -391,7 +391,7 @@ def test_figure_workers_go_with_their_parent(stop):
         except subprocess.TimeoutExpired:
             os.kill(pid, signal.SIGUSR1)  # every thread's stack to its stderr
             time.sleep(1)
-            parent.kill()
+            _kill_all(parent, workers)  # they share its stderr: reading waits for them too
             pytest.fail(f"the parent did not stop; its threads:\n{parent.stderr.read()}")
         deadline = time.monotonic() + 10
         while _alive(workers) and time.monotonic() < deadline:
@@ -400,9 +400,15 @@ def test_figure_workers_go_with_their_parent(stop):
         if stop == "SIGINT":
             assert parent.stderr.read().count("Traceback") == 1  # the script's own only
     finally:
-        parent.kill()
-        for worker in _alive(workers):
-            os.kill(worker, signal.SIGKILL)
+        _kill_all(parent, workers)
+
+
+def _kill_all(parent, workers: list[int]) -> None:
+    import signal
+
+    parent.kill()
+    for worker in _alive(workers):
+        os.kill(worker, signal.SIGKILL)
 
 
 def _alive(pids: list[int]) -> list[int]:
