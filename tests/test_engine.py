@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import assert_states_close
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bnexp.config import RunConfig
 from bnexp.data import BatchStream
@@ -650,6 +651,38 @@ def test_plain_and_normalised_networks_in_one_stack_give_the_same_bytes(split, m
     together = train_population(runs, split, CPU, keep_states=True)
     assert [m.diverged_step for m in together[2].models] == [3, None]
     assert [fingerprint(r) for r in together] == [fingerprint(r) for r in apart]
+
+
+class _OffDevice(TorchDispatchMode):
+    """Records each operator given or returning a tensor off the step's device (a 0-dim
+    tensor aside: a scalar argument, which CUDA takes from the host and a graph keeps)."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device, self.found = device, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out))
+                   if isinstance(t, torch.Tensor) and t.dim() > 0]
+        self.found += [f"{func}: {t.device}" for t in tensors if t.device != self.device]
+        return out
+
+
+@pytest.mark.parametrize("one_stack", [True, False], ids=["cuda-layout", "cpu-layout"])
+def test_the_training_step_stays_on_its_device_and_reads_nothing_back(split, one_stack):
+    """What a CUDA graph can capture, checked without a GPU: the step of every kind of stack
+    (every activation, normaliser and position, clipping, dropout, three seeds' streams) runs
+    on the meta device, whose tensors hold no values, so reading one back (.item(), a branch
+    on a tensor, nonzero) raises there; and no operator takes or makes a tensor elsewhere
+    (the meta device lets some host tensors through, which CUDA would copy every step or a
+    graph would freeze)."""
+    meta = torch.device("meta")
+    step = shards.one_step(mixed_runs(), split.to(meta), meta, one_stack=one_stack)
+    step()  # the first call allocates
+    with _OffDevice(meta) as mode:
+        step()
+    assert mode.found == []
 
 
 class _Signalled(Exception):
