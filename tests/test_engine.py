@@ -685,6 +685,36 @@ def test_the_training_step_stays_on_its_device_and_reads_nothing_back(split, one
     assert mode.found == []
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize("population", ["lesson", "mixed"])
+def test_the_step_cuda_compiles_traces_as_one_graph_of_the_same_bytes(split, population):
+    """--compile on CUDA compiles the shard's step in CUDA's layout (one stack for plain and
+    BN networks) as one graph, no breaks: checked here without a GPU or a C++ compiler by
+    tracing it (TorchDynamo, then AOTAutograd's functional graph, run by eager kernels). The
+    traced program must be the step: five steps of it write the eager step's bytes into
+    every tensor the step changes (networks that diverged included), so whatever a compiled
+    run changes comes from Inductor's kernels, never from how the step was traced."""
+    from bnexp import bench
+
+    runs = (bench.population_runs(24, steps=5, eval_every=5) if population == "lesson"
+            else mixed_runs())
+    eager, traced = (shards.one_shard(runs, split, CPU, compiling=True, one_stack=True,
+                                      n_steps=5) for _ in range(2))
+    torch.compiler.reset()
+    step = torch.compile(traced.step_all, backend="aot_eager", fullgraph=True, dynamic=False)
+    for _ in range(5):
+        eager.step_all()
+        step()
+    torch.compiler.reset()
+    assert len(eager.state) == len(traced.state)
+    for a, b in zip(eager.state, traced.state):
+        assert torch.equal(_bits(a), _bits(b))
+    assert any(t.isnan().any() for t in eager.state), "a network that diverged is included"
+
+
 class _Signalled(Exception):
     pass
 

@@ -194,10 +194,11 @@ def next_block(streams, n_steps: int) -> torch.Tensor:
     return torch.cat([stream.next_indices(n_steps) for stream in streams], dim=1)
 
 
-def one_step(runs: list[RunConfig], split: Split, device: torch.device,
-             compiling: bool = False, one_stack: bool | None = None) -> Callable[[], None]:
-    """One training step of every model of runs, as a function (for counting and profiling
-    what a step dispatches); it reads the first batch of each seed's stream, every call.
+def one_shard(runs: list[RunConfig], split: Split, device: torch.device,
+              compiling: bool = False, one_stack: bool | None = None,
+              n_steps: int = 1) -> Shard:
+    """Every model of runs in one shard, over a block of the first n_steps batches of each
+    seed's stream (for counting, profiling and testing what a step does).
     compiling: laid out for torch.compile (unpadded canvases, as a compiled shard has);
     one_stack: plain and normalised networks in one stack or apart (default: the device's
     layout, plain_apart)."""
@@ -207,9 +208,17 @@ def one_step(runs: list[RunConfig], split: Split, device: torch.device,
             stack.canvas_pad = 0
     seeds = stream_seeds(runs)
     block = next_block([BatchStream(split.train_x.shape[0], runs[0].batch_size, seed, device)
-                         for seed in seeds], 1)
-    shard = Shard(groups[0], split.astype(DTYPES[runs[0].dtype]), block, len(seeds), device,
-                   cuda_graph=False, compile_step=False)
+                         for seed in seeds], n_steps)
+    return Shard(groups[0], split.astype(DTYPES[runs[0].dtype]), block, len(seeds), device,
+                 cuda_graph=False, compile_step=False)
+
+
+def one_step(runs: list[RunConfig], split: Split, device: torch.device,
+             compiling: bool = False, one_stack: bool | None = None) -> Callable[[], None]:
+    """One training step of every model of runs, as a function (for counting and profiling
+    what a step dispatches); it reads the first batch of each seed's stream, every call
+    (compiling, one_stack: as one_shard)."""
+    shard = one_shard(runs, split, device, compiling, one_stack)
 
     def step() -> None:
         shard.k.zero_()
