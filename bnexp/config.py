@@ -156,13 +156,13 @@ class Settings(_Strict):
         if isinstance(v, (list, tuple)):
             if not v:
                 raise ValueError("needs at least one of false, true")
-            if len(set(v)) != len(v):
-                raise ValueError("lists a variant twice")
         return v
 
     @field_validator("batch_norm")
     @classmethod
     def _bn_batch(cls, v: tuple[bool, ...], info: ValidationInfo) -> tuple[bool, ...]:
+        if len(set(v)) != len(v):  # booleans by now: any YAML value could be unhashable
+            raise ValueError("lists a variant twice")
         if True in v and info.data.get("batch_size", 2) < 2:
             raise ValueError("batch norm needs batch_size of at least 2")
         return v
