@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bnexp import stats
-from bnexp.readback import read_config, read_metrics, read_summary, run_folders
+from bnexp.readback import read_metrics, read_run_config, read_summary, run_folders
 
 CELL_IGNORES = ("seed",)  # runs differing only in these form one comparison (grid cell)
 NORMALISED = ("bn", "ln", "gn")  # variant names with a normaliser; "plain" has none
@@ -52,7 +52,7 @@ def _short(value: object) -> str:
 
 
 def _load_run(folder: Path) -> tuple[dict, dict, dict]:
-    return read_config(folder), read_summary(folder), read_metrics(folder)
+    return read_run_config(folder), read_summary(folder), read_metrics(folder)
 
 
 def collect_cells(experiment_dir: Path, failure_threshold: float = stats.FAILURE_THRESHOLD,

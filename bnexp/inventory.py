@@ -21,8 +21,8 @@ from bnexp.readback import (
     DamagedRun,
     check_run,
     names_its_folder,
-    read_config,
     read_metrics,
+    read_run_config,
     read_summary,
 )
 
@@ -61,7 +61,7 @@ def find_runs(root: Path) -> list[RunRow]:
 def read_row(folder: Path) -> RunRow:
     row = RunRow(folder, folder.parent.name, folder.name, "started")
     try:
-        row.config = read_config(folder)
+        row.config = read_run_config(folder)
         row.experiment = str(row.config.get("experiment", row.experiment))
     except DamagedRun as exc:
         row.status, row.detail = "damaged", str(exc)

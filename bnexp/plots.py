@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from bnexp.files import atomic_write  # noqa: E402
 from bnexp.lifeline import die_with_parent  # noqa: E402
-from bnexp.readback import read_config, read_metrics  # noqa: E402
+from bnexp.readback import read_metrics, read_run_config  # noqa: E402
 
 LABELS = {"plain": "Without Batch Norm", "bn": "With Batch Norm", "ln": "With Layer Norm",
           "gn": "With Group Norm"}
@@ -33,7 +33,7 @@ def plot_run(folder: Path) -> Path:
     """Accuracy vs training steps for every model of a run, as in the lesson; where a unit was
     tracked, its input's 15/50/85th percentiles beside it (the BN paper's Figure 1)."""
     curves = read_metrics(folder)
-    config = read_config(folder)
+    config = read_run_config(folder)
     tracked = all("p50" in c for c in curves.values())
     fig, axes = plt.subplots(1, 1 + len(curves) * tracked, squeeze=False,
                              figsize=(9 + 4 * len(curves) * tracked, 4.5))

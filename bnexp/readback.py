@@ -34,6 +34,22 @@ def read_config(folder: Path) -> dict:
     return config
 
 
+def with_defaults(config: dict) -> dict:
+    """A run's config with RunConfig's defaults for any key it lacks (written by a bnexp from
+    before that key, or taken out by hand: the folder's name, a hash of the resolved config,
+    still holds it); the config as it is where it is no run's configuration."""
+    try:
+        resolved = RunConfig.model_validate(config).model_dump(mode="json")
+    except ValidationError:
+        return config
+    return {**resolved, **config}
+
+
+def read_run_config(folder: Path) -> dict:
+    """read_config with the defaults of keys the file lacks (with_defaults)."""
+    return with_defaults(read_config(folder))
+
+
 class _Model(BaseModel):
     """What the readers take from one model's entry of summary.json."""
     final_val_acc: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False, strict=True)]

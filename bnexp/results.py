@@ -32,7 +32,14 @@ import bnexp
 from bnexp.config import RunConfig, result_fields_of
 from bnexp.engine import ModelResult, RunResult
 from bnexp.files import atomic_write
-from bnexp.readback import DamagedRun, check_run, read_config, read_summary, run_folders
+from bnexp.readback import (
+    DamagedRun,
+    check_run,
+    read_config,
+    read_summary,
+    run_folders,
+    with_defaults,
+)
 
 SUMMARY_FIELDS = ("run_id", "model", "activation", "lr", "init_scale", "seed", "steps",
                   "final_val_acc", "final_test_acc", "diverged_step")
@@ -215,7 +222,7 @@ def run_status(root: Path, run: RunConfig, device: str) -> tuple[str, str | None
         on_disk = read_config(folder)
     except DamagedRun as exc:
         return "damaged", str(exc)
-    if result_fields_of(on_disk) != run.result_fields():
+    if result_fields_of(with_defaults(on_disk)) != run.result_fields():
         return "mismatch", "folder holds another configuration; not reused"
     if (folder / "summary.json").exists():
         try:
