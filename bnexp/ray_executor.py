@@ -178,9 +178,11 @@ def train_population_task(planned: list, out: str, data_dir: str, compile_step: 
     folders = [sweep.results.run_folder(root, p.run, str(p.device)) for p in planned]
     for folder in folders:  # the driver holds the locks: only a dead attempt left these
         sweep.results.remove_stale_temp_files(folder)
-    ready = [(p, sweep.usable_checkpoint(folder, p)) for p, folder in zip(planned, folders)]
     splits = {(first.run.dataset, str(first.device)):
               _split(first.run.dataset, data_dir, str(first.device))}
+    n_train = sweep.training_images(splits, first.run)
+    ready = [(p, sweep.usable_checkpoint(folder, p, n_train))
+             for p, folder in zip(planned, folders)]
     outcomes: list = []
     options = sweep.TrainOptions(compile_step=compile_step, tensorboard=tensorboard)
     for batch in sweep.batches(ready):  # checkpoints of one population share a step

@@ -27,6 +27,7 @@ from bnexp.engine import (
     train_population,
     train_references,
 )
+from bnexp.engine.checkpoint import checkpoint_problem
 from bnexp.engine.common import Interrupted, Progress, group_runs
 from bnexp.engine.precision import tf32_problem
 
@@ -268,7 +269,12 @@ def _lock_and_train(todo: list[Planned], out: Path, data_dir: Path, splits, forc
         locks.append(lock)
         results.remove_stale_temp_files(folder)
         results.write_config(folder, p.run)
-        checkpoint = None if force else usable_checkpoint(folder, p)
+        def unusable(problem: str, p: Planned = p) -> None:
+            notice(f"{p.run.experiment}/{p.run_id}: checkpoint.pt {problem}; the run starts "
+                   "over")
+
+        checkpoint = None if force else usable_checkpoint(
+            folder, p, training_images(splits, p.run), unusable)
         if checkpoint:
             notice(f"resuming {p.run.experiment}/{p.run_id} from step {checkpoint['step']:,} "
                    f"of {p.run.steps:,} (its last checkpoint)")
@@ -293,21 +299,37 @@ def _set_aside(p: Planned) -> Outcome:
     return Outcome(p, "skipped")
 
 
-def usable_checkpoint(folder: Path, p: Planned) -> dict | None:
-    """A checkpoint to resume from: population engine only, and not past the run's end.
-
+def usable_checkpoint(folder: Path, p: Planned, n_train: int | None = None,
+                      on_unusable: Callable[[str], None] | None = None) -> dict | None:
+    """A checkpoint to resume from: population engine only, and one checkpoint_problem finds
+    nothing wrong with (n_train: the training images its batch indices must stay below).
     A checkpoint at the run's last step is used too: the run is then only evaluated and
-    written, not trained again.
+    written, not trained again. One that cannot be used is told to on_unusable (why), and the
+    run starts over.
     """
     if effective_engine(p.run) != "population":
         return None
     try:
         checkpoint = results.read_checkpoint(folder)
-    except Exception:  # an unreadable checkpoint is ignored: the run starts over
-        return None
-    if checkpoint is None or not 0 < checkpoint.get("step", 0) <= p.run.steps:
-        return None
-    return checkpoint
+    except Exception as exc:  # any unreadable file (truncated, not a zip, unpickling refused)
+        problem = f"cannot be read ({type(exc).__name__})"
+    else:
+        if checkpoint is None:
+            return None
+        problem = checkpoint_problem(checkpoint, p.run, n_train)
+        problem = problem and f"does not fit the run ({problem})"
+    if problem is None:
+        return checkpoint
+    if on_unusable is not None:
+        on_unusable(problem)
+    return None
+
+
+def training_images(splits: dict[tuple[str, str], Split], run: RunConfig) -> int | None:
+    """How many training images the run's dataset has, where its split is loaded."""
+    sizes = [split.train_x.shape[0] for (dataset, _), split in splits.items()
+             if dataset == run.dataset]
+    return sizes[0] if sizes else None
 
 
 class ResultsUnwritable(Exception):

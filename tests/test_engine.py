@@ -322,6 +322,47 @@ def test_a_runs_numbers_do_not_depend_on_its_population_or_threads(split):
     assert torch.get_num_threads() == before, "the caller's thread setting is restored"
 
 
+def test_every_kind_of_runs_checkpoint_fits_it_and_damage_is_named(split):
+    """What the engine checkpoints, for every kind of run it trains (tracked units, a
+    diverged network, float64), is what checkpoint_problem accepts for that run, and each
+    damage is named: a sweep resumes from the first and starts over from the others."""
+    import copy
+
+    from bnexp.engine.checkpoint import checkpoint_problem
+
+    runs = [run(steps=40, eval_every=20, checkpoint_every=20, track_unit=7, **kw)
+            for kw in MIXED] + [run(steps=40, eval_every=20, checkpoint_every=20, dtype="float64")]
+    saved: dict[int, list[dict]] = {}
+    for population in (runs[:-1], runs[-1:]):  # float64 trains in a population of its own
+        first = runs.index(population[0])
+        train_population(population, split, CPU, on_checkpoint=lambda r, data, first=first:
+                         saved.setdefault(first + r, []).append(data))
+    assert sorted(saved) == list(range(len(runs)))
+    for r, checkpoints in saved.items():
+        assert [c["step"] for c in checkpoints] == [20, 40]
+        for checkpoint in checkpoints:
+            assert checkpoint_problem(checkpoint, runs[r], split.train_x.shape[0]) is None
+    good, cfg = saved[0][0], runs[0]
+    damage = {
+        "step": lambda c: c.update(step=30),
+        "format": lambda c: c.update(format=0),
+        "models": lambda c: c["models"].pop("bn"),
+        "state": lambda c: c["models"]["plain"]["state"].pop("linears.3.bias"),
+        "dtype": lambda c: c["models"]["bn"]["state"].update(
+            {"norms.0.weight": torch.ones(100, dtype=torch.float64)}),
+        "diverged_at": lambda c: c["models"]["bn"].update(diverged_at=21),
+        "curve": lambda c: c["models"]["plain"].update(val_acc=[0.5]),
+        "generator": lambda c: c["stream"].update(generator=torch.zeros(7, dtype=torch.uint8)),
+        "pending": lambda c: c["stream"].update(pending=torch.zeros(2, 3, dtype=torch.long)),
+        "time": lambda c: c.update(train_time_s=-1.0),
+    }
+    for name, edit in damage.items():
+        bad = copy.deepcopy(good)
+        edit(bad)
+        assert checkpoint_problem(bad, cfg) is not None, name
+    assert checkpoint_problem(good, cfg.model_copy(update={"layers": (784, 50, 10)}))
+
+
 def test_shards_are_about_the_square_root_of_the_population():
     """Each shard's thread holds the GIL while it dispatches: a pair trains on one thread,
     larger populations on up to sqrt(M) of the threads given (any number if compiled)."""

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -229,6 +230,70 @@ def test_metrics_grow_at_every_evaluation_and_are_cut_back_on_resume(grid, tmp_p
     assert results_of(out) == results_of(whole)
     summary = json.loads(next(out.rglob("summary.json")).read_text())
     assert summary["eval_time_s"] > kept["eval_time_s"], "the time before the resume counts"
+
+
+def _other_pickle(path: Path) -> None:
+    torch.save({"step": "x", "models": 3}, path)
+
+
+def _edited(path: Path, edit) -> None:
+    checkpoint = torch.load(path, weights_only=True)
+    edit(checkpoint)
+    torch.save(checkpoint, path)
+
+
+DAMAGED_CHECKPOINTS = {
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:5000]), "cannot be read"),
+    "another pickle": (_other_pickle, "(is not a checkpoint of this bnexp (format))"),
+    "a weight's shape": (lambda p: _edited(p, lambda c: c["models"]["bn"]["state"].update(
+        {"linears.0.weight": torch.zeros(3, 3)})), "(models.bn: state linears.0.weight is"),
+    "a step off the schedule": (lambda p: _edited(p, lambda c: c.update(step=150)),
+                                "(step 150 is not one of the run's evaluation steps)"),
+    "batches beyond the data": (lambda p: _edited(p, lambda c: c["stream"].update(
+        pending=torch.full((1, 50), 10**6))),
+        "(stream: pending batches point outside the training images)"),
+}
+
+
+def test_a_checkpoint_that_cannot_resume_the_run_is_named_and_the_run_starts_over(
+        grid, tmp_path, monkeypatch):
+    """A checkpoint.pt that does not load, or loads but does not fit the run (other keys,
+    shapes, a step off its evaluation schedule, batch indices beyond the training images),
+    is named in one line and the run trains from step 0 to the bytes of an uninterrupted
+    run, instead of the sweep crashing on it (TypeError) or the run failing in training."""
+    from bnexp import results
+
+    rows: list[int] = []
+    stop: list[bool] = []  # set: interrupt the sweep at step 200
+    real = results.write_metrics
+
+    def watch(folder, models):
+        real(folder, models)
+        rows.append(max(s for m in models for s in m.steps))
+        if rows[-1] == 200 and stop:
+            stop.clear()
+            raise KeyboardInterrupt  # the checkpoint of step 100 is on disk
+
+    monkeypatch.setattr(results, "write_metrics", watch)
+    fast = ["--set", "steps=300", "--set", "grid.batch_size=[50]", "--set", "checkpoint_every=100"]
+    whole = tmp_path / "whole"
+    assert sweep_in_process(grid, whole, *fast).exit_code == 0
+    cut = tmp_path / "cut"
+    stop.append(True)
+    assert sweep_in_process(grid, cut, *fast).exit_code == 130
+    for case, (damage, why) in DAMAGED_CHECKPOINTS.items():
+        out = tmp_path / case
+        shutil.copytree(cut, out)
+        path = next(out.rglob("checkpoint.pt"))
+        damage(path)
+        rows.clear()
+        again = sweep_in_process(grid, out, *fast)
+        assert again.exit_code == 0 and "Traceback" not in again.output, (case, again.output)
+        said = " ".join(again.stderr.split())
+        assert f"{path.parent.name}: checkpoint.pt " in said and why in said, (case, said)
+        assert "the run starts over" in said and "resuming" not in said, case
+        assert rows[0] == 0, f"{case}: trained from the start"
+        assert results_of(out) == results_of(whole), case
 
 
 def metrics_steps(out: Path) -> list[int]:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+
+import torch
 
 from bnexp.config import RunConfig
 from bnexp.data import BatchStream
-from bnexp.engine.common import eval_blocks, run_variant, variant_name
+from bnexp.engine.common import DTYPES, eval_blocks, run_variant, variant_name
 from bnexp.engine.members import load_model_state, model_state
+from bnexp.engine.shards import named_shapes
 
 CHECKPOINT_FORMAT = 1
 
@@ -64,3 +68,102 @@ def restore(resume: list[dict], runs, stacks, where, results,
         model.unit_percentiles = [list(p) for p in saved["unit_percentiles"]]
     # checkpoints from before evaluation time was kept: it counts from the resume
     return steps.pop(), resume[0]["train_time_s"], resume[0].get("eval_time_s", 0.0)
+
+
+def evaluation_steps(run: RunConfig) -> list[int]:
+    """The steps a run is evaluated (and may be checkpointed) at, 0 first."""
+    return [0, *itertools.accumulate(eval_blocks(run.steps, run.eval_every))]
+
+
+def checkpoint_problem(checkpoint: object, run: RunConfig,
+                       n_train: int | None = None) -> str | None:
+    """Why a checkpoint, as torch.load read it, cannot resume run (None where it can): its
+    format, a step on the run's evaluation schedule, its batch stream's state (indices below
+    n_train, where given), and for each of the run's models a state with the engine's names,
+    shapes and dtype, a divergence step and curves up to the step. (restore would otherwise
+    fail inside training, or resume from values no run can have.)"""
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        return "is not a checkpoint of this bnexp (format)"
+    step = checkpoint.get("step")
+    schedule = evaluation_steps(run)
+    if not _is_int(step) or step not in schedule[1:]:
+        return f"step {step!r} is not one of the run's evaluation steps"
+    for key in ("train_time_s", "eval_time_s"):
+        if key in checkpoint and not (_is_number(checkpoint[key]) and checkpoint[key] >= 0):
+            return f"{key} is not a time"
+    problem = _stream_problem(checkpoint.get("stream"), run, n_train)
+    if problem:
+        return f"stream: {problem}"
+    models = checkpoint.get("models")
+    names = {variant_name(bn, run.norm): bn for bn in run.batch_norm}
+    if not isinstance(models, dict) or set(models) != set(names):
+        return f"models are not {', '.join(names)}"
+    expected = named_shapes(run)
+    curve = schedule[:schedule.index(step) + 1]
+    for name, bn in names.items():
+        problem = _model_problem(models[name], expected[bn], DTYPES[run.dtype], step, curve)
+        if problem:
+            return f"models.{name}: {problem}"
+    return None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        not isinstance(value, float) or not math.isinf(value))
+
+
+def _stream_problem(stream: object, run: RunConfig, n_train: int | None) -> str | None:
+    if not isinstance(stream, dict):
+        return "missing"
+    generator, pending = stream.get("generator"), stream.get("pending")
+    if not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8:
+        return "no generator state"
+    try:
+        torch.Generator().set_state(generator)
+    except (RuntimeError, TypeError, ValueError):
+        return "the generator state does not load"
+    if (not isinstance(pending, torch.Tensor) or pending.dtype != torch.long
+            or pending.dim() != 2 or pending.shape[1] != run.batch_size):
+        return f"pending batches are not rows of {run.batch_size} indices"
+    if pending.numel() and (pending.min() < 0 or (n_train is not None
+                                                   and pending.max() >= n_train)):
+        return "pending batches point outside the training images"
+    return None
+
+
+def _model_problem(model: object, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+                   step: int, curve: list[int]) -> str | None:
+    if not isinstance(model, dict):
+        return "not a model's entry"
+    state = model.get("state")
+    if not isinstance(state, dict) or set(state) != set(shapes):
+        return "its state does not name this network's tensors"
+    for key, shape in shapes.items():
+        t = state[key]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype:
+            return f"state {key} is not a {dtype} tensor of shape {shape}"
+    diverged = model.get("diverged_at")
+    if not _is_int(diverged) or not -1 <= diverged <= step:
+        return "diverged_at is not a step"
+    if model.get("steps") != curve:
+        return "its curve's steps are not the run's evaluation steps"
+    for key in ("val_acc", "train_loss", "train_acc", "unit_percentiles"):
+        if key == "train_acc" and key not in model:  # from before train_acc was recorded
+            continue
+        values = model.get(key)
+        rows = values if key == "unit_percentiles" else [values]
+        if key == "unit_percentiles" and not (isinstance(values, list)
+                                              and len(values) in (0, len(curve))):
+            return f"{key} is not a curve"
+        if not all(isinstance(r, list) and all(_number_or_nan(v) for v in r) for r in rows) \
+                or (key != "unit_percentiles" and len(values) != len(curve)):
+            return f"{key} is not a curve of {len(curve)} numbers"
+    return None
+
+
+def _number_or_nan(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -68,6 +68,11 @@ def load_model_state(stack: Stack, i: int, state: dict[str, torch.Tensor]) -> No
         target.copy_(state[key])
 
 
+def state_shapes(stack: Stack, i: int) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor model_state names for model i (on any device, meta too)."""
+    return {k: tuple(v.shape) for k, v in _named_views(stack, i).items()}
+
+
 def _has(mask, i: int) -> bool:
     return bool(mask[i]) if isinstance(mask, torch.Tensor) else mask
 

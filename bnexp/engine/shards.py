@@ -18,7 +18,7 @@ from bnexp.data import BatchStream, Split
 from bnexp.engine.backward import train_step
 from bnexp.engine.capture import capture_step, compile_cpu_steps
 from bnexp.engine.common import DTYPES
-from bnexp.engine.members import dead, select
+from bnexp.engine.members import dead, select, state_shapes
 from bnexp.engine.stack import Member, Stack, StackKind
 from bnexp.models import initial_weights
 
@@ -27,6 +27,17 @@ def stack_kind(run: RunConfig) -> StackKind:
     """What a run's networks share with their stack-mates."""
     return StackKind(run.norm, run.bn_position, run.group_norm_groups, run.bn_scale, run.clip,
                      run.clip_threshold)
+
+
+def named_shapes(run: RunConfig) -> dict[bool, dict[str, tuple[int, ...]]]:
+    """The shape of every tensor a checkpoint holds for each of a run's models (by its
+    batch_norm flag), read off a stack of them (uninitialised: about a megabyte)."""
+    cpu = torch.device("cpu")
+    weights = [torch.empty(o, i) for i, o in zip(run.layers, run.layers[1:])]
+    stack = Stack([Member(run.activation, bn, run.lr, weights, 0, run.bn_decay, run.dropout,
+                          run.seed) for bn in run.batch_norm], stack_kind(run), cpu,
+                  DTYPES[run.dtype])
+    return {bn: state_shapes(stack, i) for i, bn in enumerate(run.batch_norm)}
 
 
 def stream_seeds(runs: list[RunConfig]) -> list[int]:
