@@ -355,6 +355,8 @@ def test_every_kind_of_runs_checkpoint_fits_it_and_damage_is_named(split):
         "generator": lambda c: c["stream"].update(generator=torch.zeros(7, dtype=torch.uint8)),
         "pending": lambda c: c["stream"].update(pending=torch.zeros(2, 3, dtype=torch.long)),
         "time": lambda c: c.update(train_time_s=-1.0),
+        "format a tensor": lambda c: c.update(format=torch.ones(2)),
+        "steps a tensor": lambda c: c["models"]["bn"].update(steps=torch.tensor([0, 20])),
     }
     for name, edit in damage.items():
         bad = copy.deepcopy(good)

@@ -82,7 +82,8 @@ def checkpoint_problem(checkpoint: object, run: RunConfig,
     n_train, where given), and for each of the run's models a state with the engine's names,
     shapes and dtype, a divergence step and curves up to the step. (restore would otherwise
     fail inside training, or resume from values no run can have.)"""
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(checkpoint, dict) or not (_is_int(checkpoint.get("format"))
+                                                and checkpoint["format"] == CHECKPOINT_FORMAT):
         return "is not a checkpoint of this bnexp (format)"
     step = checkpoint.get("step")
     schedule = evaluation_steps(run)
@@ -149,7 +150,8 @@ def _model_problem(model: object, shapes: dict[str, tuple[int, ...]], dtype: tor
     diverged = model.get("diverged_at")
     if not _is_int(diverged) or not -1 <= diverged <= step:
         return "diverged_at is not a step"
-    if model.get("steps") != curve:
+    steps = model.get("steps")
+    if not (isinstance(steps, list) and all(_is_int(v) for v in steps) and steps == curve):
         return "its curve's steps are not the run's evaluation steps"
     for key in ("val_acc", "train_loss", "train_acc", "unit_percentiles"):
         if key == "train_acc" and key not in model:  # from before train_acc was recorded
