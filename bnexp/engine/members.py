@@ -69,7 +69,7 @@ def load_model_state(stack: Stack, i: int, state: dict[str, torch.Tensor]) -> No
 
 
 def state_shapes(stack: Stack, i: int) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor model_state names for model i (on any device, meta too)."""
+    """The shape of every tensor model_state names for model i (values not read)."""
     return {k: tuple(v.shape) for k, v in _named_views(stack, i).items()}
 
 
