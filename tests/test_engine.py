@@ -355,6 +355,7 @@ def test_every_kind_of_runs_checkpoint_fits_it_and_damage_is_named(split):
         "generator": lambda c: c["stream"].update(generator=torch.zeros(7, dtype=torch.uint8)),
         "pending": lambda c: c["stream"].update(pending=torch.zeros(2, 3, dtype=torch.long)),
         "time": lambda c: c.update(train_time_s=-1.0),
+        "no time": lambda c: c.pop("train_time_s"),  # restore needs it (eval_time_s it need not)
         "format a tensor": lambda c: c.update(format=torch.ones(2)),
         "steps a tensor": lambda c: c["models"]["bn"].update(steps=torch.tensor([0, 20])),
     }
@@ -362,6 +363,9 @@ def test_every_kind_of_runs_checkpoint_fits_it_and_damage_is_named(split):
         bad = copy.deepcopy(good)
         edit(bad)
         assert checkpoint_problem(bad, cfg) is not None, name
+    older = copy.deepcopy(good)
+    del older["eval_time_s"], older["models"]["bn"]["train_acc"]  # from before they were kept
+    assert checkpoint_problem(older, cfg) is None
     assert checkpoint_problem(good, cfg.model_copy(update={"layers": (784, 50, 10)}))
 
 

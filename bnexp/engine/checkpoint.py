@@ -16,16 +16,17 @@ from bnexp.engine.shards import named_shapes
 CHECKPOINT_FORMAT = 1
 
 
+def evaluation_steps(run: RunConfig) -> list[int]:
+    """The steps a run is evaluated (and may be checkpointed) at, 0 first."""
+    return [0, *itertools.accumulate(eval_blocks(run.steps, run.eval_every))]
+
+
 def remaining_blocks(run: RunConfig, done: int) -> list[int]:
     """The evaluation blocks still to train after done steps (an evaluation step)."""
-    blocks = eval_blocks(run.steps, run.eval_every)
-    passed = 0
-    while done > 0:
-        done -= blocks[passed]
-        passed += 1
-    if done != 0:
+    steps = evaluation_steps(run)
+    if done not in steps:
         raise ValueError("a checkpoint must lie on an evaluation step")
-    return blocks[passed:]
+    return eval_blocks(run.steps, run.eval_every)[steps.index(done):]
 
 
 def make_checkpoints(runs, stacks, where, results, streams: dict[int, BatchStream],
@@ -70,11 +71,6 @@ def restore(resume: list[dict], runs, stacks, where, results,
     return steps.pop(), resume[0]["train_time_s"], resume[0].get("eval_time_s", 0.0)
 
 
-def evaluation_steps(run: RunConfig) -> list[int]:
-    """The steps a run is evaluated (and may be checkpointed) at, 0 first."""
-    return [0, *itertools.accumulate(eval_blocks(run.steps, run.eval_every))]
-
-
 def checkpoint_problem(checkpoint: object, run: RunConfig,
                        n_train: int | None = None) -> str | None:
     """Why a checkpoint, as torch.load read it, cannot resume run (None where it can): its
@@ -89,8 +85,9 @@ def checkpoint_problem(checkpoint: object, run: RunConfig,
     schedule = evaluation_steps(run)
     if not _is_int(step) or step not in schedule[1:]:
         return f"step {step!r} is not one of the run's evaluation steps"
-    for key in ("train_time_s", "eval_time_s"):
-        if key in checkpoint and not (_is_number(checkpoint[key]) and checkpoint[key] >= 0):
+    for key, missing in (("train_time_s", None), ("eval_time_s", 0.0)):  # see restore
+        value = checkpoint.get(key, missing)
+        if not (_is_number(value) and 0 <= value < math.inf):
             return f"{key} is not a time"
     problem = _stream_problem(checkpoint.get("stream"), run, n_train)
     if problem:
@@ -113,8 +110,13 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and (
-        not isinstance(value, float) or not math.isinf(value))
+    """An int or float (NaN included), not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _numbers(values: object, n: int) -> bool:
+    """A list of n numbers."""
+    return isinstance(values, list) and len(values) == n and all(map(_is_number, values))
 
 
 def _stream_problem(stream: object, run: RunConfig, n_train: int | None) -> str | None:
@@ -153,19 +155,14 @@ def _model_problem(model: object, shapes: dict[str, tuple[int, ...]], dtype: tor
     steps = model.get("steps")
     if not (isinstance(steps, list) and all(_is_int(v) for v in steps) and steps == curve):
         return "its curve's steps are not the run's evaluation steps"
-    for key in ("val_acc", "train_loss", "train_acc", "unit_percentiles"):
+    for key in ("val_acc", "train_loss", "train_acc"):
         if key == "train_acc" and key not in model:  # from before train_acc was recorded
             continue
-        values = model.get(key)
-        rows = values if key == "unit_percentiles" else [values]
-        if key == "unit_percentiles" and not (isinstance(values, list)
-                                              and len(values) in (0, len(curve))):
-            return f"{key} is not a curve"
-        if not all(isinstance(r, list) and all(_number_or_nan(v) for v in r) for r in rows) \
-                or (key != "unit_percentiles" and len(values) != len(curve)):
+        if not _numbers(model.get(key), len(curve)):
             return f"{key} is not a curve of {len(curve)} numbers"
+    rows = model.get("unit_percentiles")
+    if not (isinstance(rows, list) and len(rows) in (0, len(curve))):
+        return "unit_percentiles is not a curve"
+    if not all(isinstance(row, list) and all(map(_is_number, row)) for row in rows):
+        return f"unit_percentiles is not a curve of {len(curve)} numbers"
     return None
-
-
-def _number_or_nan(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
