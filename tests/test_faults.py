@@ -144,11 +144,7 @@ def test_a_config_without_a_key_it_had_by_default_reads_as_that_default(grid, tm
             assert result.exit_code == 0 and not result.stderr.strip(), (key, result.output)
         report = (out / "f" / "report.md").read_text()
         assert "relu lr=0.05 init=0.05 |" in report and f"{key}=" not in report, key
-        assert again_skips(grid, out), key
-
-
-def again_skips(grid: Path, out: Path) -> bool:
-    return "0 done, 2 skipped" in invoke("sweep", grid, "--out", out).stdout
+        assert "0 done, 2 skipped" in invoke("sweep", grid, "--out", out).stdout, key
 
 
 def test_an_experiment_file_that_is_a_folder_is_found_before_training(grid, tmp_path):

@@ -192,11 +192,16 @@ def test_sweeps_starting_together_never_report_a_false_write_error(grid, tmp_pat
     assert not list(out.rglob("*.tmp"))
 
 
-def test_metrics_grow_at_every_evaluation_and_are_cut_back_on_resume(grid, tmp_path,
-                                                                      monkeypatch):
+FAST = ["--set", "steps=300", "--set", "grid.batch_size=[50]", "--set", "checkpoint_every=100"]
+
+
+def watch_metrics(monkeypatch) -> tuple[list[int], list[int]]:
+    """(the last step of every metrics.csv written, steps to stop at): a sweep in this
+    process raises KeyboardInterrupt (Ctrl-C) right after writing the metrics of a step put
+    in the second list, before that step's checkpoint, once."""
     from bnexp import results
 
-    rows: list[int] = []  # the last step of every metrics.csv written
+    rows: list[int] = []
     stop_at: list[int] = []
     real = results.write_metrics
 
@@ -205,12 +210,17 @@ def test_metrics_grow_at_every_evaluation_and_are_cut_back_on_resume(grid, tmp_p
         rows.append(max(s for m in models for s in m.steps))
         if rows[-1] in stop_at:
             stop_at.clear()
-            raise KeyboardInterrupt  # dies after this write, before the step's checkpoint
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(results, "write_metrics", watch)
-    fast = ["--set", "steps=300", "--set", "grid.batch_size=[50]", "--set", "checkpoint_every=100"]
+    return rows, stop_at
+
+
+def test_metrics_grow_at_every_evaluation_and_are_cut_back_on_resume(grid, tmp_path,
+                                                                      monkeypatch):
+    rows, stop_at = watch_metrics(monkeypatch)
     whole = tmp_path / "whole"
-    assert sweep_in_process(grid, whole, *fast).exit_code == 0
+    assert sweep_in_process(grid, whole, *FAST).exit_code == 0
     assert rows == [0, 100, 200, 300, 300], "a write per evaluation, then the finished run's"
     header = next(whole.rglob("metrics.csv")).read_text().splitlines()[0]
     assert header == "step,model,val_acc,train_acc,train_loss"
@@ -218,14 +228,14 @@ def test_metrics_grow_at_every_evaluation_and_are_cut_back_on_resume(grid, tmp_p
     out = tmp_path / "cut"
     rows.clear()
     stop_at.append(200)
-    interrupted = sweep_in_process(grid, out, *fast)
+    interrupted = sweep_in_process(grid, out, *FAST)
     assert interrupted.exit_code == 130  # Ctrl-C
     metrics = next(out.rglob("metrics.csv")).read_text()
     assert "\n200,plain," in metrics, "rows up to the last evaluation are on disk"
     kept = torch.load(next(out.rglob("checkpoint.pt")), weights_only=True)
     assert kept["step"] == 100 and kept["eval_time_s"] > 0, "evaluated at steps 0 and 100"
     rows.clear()
-    assert sweep_in_process(grid, out, *fast).exit_code == 0
+    assert sweep_in_process(grid, out, *FAST).exit_code == 0
     assert rows[0] == 100, "resuming first cuts metrics.csv back to the checkpoint's step"
     assert results_of(out) == results_of(whole)
     summary = json.loads(next(out.rglob("summary.json")).read_text())
@@ -261,33 +271,19 @@ def test_a_checkpoint_that_cannot_resume_the_run_is_named_and_the_run_starts_ove
     shapes, a step off its evaluation schedule, batch indices beyond the training images),
     is named in one line and the run trains from step 0 to the bytes of an uninterrupted
     run, instead of the sweep crashing on it (TypeError) or the run failing in training."""
-    from bnexp import results
-
-    rows: list[int] = []
-    stop: list[bool] = []  # set: interrupt the sweep at step 200
-    real = results.write_metrics
-
-    def watch(folder, models):
-        real(folder, models)
-        rows.append(max(s for m in models for s in m.steps))
-        if rows[-1] == 200 and stop:
-            stop.clear()
-            raise KeyboardInterrupt  # the checkpoint of step 100 is on disk
-
-    monkeypatch.setattr(results, "write_metrics", watch)
-    fast = ["--set", "steps=300", "--set", "grid.batch_size=[50]", "--set", "checkpoint_every=100"]
+    rows, stop_at = watch_metrics(monkeypatch)
     whole = tmp_path / "whole"
-    assert sweep_in_process(grid, whole, *fast).exit_code == 0
+    assert sweep_in_process(grid, whole, *FAST).exit_code == 0
     cut = tmp_path / "cut"
-    stop.append(True)
-    assert sweep_in_process(grid, cut, *fast).exit_code == 130
+    stop_at.append(200)  # the checkpoint of step 100 is on disk
+    assert sweep_in_process(grid, cut, *FAST).exit_code == 130
     for case, (damage, why) in DAMAGED_CHECKPOINTS.items():
         out = tmp_path / case
         shutil.copytree(cut, out)
         path = next(out.rglob("checkpoint.pt"))
         damage(path)
         rows.clear()
-        again = sweep_in_process(grid, out, *fast)
+        again = sweep_in_process(grid, out, *FAST)
         assert again.exit_code == 0 and "Traceback" not in again.output, (case, again.output)
         said = " ".join(again.stderr.split())
         assert f"{path.parent.name}: checkpoint.pt " in said and why in said, (case, said)
