@@ -207,6 +207,14 @@ class RunConfig(Settings):
             if any(w % self.group_norm_groups for w in widths):
                 problems.append(f"group_norm_groups {self.group_norm_groups} must divide "
                                 f"every width {list(widths)}")
+            elif self.arch == "mlp" and any(w == self.group_norm_groups for w in widths):
+                problems.append(f"group_norm_groups {self.group_norm_groups} puts one unit in "
+                                f"each group of a layer {self.group_norm_groups} wide, which "
+                                "normalises to 0 whatever the input; use fewer groups")
+        if (self.norm == "layer" and True in self.batch_norm and self.arch == "mlp"
+                and 1 in self.layers[1:-1]):
+            problems.append("layer norm of a hidden layer 1 unit wide normalises it to 0 "
+                            "whatever the input; widen the layer or use norm batch")
         if problems:
             raise ValueError("; ".join(problems))
         return self
