@@ -19,6 +19,7 @@ from bnexp.engine.backward import train_step
 from bnexp.engine.common import eval_blocks
 from bnexp.engine.members import load_model_state, model_state
 from bnexp.engine.shards import build_stacks
+from bnexp.engine.stack import bmm
 from bnexp.engine.threads import cpu_shards
 from bnexp.models import MLP, initial_weights
 
@@ -320,6 +321,53 @@ def test_a_runs_numbers_do_not_depend_on_its_population_or_threads(split):
     finally:
         torch.set_num_threads(before)
     assert torch.get_num_threads() == before, "the caller's thread setting is restored"
+
+
+# Networks whose products MKL would sum differently in a stack than alone (stack.bmm):
+# blocks off a 16-byte boundary (the 5 x 5 and 10 x 5 weight gradients), a layer one unit
+# wide and a batch of one example (matrix-vector code).
+ODD_SHAPES = [
+    dict(layers=[784, 5, 5, 10], dtype="float64"),
+    dict(layers=[784, 5, 10]),
+    dict(layers=[784, 20, 1, 20, 10]),
+    dict(layers=[784, 100, 10], batch_size=1, batch_norm=[False]),
+]
+
+
+@pytest.mark.parametrize("shape", ODD_SHAPES, ids=lambda s: str(list(s.values())))
+def test_a_runs_numbers_do_not_depend_on_its_population_for_odd_shapes(split, shape):
+    runs = [run(steps=12, eval_every=6, **{**shape, **kw}) for kw in (
+        dict(activation="tanh", lr=0.3), dict(lr=0.1), dict(lr=0.2, seed=1),
+        dict(activation="sigmoid", lr=0.5))]
+    together = train_population(runs, split, CPU, keep_states=True)
+    for i in (1, 2):
+        alone = train_population([runs[i]], split, CPU, keep_states=True)[0]
+        assert fingerprint(alone) == fingerprint(together[i]), i
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_each_models_product_in_a_stack_has_the_bytes_of_its_product_alone(dtype):
+    """stack.bmm in the engine's four products (layer, logits, weight gradient, input
+    gradient), for every model of a stack of 3, against torch.bmm of fresh copies of its
+    matrices (a stack of one): odd block sizes and dimensions of 1 included."""
+    g = torch.Generator().manual_seed(0)
+    for batch, n_in, n_out in [(60, 100, 1), (1, 784, 100), (60, 5, 5), (7, 100, 10),
+                               (60, 1, 10), (60, 100, 100)]:
+        h = torch.randn(3, batch, n_in, generator=g, dtype=dtype)
+        w = torch.randn(3, n_out, n_in, generator=g, dtype=dtype)
+        d = torch.randn(3, batch, n_out, generator=g, dtype=dtype)
+        b = torch.randn(3, 1, n_out, generator=g, dtype=dtype)
+        products = {
+            "layer": lambda h, w, d, b: bmm(h, w.transpose(1, 2)),
+            "logits": lambda h, w, d, b: bmm(w, h.transpose(1, 2), b.transpose(1, 2)),
+            "weight gradient": lambda h, w, d, b: bmm(d.transpose(1, 2), h),
+            "input gradient": lambda h, w, d, b: bmm(d, w),
+        }
+        for name, product in products.items():
+            stacked = product(h, w, d, b)
+            for i in range(3):
+                alone = product(*(t[i:i + 1].clone() for t in (h, w, d, b)))
+                assert torch.equal(stacked[i:i + 1], alone), (name, batch, n_in, n_out, i)
 
 
 def test_every_kind_of_runs_checkpoint_fits_it_and_damage_is_named(split):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from bnexp.engine.stack import Stack, pick, stat_dim, stat_groups
+from bnexp.engine.stack import Stack, bmm, pick, stat_dim, stat_groups
 from bnexp.models import ACTIVATION_GRADS
 
 
@@ -51,16 +51,16 @@ def gradients(stack: Stack, x: torch.Tensor, y: torch.Tensor,
     n = x.shape[1]
     g = g / n if scale is None else g * (scale / n)  # d loss / d logits
     dw = [None] * (stack.n_hidden + 1)
-    dw[-1] = torch.bmm(g.transpose(1, 2), saved[-1][0])
+    dw[-1] = bmm(g.transpose(1, 2), saved[-1][0])
     db = [None] * stack.n_hidden + [g.sum(dim=1, keepdim=True)]
     dgamma, dbeta = [None] * len(stack.gamma), [None] * len(stack.beta)
-    dh = torch.bmm(g, stack.w[-1])
+    dh = bmm(g, stack.w[-1])
     for l in reversed(range(stack.n_hidden)):
         dz = _layer_grads(stack, l, saved[l], dh, db, dgamma, dbeta)
         h_in = saved[l][0]
-        dw[l] = torch.bmm(dz.transpose(1, 2), h_in)
+        dw[l] = bmm(dz.transpose(1, 2), h_in)
         if l > 0:
-            dh = torch.bmm(dz, stack.w[l])
+            dh = bmm(dz, stack.w[l])
     hidden_db = db[:-1] if stack.bias_mask is not False else []
     return loss, (dw + hidden_db + db[-1:] + (dgamma if stack.kind.bn_scale else [])
                   + dbeta)

@@ -22,7 +22,8 @@ A model's numbers must not depend on how many others share its stack (see
 docs/internals.md, "Same config, same numbers: how"). So on the CPU, where the engine runs
 its math on one thread:
 every product is a per-model matrix of fixed shape (the first layer's batch is broadcast or
-gathered per model, never multiplied as one wide GEMM); reductions run over contiguous
+gathered per model, never multiplied as one wide GEMM), batched only where MKL gives each
+model the bytes of its product alone (bmm); reductions run over contiguous
 per-model blocks; softmax is row-wise; and activations are written into a *canvas*, a buffer
 whose per-model rows are padded, so that an elementwise kernel walks each model's block as a
 row of its own (vectorised body, scalar tail) instead of one population-sized run whose
@@ -84,6 +85,52 @@ class Member:
     bn_decay: float = BN_DECAY
     dropout: float = 0.0  # rate, after each hidden layer's activation (and normaliser)
     seed: int = 0  # the run's: its dropout masks (models.dropout_keep)
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
+        ) -> torch.Tensor:
+    """torch.bmm(a, b), or torch.baddbmm(bias, a, b), over the leading (model) dimension, with
+    each model's product computed to the bytes it would have in a stack of its own.
+
+    On the CPU two things change how MKL sums a product: where its matrices lie (a model's
+    block that does not start on a 16-byte boundary, as in a stack of 5-unit layers, takes
+    other code than the same block alone, which starts on one) and whether it is a lone or a
+    batched product where a dimension is 1 (a layer one unit wide, a batch of one example:
+    matrix-vector code). So the batched product runs only where neither can differ; else
+    each model's product runs alone, on aligned copies of its matrices where they are not.
+    CUDA, and a step being compiled, take the batched product.
+    """
+    if not a.is_cpu or torch.compiler.is_compiling() or _batch_is_exact(a, b):
+        return torch.bmm(a, b) if bias is None else torch.baddbmm(bias, a, b)
+    products = []
+    for i in range(a.shape[0]):
+        a_i, b_i = _aligned(a[i:i + 1]), _aligned(b[i:i + 1])
+        products.append(torch.bmm(a_i, b_i) if bias is None
+                        else torch.baddbmm(bias[i:i + 1], a_i, b_i))
+    return products[0] if len(products) == 1 else torch.cat(products)
+
+
+ALIGN_BYTES = 16  # MKL's products of blocks starting elsewhere sum in another order
+
+
+def _batch_is_exact(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the batched product gives each model the bytes of its product alone: no
+    dimension of 1, and every model's block of a, b and the result aligned."""
+    m, r, k = a.shape
+    c = b.shape[2]
+    return (r > 1 and k > 1 and c > 1 and _blocks_aligned(a) and _blocks_aligned(b)
+            and (m == 1 or r * c * a.element_size() % ALIGN_BYTES == 0))
+
+
+def _blocks_aligned(t: torch.Tensor) -> bool:
+    """Whether every model's block of t (M, r, c) starts on an ALIGN_BYTES boundary."""
+    return (t.data_ptr() % ALIGN_BYTES == 0
+            and (t.shape[0] == 1 or t.stride(0) * t.element_size() % ALIGN_BYTES == 0))
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy of it with the same strides at a fresh (aligned) address."""
+    return t if t.data_ptr() % ALIGN_BYTES == 0 else t.clone()
 
 
 def pick(mask, a: torch.Tensor, b) -> torch.Tensor:
@@ -236,7 +283,7 @@ class Stack:
         normed = self.norm_mask is not False
         draws = self._dropout_draws(step, x.shape[1]) if train and self.dropout else None
         for l in range(self.n_hidden):
-            z = torch.bmm(h, self.w[l].transpose(1, 2))
+            z = bmm(h, self.w[l].transpose(1, 2))
             a = self._canvas(z)
             v_hat = inv_std = None
             # Models add their bias; it stays zero where BN follows (its gradient is zero).
@@ -267,7 +314,7 @@ class Stack:
             saved.append((h, None, None, None, None))
         # logits^T = w h^T: MKL's batched products are 2 to 4 times slower when they write
         # only 10 columns (the classes) than when they write 10 rows
-        logits_t = torch.baddbmm(self.b[-1].transpose(1, 2), self.w[-1], h.transpose(1, 2))
+        logits_t = bmm(self.w[-1], h.transpose(1, 2), self.b[-1].transpose(1, 2))
         return logits_t.transpose(1, 2).contiguous()
 
     def state_tensors(self) -> list[torch.Tensor]:
