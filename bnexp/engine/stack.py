@@ -87,6 +87,9 @@ class Member:
     seed: int = 0  # the run's: its dropout masks (models.dropout_keep)
 
 
+ALIGN_BYTES = 16  # MKL's products of blocks starting elsewhere sum in another order
+
+
 def bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
         ) -> torch.Tensor:
     """torch.bmm(a, b), or torch.baddbmm(bias, a, b), over the leading (model) dimension, with
@@ -108,9 +111,6 @@ def bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
         products.append(torch.bmm(a_i, b_i) if bias is None
                         else torch.baddbmm(bias[i:i + 1], a_i, b_i))
     return products[0] if len(products) == 1 else torch.cat(products)
-
-
-ALIGN_BYTES = 16  # MKL's products of blocks starting elsewhere sum in another order
 
 
 def _batch_is_exact(a: torch.Tensor, b: torch.Tensor) -> bool:
