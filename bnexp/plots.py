@@ -10,7 +10,8 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
@@ -153,14 +154,16 @@ def draw_all(draw: Callable[..., Path], jobs: list[tuple], parallel: bool = Fals
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_stops,
                                initargs=(os.getpid(),))
     try:
-        # the workers start (all of them, as map submits every job) with both signals
+        # the workers start (all of them, as every chunk is submitted) with both signals
         # blocked, so that one sent to the whole process group (a terminal's Ctrl-C) while
         # they import cannot kill them with a traceback before _ignore_stops runs; here
         # one that arrives meanwhile is delivered once they are started
         with _stops_blocked():
-            drawn = pool.map(draw, *zip(*jobs), chunksize=4)
-        for path in drawn:
-            paths.append(_advance(path, on_figure))
+            chunks = [pool.submit(_draw_chunk, draw, jobs[i:i + CHUNK])
+                      for i in range(0, len(jobs), CHUNK)]
+        for chunk in chunks:
+            for path in _result(chunk):
+                paths.append(_advance(path, on_figure))
     except BrokenProcessPool:  # a worker died (killed, out of memory): draw the rest here
         paths += [_advance(draw(*job), on_figure) for job in jobs[len(paths):]]
     except BaseException:  # Ctrl-C or SIGTERM in this process: the workers go at once
@@ -171,6 +174,27 @@ def draw_all(draw: Callable[..., Path], jobs: list[tuple], parallel: bool = Fals
     return paths
 
 
+CHUNK = 4  # figures a worker draws per task
+
+
+def _draw_chunk(draw: Callable[..., Path], jobs: list[tuple]) -> list[Path]:
+    return [draw(*job) for job in jobs]
+
+
+def _result(future: Future) -> list[Path]:
+    """future's result, waited for in slices of WAKE_S. The kernel may hand a Ctrl-C or
+    SIGTERM to another thread of this process (numpy's and torch's threads do not block
+    them), where Python's handler only sets a flag that the main thread reads when it runs:
+    waiting in one piece, the parent would act on it only once the next figures came
+    (seen as a parent that stopped a minute late)."""
+    while True:
+        try:
+            return future.result(timeout=WAKE_S)
+        except FutureTimeout:
+            continue
+
+
+WAKE_S = 0.2
 _STOPS = {signal.SIGINT, signal.SIGTERM}
 
 

@@ -286,6 +286,7 @@ def test_run_figures_drawn_in_worker_processes_are_the_same_bytes(experiment, tm
     leaves the rest to be drawn in this process."""
     import hashlib
     import shutil
+    from concurrent.futures import Future
     from concurrent.futures.process import BrokenProcessPool
 
     from bnexp import plots
@@ -309,19 +310,18 @@ def test_run_figures_drawn_in_worker_processes_are_the_same_bytes(experiment, tm
         f / "curves.png" for f in folders]
     assert digests() == serial and len(drawn) == 18
 
-    class Breaks:  # yields two figures, then its worker dies
+    class Breaks:  # draws its first chunk of figures, then its worker dies
         def __init__(self, *args, **kwargs):
-            pass
+            self.chunks = 0
 
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def map(self, fn, items, chunksize):
-            yield from map(fn, list(items)[:2])
-            raise BrokenProcessPool("a worker died")
+        def submit(self, fn, *args):
+            done = Future()
+            if self.chunks == 0:
+                done.set_result(fn(*args))
+            else:
+                done.set_exception(BrokenProcessPool("a worker died"))
+            self.chunks += 1
+            return done
 
         def shutdown(self, wait=True, cancel_futures=False):
             pass
@@ -352,8 +352,12 @@ def test_figure_workers_ignore_stops_from_their_first_instruction(monkeypatch):
 
 
 WORKERS_SCRIPT = """
-import faulthandler, os, signal, sys, time
+import faulthandler, os, signal, sys, threading, time
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test's view of a hang
+def elsewhere():  # a line on stdin: a Ctrl-C that the kernel hands to this thread
+    if sys.stdin.readline():
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+threading.Thread(target=elsewhere, daemon=True).start()
 from bnexp import plots
 plots._cores = lambda: 2
 plots.FIGURES_PER_WORKER = 1
@@ -363,17 +367,19 @@ plots.draw_all(time.sleep, [(60,)] * 16, parallel=True)  # 4 chunks: 2 workers
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG")
-@pytest.mark.parametrize("stop", ["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGINT elsewhere", "SIGKILL"])
 def test_figure_workers_go_with_their_parent(stop):
     """Ctrl-C in the parent kills the workers at once (shutting the pool down waited for
-    their figures, and could wait for ever); a parent killed outright takes them with it
-    (they waited on their queue for ever)."""
+    their figures, and could wait for ever), also where the kernel hands it to another
+    thread than the main one (the main thread then waited for the next figures, a minute
+    here); a parent killed outright takes them with it (they waited on their queue for
+    ever)."""
     import signal
     import subprocess
     import time
 
-    parent = subprocess.Popen([sys.executable, "-c", WORKERS_SCRIPT], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    parent = subprocess.Popen([sys.executable, "-c", WORKERS_SCRIPT], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     workers: list[int] = []
     try:
         pid = int(parent.stdout.readline())
@@ -385,9 +391,13 @@ def test_figure_workers_go_with_their_parent(stop):
                        if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text(errors="replace")]
         assert len(workers) == 2, workers
         time.sleep(2)  # they draw (sleep) now
-        os.kill(pid, getattr(signal, stop))
-        try:  # well before the 4 x 60 s of figures each worker has queued
-            parent.wait(timeout=60)
+        if stop == "SIGINT elsewhere":
+            parent.stdin.write("\n")
+            parent.stdin.flush()
+        else:
+            os.kill(pid, getattr(signal, stop))
+        try:  # well before the 60 s of each worker's first figure
+            parent.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.kill(pid, signal.SIGUSR1)  # every thread's stack to its stderr
             time.sleep(1)
@@ -397,7 +407,7 @@ def test_figure_workers_go_with_their_parent(stop):
         while _alive(workers) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not _alive(workers)
-        if stop == "SIGINT":
+        if stop != "SIGKILL":
             assert parent.stderr.read().count("Traceback") == 1  # the script's own only
     finally:
         _kill_all(parent, workers)
@@ -450,17 +460,21 @@ def test_plot_draws_the_whole_tree_in_one_pool_of_workers(experiment, tmp_path, 
     pools = []
 
     class Recorded(ProcessPoolExecutor):
-        def map(self, fn, *iterables, chunksize=1):
-            draws, args = (list(items) for items in iterables)
-            pools.append(sorted({draw.__name__ for draw in draws}) + [len(draws)])
-            return super().map(fn, draws, args, chunksize=chunksize)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pools.append([])
+
+        def submit(self, fn, draw, jobs):
+            pools[-1] += [figure.__name__ for figure, _ in jobs]
+            return super().submit(fn, draw, jobs)
 
     monkeypatch.setattr(plots, "_cores", lambda: 2)
     monkeypatch.setattr(plots, "FIGURES_PER_WORKER", 2)
     monkeypatch.setattr(plots, "ProcessPoolExecutor", Recorded)
     pooled = CliRunner().invoke(app, ["plot", str(tmp_path / "r")])
     assert pooled.exit_code == 0 and "drew 11 figure(s)" in pooled.stdout
-    assert pools == [["_paper", "plot_overview", "plot_run", "plot_seed_bands", 10]]
+    assert [sorted(set(pool)) + [len(pool)] for pool in pools] == [
+        ["_paper", "plot_overview", "plot_run", "plot_seed_bands", 10]]
     assert drawn() == one_by_one
 
 
