@@ -354,6 +354,9 @@ def test_figure_workers_ignore_stops_from_their_first_instruction(monkeypatch):
 WORKERS_SCRIPT = """
 import faulthandler, os, signal, sys, threading, time
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test's view of a hang
+# as started from a terminal: a suite started in the background (`cmd &` in a script) hands
+# its processes SIGINT ignored, which Python then keeps
+signal.signal(signal.SIGINT, signal.default_int_handler)
 def elsewhere():  # a line on stdin: a Ctrl-C that the kernel hands to this thread
     if sys.stdin.readline():
         signal.pthread_kill(threading.get_ident(), signal.SIGINT)
