@@ -185,8 +185,7 @@ def _result(future: Future) -> list[Path]:
     """future's result, waited for in slices of WAKE_S. The kernel may hand a Ctrl-C or
     SIGTERM to another thread of this process (numpy's and torch's threads do not block
     them), where Python's handler only sets a flag that the main thread reads when it runs:
-    waiting in one piece, the parent would act on it only once the next figures came
-    (seen as a parent that stopped a minute late)."""
+    waiting in one piece, the parent would act on it only once the next figures came."""
     while True:
         try:
             return future.result(timeout=WAKE_S)
