@@ -26,6 +26,7 @@ import sys
 
 import torch
 from conftest import assert_states_close, synthetic_split
+from test_engine import fingerprint
 
 from bnexp.config import RunConfig
 from bnexp.engine import train_population, train_reference
@@ -68,12 +69,6 @@ def random_run(rng: random.Random, shared: dict | None = None) -> RunConfig:
         return RunConfig(**settings)
     except ValueError:  # a normaliser over one unit: the same run with batch norm
         return RunConfig(**{**settings, "norm": "batch"})
-
-
-def fingerprint(result) -> list:
-    return [(m.name, m.steps, repr(m.val_acc), repr(m.train_loss), repr(m.unit_percentiles),
-             m.diverged_step, {k: v.numpy().tobytes() for k, v in m.state.items()})
-            for m in result.models]
 
 
 def alone_case(rng: random.Random, split) -> str | None:
