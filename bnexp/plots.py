@@ -121,6 +121,8 @@ def _share_y(panels) -> None:
 # matplotlib and pydantic): a worker per this many figures, and figures for fewer than two
 # workers (16), or on one core, are drawn here.
 FIGURES_PER_WORKER = 8
+CHUNK = 4  # figures a worker draws per task
+WAKE_S = 0.2  # the longest the parent waits for figures without reading Python's signal flag
 
 
 def plot_runs(folders: list[Path], parallel: bool = False,
@@ -174,9 +176,6 @@ def draw_all(draw: Callable[..., Path], jobs: list[tuple], parallel: bool = Fals
     return paths
 
 
-CHUNK = 4  # figures a worker draws per task
-
-
 def _draw_chunk(draw: Callable[..., Path], jobs: list[tuple]) -> list[Path]:
     return [draw(*job) for job in jobs]
 
@@ -193,7 +192,6 @@ def _result(future: Future) -> list[Path]:
             continue
 
 
-WAKE_S = 0.2
 _STOPS = {signal.SIGINT, signal.SIGTERM}
 
 
