@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bnexp.config import ConfigError, RunConfig
+from bnexp.engine import memory
 
 Progress = Callable[[int], None]  # called with a number of network-steps just done
 # Called after every evaluation with a run's index and its models' records so far.
@@ -114,25 +115,35 @@ def population_key(run: RunConfig) -> tuple:
             run.eval_split, run.track_unit, run.track_layer, run.checkpoint_every, run.dtype)
 
 
-# Networks per population: about 1.2 MB each in fp32 with gradients and batch activations for
-# the lesson's MLP, so 4,096 stay near 5 GB; larger groups train as several populations.
+# Networks per population at most, whatever their size: the lesson's MLP takes about 1.2 MB
+# each in fp32 with gradients and batch activations, so 4,096 stay near 5 GB. Larger groups,
+# and groups whose networks need more memory than a population is given (engine/memory.py),
+# train as several populations.
 MAX_POPULATION_NETWORKS = 4096
 
 
 def group_runs(runs: list[RunConfig], max_networks: int = MAX_POPULATION_NETWORKS,
+               max_bytes: int | None = None, device: torch.device = torch.device("cpu"),
                ) -> list[list[RunConfig]]:
     """Partition runs into populations (in order of first appearance), each at most
-    max_networks networks."""
+    max_networks networks and, where max_bytes is given, at most that many bytes on device
+    by memory.estimate_bytes (a run that alone needs more still trains, alone)."""
     groups: dict[tuple, list[list[RunConfig]]] = {}
-    filled: dict[tuple, int] = {}  # networks in each key's last chunk
+    filled: dict[tuple, tuple[int, int]] = {}  # networks and their bytes in each last chunk
     for run in runs:
         key = population_key(run)
         chunks = groups.setdefault(key, [[]])
-        if chunks[-1] and filled[key] + len(run.batch_norm) > max_networks:
+        networks, trained = filled.get(key, (0, 0))
+        networks += len(run.batch_norm)
+        trained += len(run.batch_norm) * memory.network_bytes(run)
+        over = (networks > max_networks or max_bytes is not None
+                and trained + memory.evaluation_bytes(run, networks, device) > max_bytes)
+        if chunks[-1] and over:
             chunks.append([])
-            filled[key] = 0
+            networks = len(run.batch_norm)
+            trained = networks * memory.network_bytes(run)
         chunks[-1].append(run)
-        filled[key] = filled.get(key, 0) + len(run.batch_norm)
+        filled[key] = (networks, trained)
     return [chunk for chunks in groups.values() for chunk in chunks]
 
 
