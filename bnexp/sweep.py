@@ -22,6 +22,7 @@ from bnexp.data import DataError, Split, load_split
 from bnexp.engine import (
     RunResult,
     effective_engine,
+    memory,
     resolve_device,
     together_key,
     train_population,
@@ -64,11 +65,17 @@ def plan(runs: list[RunConfig], out: Path, cuda: bool | None = None) -> list[Pla
     check what their GPU can do); None: this process's.
     """
     planned, seen, problems = [], set(), {}
+    memory_of: dict[torch.device, int | None] = {}
     for run in runs:
         device = resolve_device(run.device, cuda)
         if run.dtype == "tf32" and (problem := _tf32_problem(device, cuda)):
             problems.setdefault(f"{run.experiment}: dtype: tf32 {problem}; float32 runs "
                                 "anywhere", None)
+        if device not in memory_of:
+            memory_of[device] = memory.device_memory(device)
+        if (effective_engine(run) == "population"
+                and (problem := memory.too_large(run, device, memory_of[device]))):
+            problems.setdefault(f"{run.experiment}: {problem}", None)
         run_id = run.run_id(str(device))
         if (run.experiment, run_id) in seen:
             continue
@@ -121,9 +128,10 @@ def batch_threads(executor: str) -> int | None:
 
 def batches(todo: list[tuple[Planned, dict | None]], threads: int | None = None,
             ) -> list[list[tuple[Planned, dict | None]]]:
-    """Runs trained in one call: a population resuming from one step, or runs of the
-    reference engine whose networks fit the CPU threads (threads, by default torch's count),
-    a network per thread; a run with more networks than threads, or on CUDA, trains alone."""
+    """Runs trained in one call: a population resuming from one step, within its device's
+    memory budget (engine/memory.py), or runs of the reference engine whose networks fit the
+    CPU threads (threads, by default torch's count), a network per thread; a run with more
+    networks than threads, or on CUDA, trains alone."""
     batches, by_start = [], {}
     threads = threads or torch.get_num_threads()
     open_groups: dict[tuple, list] = {}  # reference runs of one together_key, still filling
@@ -142,9 +150,11 @@ def batches(todo: list[tuple[Planned, dict | None]], threads: int | None = None,
         else:
             step = checkpoint["step"] if checkpoint else 0
             by_start.setdefault((str(p.device), step), []).append((p, checkpoint))
-    for items in by_start.values():
+    for (device, _), items in by_start.items():
         index = {id(p.run): (p, c) for p, c in items}
-        groups = group_runs([p.run for p, _ in items])
+        where = torch.device(device)
+        groups = group_runs([p.run for p, _ in items], max_bytes=memory.population_budget(where),
+                            device=where)
         batches.extend([index[id(run)] for run in group] for group in groups)
     return batches
 

@@ -216,6 +216,52 @@ def test_tf32_where_it_cannot_run_is_a_clear_error(env):
     assert bench.exit_code == 2 and "--tf32 needs a CUDA GPU" in bench.stderr
 
 
+def test_a_run_too_large_for_the_machines_memory_is_refused_before_anything_trains(
+        env, monkeypatch):
+    """One line naming the run and the settings that decide its size, exit 2, nothing
+    written; a run that fits the same machine trains."""
+    from bnexp.engine import memory
+
+    monkeypatch.setattr(memory, "device_memory", lambda device: 64 * 2**20)
+    path = experiment(env, "name: big\nlayers: [784, 2000, 2000, 10]\ngrid:\n  lr: [0.1, 0.2]\n")
+    for command in ("run", "sweep"):
+        result = invoke(command, path, *FAST)
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, "one line for the runs of one experiment"
+        assert lines[0].startswith("error: big: layers [784, 2000, 2000, 10] with batch_size "
+                                   "60 need about ")
+        assert lines[0].endswith("more than the 64 MiB of memory cpu has here; use a smaller "
+                                 "batch_size or narrower layers")
+        assert not (env / "results").exists()
+    assert invoke("run", experiment(env, "name: small\n", "small.yaml"), *FAST).exit_code == 0
+
+
+def test_a_group_cut_by_the_memory_budget_trains_to_the_numbers_of_one_population(
+        env, monkeypatch):
+    """Runs that would share a population train in several where it would need more memory
+    than a population is given, with the same numbers."""
+    from conftest import results_of
+
+    from bnexp.engine import memory
+
+    path = experiment(env, "name: g\ngrid:\n  lr: [0.01, 0.5]\n")
+    whole = invoke("sweep", path, "--seeds", "2", *FAST, "--out", "whole")
+    assert whole.exit_code == 0, whole.output
+    pair = memory.estimate_bytes([RunConfig(experiment="g", steps=40, eval_every=20)],
+                                 torch.device("cpu"))
+    monkeypatch.setattr(memory, "population_budget", lambda device: pair)
+    dry = " ".join(invoke("sweep", path, "--dry-run", "--seeds", "2", *FAST, "--out", "cut")
+                   .stdout.split())
+    assert "4 run(s) to train in 4 population(s)" in dry
+    assert f"1 (2 networks, ~{memory.gib(pair)})" in dry
+    cut = invoke("sweep", path, "--seeds", "2", *FAST, "--out", "cut")
+    assert cut.exit_code == 0, cut.output
+    assert {json.loads(p.read_text())["population_size"]
+            for p in (env / "cut").rglob("summary.json")} == {2}, "a pair per population"
+    assert results_of(env / "cut") == results_of(env / "whole")
+
+
 def test_sweep_dry_run_then_sweep_then_skip(env):
     path = experiment(env, "name: g\ngrid:\n  lr: [0.01, 0.5]\n")
     dry = invoke("sweep", path, "--dry-run", *FAST)
@@ -381,6 +427,13 @@ def test_dry_run_shows_the_populations(env):
     text = " ".join(dry.stdout.split())
     assert "4 run(s) to train in 1 population(s), 320 network-steps" in text
     assert "no time estimate: no `bnexp bench` record for cpu" in text
+    from bnexp.engine import memory
+    cpu = torch.device("cpu")
+    runs = [RunConfig(experiment="g", lr=lr, seed=seed, steps=40, eval_every=20)
+            for lr in (0.01, 0.5) for seed in (0, 1)]
+    assert f"1 (8 networks, ~{memory.gib(memory.estimate_bytes(runs, cpu))})" in text
+    assert (f"a population is given on cpu at most {memory.gib(memory.population_budget(cpu))}"
+            in text)
     bench = env / "results" / "bench"
     bench.mkdir(parents=True)
     rows = [{"engine": "reference", "device": "cpu", "models": 1, "network_steps_per_s": 2.0},
@@ -422,6 +475,7 @@ def test_a_large_dry_run_has_a_row_per_population(env, monkeypatch):
     from rich.console import Console
 
     from bnexp.cli import dry_run
+    from bnexp.engine import memory
 
     path = experiment(env, "name: g\ngrid:\n  lr: [0.01, 0.5]\n")
     manual = experiment(env, "name: m\nbn_impl: manual\ngrid:\n  lr: [0.01, 0.5]\n",
@@ -432,11 +486,14 @@ def test_a_large_dry_run_has_a_row_per_population(env, monkeypatch):
     monkeypatch.setattr(dry_run, "out_console", Console(width=200))  # rows on one line each
     dry = invoke("sweep", path, manual, "--dry-run", "--seeds", "2", *FAST)
     assert dry.exit_code == 0, dry.output
+    pairs = [RunConfig(experiment="g", lr=lr, seed=1, steps=40, eval_every=20)
+             for lr in (0.01, 0.5)]
+    size = memory.gib(memory.estimate_bytes(pairs, torch.device("cpu")))
     rows = [" ".join(line.replace("│", " ").split()) for line in dry.stdout.splitlines()
             if line.startswith("│")]
     # in the order of the runs; the reference engine's 4 runs are populations 1 to 4
     assert rows == ["g 2 - - - 160 complete, would skip",
-                    "g 2 cpu population 5 (4 networks) 160 would train",
+                    f"g 2 cpu population 5 (4 networks, ~{size}) 160 would train",
                     "m 4 cpu reference each alone 320 would train"], dry.stdout
     assert "8 runs (dry run; more than 5: a row per population)" in dry.stdout
     text = " ".join(dry.stdout.split())

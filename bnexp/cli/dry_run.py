@@ -24,10 +24,13 @@ def dry_run_table(planned: list[sweep.Planned], force: bool, retry_failed: bool,
 
     todo = sweep.to_train(planned, force, retry_failed)
     where = sweep.populations(todo, sweep.batch_threads(executor))
-    table = (_run_table(planned, where) if len(planned) <= LISTED_RUNS
-             else _population_table(planned, where))
+    sizes = _memory(todo, where)
+    table = (_run_table(planned, where, sizes) if len(planned) <= LISTED_RUNS
+             else _population_table(planned, where, sizes))
     out_console.print(table)
     out_console.print(_estimate(todo, where, out), highlight=False)
+    if budgets := _budgets(todo):
+        out_console.print(budgets, highlight=False)
     n_groups = len({number for number, _ in where.values()})
     out_console.print(f"{len(todo)} run(s) to train in {n_groups} population(s), "
                       f"{sweep.network_steps(todo):,} network-steps. Runs share a population "
@@ -51,7 +54,45 @@ def _table(title: str, columns: tuple[str, ...]) -> Table:
     return table
 
 
-def _run_table(planned: list[sweep.Planned], where: dict) -> Table:
+def _memory(todo: list[sweep.Planned], where: dict) -> dict[int, int]:
+    """The estimated memory of each population of the population engine, by its number."""
+    from bnexp.engine import effective_engine, memory
+
+    members: dict[int, list[sweep.Planned]] = {}
+    for p in todo:
+        if effective_engine(p.run) == "population":
+            members.setdefault(where[id(p)][0], []).append(p)
+    return {number: memory.estimate_bytes([p.run for p in group], group[0].device)
+            for number, group in members.items()}
+
+
+def _budgets(todo: list[sweep.Planned]) -> str:
+    """What memory a population is given on each device the runs train on."""
+    from bnexp.engine import effective_engine, memory
+
+    devices = dict.fromkeys(p.device for p in todo if effective_engine(p.run) == "population")
+    said = []
+    for device in devices:
+        budget = memory.population_budget(device)
+        said.append(f"on {device} at most {memory.gib(budget)} ({memory.POPULATION_SHARE:.0%} "
+                    f"of {memory.gib(memory.device_memory(device))})" if budget is not None
+                    else f"on {device} not known here")
+    if not said:
+        return ""
+    return ("Memory: a population's estimated training memory is shown beside its networks; "
+            f"a population is given {', '.join(said)}, and larger groups of runs train as "
+            "several populations (with the same numbers).")
+
+
+def _population_label(number: int, size: int, sizes: dict[int, int]) -> str:
+    from bnexp.engine import memory
+
+    if number not in sizes:
+        return f"{number} ({_networks(size)})"
+    return f"{number} ({_networks(size)}, ~{memory.gib(sizes[number])})"
+
+
+def _run_table(planned: list[sweep.Planned], where: dict, sizes: dict[int, int]) -> Table:
     """One row per run."""
     from bnexp.engine import effective_engine
 
@@ -64,8 +105,7 @@ def _run_table(planned: list[sweep.Planned], where: dict) -> Table:
         status = "would train" if trains else f"{p.status}, would skip"
         group = "-"
         if trains:
-            number, size = where[id(p)]
-            group = f"{number} ({_networks(size)})"
+            group = _population_label(*where[id(p)], sizes)
         table.add_row(p.run.experiment, p.run_id, *map(Text, settings), str(p.device),
                       effective_engine(p.run), group, f"{p.run.steps * len(p.run.batch_norm):,}",
                       status)
@@ -76,7 +116,8 @@ def _networks(n: int) -> str:
     return f"{n:,} network" + ("" if n == 1 else "s")
 
 
-def _population_table(planned: list[sweep.Planned], where: dict) -> Table:
+def _population_table(planned: list[sweep.Planned], where: dict, sizes: dict[int, int],
+                      ) -> Table:
     """One row per population to train (the reference engine's runs, each alone, one row per
     experiment), then one per status of the runs that would be skipped."""
     from bnexp.engine import effective_engine
@@ -105,7 +146,7 @@ def _population_table(planned: list[sweep.Planned], where: dict) -> Table:
             calls = len({where[id(p)][0] for p in runs})
             group = "each alone" if calls == len(runs) else f"in {calls}, side by side"
         else:
-            group = f"{key[1]} ({_networks(where[id(first)][1])})"
+            group = _population_label(*where[id(first)], sizes)
         table.add_row(experiments, f"{len(runs):,}", str(first.device),
                       effective_engine(first.run), group, steps, "would train")
     return table
