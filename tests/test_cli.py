@@ -254,7 +254,7 @@ def test_a_group_cut_by_the_memory_budget_trains_to_the_numbers_of_one_populatio
     dry = " ".join(invoke("sweep", path, "--dry-run", "--seeds", "2", *FAST, "--out", "cut")
                    .stdout.split())
     assert "4 run(s) to train in 4 population(s)" in dry
-    assert f"1 (2 networks, ~{memory.gib(pair)})" in dry
+    assert f"1 (2 networks, ~{memory.bytes_text(pair)})" in dry
     cut = invoke("sweep", path, "--seeds", "2", *FAST, "--out", "cut")
     assert cut.exit_code == 0, cut.output
     assert {json.loads(p.read_text())["population_size"]
@@ -431,9 +431,9 @@ def test_dry_run_shows_the_populations(env):
     cpu = torch.device("cpu")
     runs = [RunConfig(experiment="g", lr=lr, seed=seed, steps=40, eval_every=20)
             for lr in (0.01, 0.5) for seed in (0, 1)]
-    assert f"1 (8 networks, ~{memory.gib(memory.estimate_bytes(runs, cpu))})" in text
-    assert (f"a population is given on cpu at most {memory.gib(memory.population_budget(cpu))}"
-            in text)
+    assert f"1 (8 networks, ~{memory.bytes_text(memory.estimate_bytes(runs, cpu))})" in text
+    budget = memory.bytes_text(memory.population_budget(cpu))
+    assert f"a population is given on cpu at most {budget}" in text
     bench = env / "results" / "bench"
     bench.mkdir(parents=True)
     rows = [{"engine": "reference", "device": "cpu", "models": 1, "network_steps_per_s": 2.0},
@@ -488,7 +488,7 @@ def test_a_large_dry_run_has_a_row_per_population(env, monkeypatch):
     assert dry.exit_code == 0, dry.output
     pairs = [RunConfig(experiment="g", lr=lr, seed=1, steps=40, eval_every=20)
              for lr in (0.01, 0.5)]
-    size = memory.gib(memory.estimate_bytes(pairs, torch.device("cpu")))
+    size = memory.bytes_text(memory.estimate_bytes(pairs, torch.device("cpu")))
     rows = [" ".join(line.replace("│", " ").split()) for line in dry.stdout.splitlines()
             if line.startswith("│")]
     # in the order of the runs; the reference engine's 4 runs are populations 1 to 4

@@ -97,6 +97,6 @@ def test_a_run_is_too_large_only_beyond_all_the_devices_memory():
 
 
 def test_byte_counts_read_as_mib_or_gib():
-    assert memory.gib(1) == "1 MiB"
-    assert memory.gib(300 * 2**20) == "300 MiB"
-    assert memory.gib(3 * 2**30 // 2) == "1.5 GiB"
+    assert memory.bytes_text(1) == "1 MiB"
+    assert memory.bytes_text(300 * 2**20) == "300 MiB"
+    assert memory.bytes_text(3 * 2**30 // 2) == "1.5 GiB"

@@ -74,9 +74,12 @@ def _budgets(todo: list[sweep.Planned]) -> str:
     said = []
     for device in devices:
         budget = memory.population_budget(device)
-        said.append(f"on {device} at most {memory.gib(budget)} ({memory.POPULATION_SHARE:.0%} "
-                    f"of {memory.gib(memory.device_memory(device))})" if budget is not None
-                    else f"on {device} not known here")
+        if budget is None:
+            said.append(f"on {device} no limit (its memory is not known here)")
+            continue
+        total = memory.bytes_text(memory.device_memory(device))
+        said.append(f"on {device} at most {memory.bytes_text(budget)} "
+                    f"({memory.POPULATION_SHARE:.0%} of {total})")
     if not said:
         return ""
     return ("Memory: a population's estimated training memory is shown beside its networks; "
@@ -89,7 +92,7 @@ def _population_label(number: int, size: int, sizes: dict[int, int]) -> str:
 
     if number not in sizes:
         return f"{number} ({_networks(size)})"
-    return f"{number} ({_networks(size)}, ~{memory.gib(sizes[number])})"
+    return f"{number} ({_networks(size)}, ~{memory.bytes_text(sizes[number])})"
 
 
 def _run_table(planned: list[sweep.Planned], where: dict, sizes: dict[int, int]) -> Table:

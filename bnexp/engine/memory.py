@@ -124,12 +124,12 @@ def too_large(run: RunConfig, device: torch.device, memory: int | None) -> str |
     if memory is None or need <= memory:
         return None
     return (f"layers {list(run.layers)} with batch_size {run.batch_size} need about "
-            f"{gib(need)} to train the run's {len(run.batch_norm)} network(s) in "
-            f"{run.dtype}, more than the {gib(memory)} of memory {device.type} has here; use "
-            "a smaller batch_size or narrower layers")
+            f"{bytes_text(need)} to train the run's {len(run.batch_norm)} network(s) in "
+            f"{run.dtype}, more than the {bytes_text(memory)} of memory {device.type} has here; "
+            "use a smaller batch_size or narrower layers")
 
 
-def gib(n: int) -> str:
+def bytes_text(n: int) -> str:
     """A byte count for people: MiB below a GiB, else GiB."""
     if n < 2**30:
         return f"{max(1, round(n / 2**20)):,} MiB"
