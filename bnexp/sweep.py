@@ -71,16 +71,16 @@ def plan(runs: list[RunConfig], out: Path, cuda: bool | None = None) -> list[Pla
         if run.dtype == "tf32" and (problem := _tf32_problem(device, cuda)):
             problems.setdefault(f"{run.experiment}: dtype: tf32 {problem}; float32 runs "
                                 "anywhere", None)
-        if device not in memory_of:
-            memory_of[device] = memory.device_memory(device)
-        if (effective_engine(run) == "population"
-                and (problem := memory.too_large(run, device, memory_of[device]))):
-            problems.setdefault(f"{run.experiment}: {problem}", None)
         run_id = run.run_id(str(device))
         if (run.experiment, run_id) in seen:
             continue
         seen.add((run.experiment, run_id))
         status, why = results.run_status(out, run, str(device))
+        if status != "complete" and effective_engine(run) == "population":
+            if device not in memory_of:
+                memory_of[device] = memory.device_memory(device)
+            if problem := memory.too_large(run, device, memory_of[device]):
+                problems.setdefault(f"{run.experiment}: {problem}", None)
         planned.append(Planned(run, device, run_id, status, why))
     if problems:
         raise ConfigError(list(problems))

@@ -222,19 +222,25 @@ def test_a_run_too_large_for_the_machines_memory_is_refused_before_anything_trai
     written; a run that fits the same machine trains."""
     from bnexp.engine import memory
 
-    monkeypatch.setattr(memory, "device_memory", lambda device: 64 * 2**20)
-    path = experiment(env, "name: big\nlayers: [784, 2000, 2000, 10]\ngrid:\n  lr: [0.1, 0.2]\n")
+    monkeypatch.setattr(memory, "device_memory", lambda device: 8 * 2**20)
+    path = experiment(env, "name: big\nlayers: [784, 300, 300, 10]\ngrid:\n  lr: [0.1, 0.2]\n")
     for command in ("run", "sweep"):
         result = invoke(command, path, *FAST)
         assert result.exit_code == 2 and "Traceback" not in result.output
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1, "one line for the runs of one experiment"
-        assert lines[0].startswith("error: big: layers [784, 2000, 2000, 10] with batch_size "
-                                   "60 need about ")
-        assert lines[0].endswith("more than the 64 MiB of memory cpu has here; use a smaller "
+        assert lines[0].startswith("error: big: layers [784, 300, 300, 10] with batch_size 60 "
+                                   "need about ")
+        assert lines[0].endswith("more than the 8 MiB of memory cpu has here; use a smaller "
                                  "batch_size or narrower layers")
         assert not (env / "results").exists()
     assert invoke("run", experiment(env, "name: small\n", "small.yaml"), *FAST).exit_code == 0
+    # finished where there was memory enough, its results are still read here
+    monkeypatch.setattr(memory, "device_memory", lambda device: None)
+    assert invoke("sweep", path, *FAST).exit_code == 0
+    monkeypatch.setattr(memory, "device_memory", lambda device: 8 * 2**20)
+    again = invoke("sweep", path, *FAST)
+    assert again.exit_code == 0 and "0 done, 2 skipped, 0 failed" in again.stdout
 
 
 def test_a_group_cut_by_the_memory_budget_trains_to_the_numbers_of_one_population(
