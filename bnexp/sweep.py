@@ -7,6 +7,7 @@ or write the same run; a killed sweep leaves only complete files and checkpoints
 from __future__ import annotations
 
 import errno
+import gc
 import threading
 import traceback
 from collections.abc import Callable
@@ -296,7 +297,7 @@ def _lock_and_train(todo: list[Planned], out: Path, data_dir: Path, splits, forc
                                      data_dir, fail_fast, progress, outcomes, report, options,
                                      notice, options.address)
         return
-    _execute_batches(ready, out, splits, fail_fast, progress, outcomes, report, options)
+    _execute_batches(ready, out, splits, fail_fast, progress, outcomes, report, options, notice)
 
 
 def _set_aside(p: Planned) -> Outcome:
@@ -364,10 +365,10 @@ def _disk_error(exc: BaseException) -> ResultsUnwritable | None:
 
 def _execute_batches(ready, out: Path, splits: dict[tuple[str, str], Split], fail_fast: bool,
                      progress: Progress | None, outcomes: list[Outcome], report,
-                     options: TrainOptions) -> None:
+                     options: TrainOptions, notice=None) -> None:
     for batch in batches(ready):
         try:
-            execute_batch(batch, out, splits, progress, outcomes, report, options)
+            execute_batch(batch, out, splits, progress, outcomes, report, options, notice)
         except BatchFailed:
             if fail_fast:
                 return
@@ -387,26 +388,63 @@ class BatchFailed(Exception):
     """A population failed to train; its runs were recorded as failed."""
 
 
+def _train_halves(batch, detail: str, counted: int, out: Path, splits, progress,
+                  outcomes: list[Outcome], report, options: TrainOptions, notice) -> None:
+    """Train a population that ran out of memory as two; BatchFailed where either failed."""
+    gc.collect()  # the failed population's tensors, where a reference cycle still held them
+    if progress:
+        progress(-counted)
+    networks = sum(len(p.run.batch_norm) for p, _ in batch)
+    if notice:
+        notice(f"a population of {networks:,} networks ran out of memory ({detail}); its "
+               f"{len(batch):,} runs train again as two populations")
+    failed = False
+    half = len(batch) // 2
+    for part in (batch[:half], batch[half:]):
+        try:
+            execute_batch(part, out, splits, progress, outcomes, report, options, notice)
+        except BatchFailed:
+            failed = True
+    if failed:
+        raise BatchFailed
+
+
 def execute_batch(batch, out: Path, splits, progress, outcomes: list[Outcome], report,
-                   options: TrainOptions) -> None:
-    """Train one population and write its runs; BatchFailed where training failed."""
+                   options: TrainOptions, notice=None) -> None:
+    """Train one population and write its runs; BatchFailed where training failed. A
+    population of several runs that runs out of memory trains again as two halves (a run's
+    numbers do not depend on its population), down to runs alone; notice hears of it."""
     first = batch[0][0]
     key = (first.run.dataset, str(first.device))
+    done = [0]  # network-steps counted, to take back where the population trains again
+
+    def counted(n: int) -> None:
+        done[0] += n
+        progress(n)
+
+    halve = None
     try:
-        trained = _train(batch, splits[key], out, progress, options)
+        trained = _train(batch, splits[key], out, progress and counted, options)
     except Interrupted:
         raise
     except Exception as exc:  # one failing population must not stop the others
         if _disk_error(exc):
             raise
         detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
-        trace = failure_traceback(exc)
-        for p, _ in batch:
-            results.write_failure(results.run_folder(out, p.run, str(p.device)), p.run, detail,
-                                  trace)
-            outcomes.append(Outcome(p, "failed", error=detail))
-            report(outcomes[-1])
-        raise BatchFailed from None
+        if len(batch) > 1 and memory.out_of_memory(exc):
+            halve = detail  # after this block, which holds the failed population's tensors
+        else:
+            trace = failure_traceback(exc)
+            for p, _ in batch:
+                results.write_failure(results.run_folder(out, p.run, str(p.device)), p.run,
+                                      detail, trace)
+                outcomes.append(Outcome(p, "failed", error=detail))
+                report(outcomes[-1])
+            raise BatchFailed from None
+    if halve is not None:
+        _train_halves(batch, halve, done[0], out, splits, progress, outcomes, report, options,
+                      notice)
+        return
     found = [run_analyses(result, splits[key]) for result in trained]
     folders = [results.write_run(out, result, analyses)
                for result, analyses in zip(trained, found)]

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import write_flat_gz_mnist, write_tiny_mnist
 from pydantic import ValidationError
@@ -355,3 +356,82 @@ def test_a_run_folder_that_is_a_file_is_set_aside(grid, tmp_path):
 def test_the_same_file_twice_plans_each_run_once(grid, tmp_path):
     result = invoke("sweep", grid, grid, "--out", tmp_path / "out")
     assert result.exit_code == 0 and "2 done" in result.stdout and "locked" not in result.stdout
+
+
+@pytest.mark.parametrize("error", [
+    "cuda", "cpu allocator", "worker killed"])
+def test_a_population_out_of_memory_trains_again_in_halves(error, grid, tmp_path, monkeypatch):
+    """Halves, down to runs alone, with the numbers of one population; a run that runs out of
+    memory alone is recorded as failed, and the others train."""
+    from conftest import results_of
+
+    from bnexp import sweep
+    from bnexp.engine.processes import WorkerFailed
+
+    assert invoke("sweep", grid, "--seeds", "2", "--out", tmp_path / "whole").exit_code == 0
+    raised = {"cuda": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+              "cpu allocator": RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. "
+                                            "DefaultCPUAllocator: can't allocate memory"),
+              "worker killed": WorkerFailed("the worker process training shard 0 was killed "
+                                            "by SIGKILL (signal 9): out of memory, or killed "
+                                            "by another process")}[error]
+    real, sizes = sweep.train_population, []
+
+    def small_memory(runs, *args, **kwargs):
+        sizes.append(len(runs))
+        if len(runs) > 1 or runs[0].lr == 0.5 and runs[0].seed == 1:
+            raise raised
+        return real(runs, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "train_population", small_memory)
+    result = invoke("sweep", grid, "--seeds", "2", "--out", tmp_path / "cut")
+    assert result.exit_code == 1, result.output
+    assert sizes == [4, 2, 1, 1, 2, 1, 1]
+    text = " ".join(result.stderr.split())
+    assert "a population of 8 networks ran out of memory (" in text
+    assert "its 4 runs train again as two populations" in text
+    assert "3 done, 0 skipped, 1 failed" in result.stdout
+    no_traceback(result)
+    cut, whole = results_of(tmp_path / "cut"), results_of(tmp_path / "whole")
+    assert len(cut) == 3 and all(cut[run] == whole[run] for run in cut)
+    failed = [p.parent.name for p in (tmp_path / "cut").rglob("failed.json")]
+    assert len(failed) == 1 and failed[0].startswith("relu-lr0.5-init0.05-seed1-")
+
+
+def test_a_population_that_fails_otherwise_is_not_trained_again(grid, tmp_path, monkeypatch):
+    from bnexp import sweep
+
+    sizes = []
+
+    def broken(runs, *args, **kwargs):
+        sizes.append(len(runs))
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(sweep, "train_population", broken)
+    result = invoke("sweep", grid, "--seeds", "2", "--out", tmp_path / "r")
+    assert result.exit_code == 1 and sizes == [4]
+    assert "0 done, 0 skipped, 4 failed" in result.stdout
+
+
+def test_the_progress_of_a_population_out_of_memory_is_taken_back(grid, tmp_path, monkeypatch):
+    """The bar counts each network-step once: what a population did before it ran out of
+    memory is taken back when its halves train."""
+    from bnexp import config, experiment_file, sweep
+
+    real = sweep.train_population
+
+    def small_memory(runs, split, device, progress=None, **kwargs):
+        if len(runs) > 1:
+            progress(20 * 2 * len(runs))  # half its steps, then out of memory
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(runs, split, device, progress, **kwargs)
+
+    monkeypatch.setattr(sweep, "train_population", small_memory)
+    runs = config.expand_grid(experiment_file.load_spec(grid, [], seeds=2))
+    planned = sweep.plan(runs, tmp_path / "r")
+    counted, notices = [], []
+    outcomes = sweep.execute(planned, tmp_path / "r", Path(os.environ["BNEXP_DATA_DIR"]),
+                             progress=counted.append, on_notice=notices.append)
+    assert [o.status for o in outcomes] == ["done"] * 4
+    assert sum(counted) == sweep.network_steps(planned) == 4 * 2 * 40
+    assert min(counted) < 0 and len(notices) == 3

@@ -16,6 +16,7 @@ import torch
 
 from bnexp.config import RunConfig
 from bnexp.engine.members import EVAL_ELEMENTS, EVAL_ROWS
+from bnexp.engine.processes import WorkerFailed
 
 # One population may take this share of its device's memory: the data, torch's own memory,
 # worker processes and whatever else the machine runs share the rest.
@@ -127,6 +128,16 @@ def too_large(run: RunConfig, device: torch.device, memory: int | None) -> str |
             f"{bytes_text(need)} to train the run's {len(run.batch_norm)} network(s) in "
             f"{run.dtype}, more than the {bytes_text(memory)} of memory {device.type} has here; "
             "use a smaller batch_size or narrower layers")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether training failed for want of memory: torch's allocators (a GPU's, the CPU's),
+    or a worker process killed by SIGKILL, what the kernel's out-of-memory killer sends."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    if isinstance(exc, WorkerFailed):
+        return "SIGKILL" in str(exc)
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
 def bytes_text(n: int) -> str:
