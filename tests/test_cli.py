@@ -248,9 +248,12 @@ def test_a_group_cut_by_the_memory_budget_trains_to_the_numbers_of_one_populatio
     """Runs that would share a population train in several where it would need more memory
     than a population is given, with the same numbers."""
     from conftest import results_of
+    from rich.console import Console
 
+    from bnexp.cli import dry_run
     from bnexp.engine import memory
 
+    monkeypatch.setattr(dry_run, "out_console", Console(width=250))  # rows on one line each
     path = experiment(env, "name: g\ngrid:\n  lr: [0.01, 0.5]\n")
     whole = invoke("sweep", path, "--seeds", "2", *FAST, "--out", "whole")
     assert whole.exit_code == 0, whole.output
@@ -426,7 +429,12 @@ def test_a_resumed_run_says_so_and_unfinished_work_exits_non_zero(env, monkeypat
     assert mismatch.exit_code == 1 and "mismatch" in mismatch.stderr
 
 
-def test_dry_run_shows_the_populations(env):
+def test_dry_run_shows_the_populations(env, monkeypatch):
+    from rich.console import Console
+
+    from bnexp.cli import dry_run
+
+    monkeypatch.setattr(dry_run, "out_console", Console(width=250))  # rows on one line each
     path = experiment(env, "name: g\ngrid:\n  lr: [0.01, 0.5]\n")
     dry = invoke("sweep", path, "--dry-run", "--seeds", "2", *FAST)
     assert dry.exit_code == 0, dry.output
