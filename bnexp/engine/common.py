@@ -134,16 +134,15 @@ def group_runs(runs: list[RunConfig], max_networks: int = MAX_POPULATION_NETWORK
         key = population_key(run)
         chunks = groups.setdefault(key, [[]])
         networks, trained = filled.get(key, (0, 0))
-        networks += len(run.batch_norm)
-        trained += len(run.batch_norm) * memory.network_bytes(run)
-        over = (networks > max_networks or max_bytes is not None
-                and trained + memory.evaluation_bytes(run, networks, device) > max_bytes)
+        n = len(run.batch_norm)
+        need = n * memory.network_bytes(run)
+        over = (networks + n > max_networks or max_bytes is not None and trained + need
+                + memory.evaluation_bytes(run, networks + n, device) > max_bytes)
         if chunks[-1] and over:
             chunks.append([])
-            networks = len(run.batch_norm)
-            trained = networks * memory.network_bytes(run)
+            networks, trained = 0, 0
         chunks[-1].append(run)
-        filled[key] = (networks, trained)
+        filled[key] = (networks + n, trained + need)
     return [chunk for chunks in groups.values() for chunk in chunks]
 
 
