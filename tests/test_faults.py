@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -374,7 +375,8 @@ def test_a_population_out_of_memory_trains_again_in_halves(error, grid, tmp_path
                                             "DefaultCPUAllocator: can't allocate memory"),
               "worker killed": WorkerFailed("the worker process training shard 0 was killed "
                                             "by SIGKILL (signal 9): out of memory, or killed "
-                                            "by another process")}[error]
+                                            "by another process",
+                                            exit_code=-signal.SIGKILL)}[error]
     real, sizes = sweep.train_population, []
 
     def small_memory(runs, *args, **kwargs):

@@ -10,6 +10,7 @@ what the rest of the memory is left for.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import torch
@@ -136,7 +137,7 @@ def out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     if isinstance(exc, WorkerFailed):
-        return "SIGKILL" in str(exc)
+        return exc.exit_code == -signal.SIGKILL
     return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 

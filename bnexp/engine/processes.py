@@ -62,11 +62,14 @@ class WorkerFailed(RuntimeError):
     """A shard's worker process raised, or died (killed, out of memory).
 
     remote_traceback: the worker's own traceback where it raised (the parent's traceback
-    ends at the pipe)."""
+    ends at the pipe); exit_code: where it died, its reaped exit code (negative: the signal
+    that ended it)."""
 
-    def __init__(self, message: str, remote_traceback: str | None = None) -> None:
+    def __init__(self, message: str, remote_traceback: str | None = None,
+                 exit_code: int | None = None) -> None:
         super().__init__(message)
         self.remote_traceback = remote_traceback
+        self.exit_code = exit_code
 
 
 def can_fork() -> bool:
@@ -324,8 +327,9 @@ def _answer(worker: _Worker, index: int) -> None:
     try:
         status, message, remote = worker.conn.recv()
     except (EOFError, OSError):
+        code = worker.reap()
         raise WorkerFailed(f"the worker process training shard {index} "
-                           f"{_how_it_ended(worker.reap())}") from None
+                           f"{_how_it_ended(code)}", exit_code=code) from None
     if status != "done":
         raise WorkerFailed(message, remote)
 
